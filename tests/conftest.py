@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and float64 helpers."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with float64 enabled, restoring the flag afterwards.
+
+    Comparisons between forms (chunked vs recurrent vs reference) use this so
+    that differences are algorithmic, not float32 round-off.
+    """
+    with jax.enable_x64(True):
+        yield
