@@ -22,12 +22,15 @@ class Block(nnx.Module):
     parameter there (e.g. a memory value pool) for later blocks to reuse.
 
     Methods:
-      ``__call__(x [B, T, D], *, segment_ids [B, T] | None) -> [B, T, D]``: training form.
+      ``__call__(x [B, T, D], *, segment_ids [B, T] | None = None, tokens [B, T] | None = None)
+        -> [B, T, D]``: training form. ``tokens`` are the input ids (for token-indexed blocks
+        such as n-gram memory and STEM; other blocks ignore them).
         With ``segment_ids`` (packed documents, ids > 0; 0 = padding) no information may flow
         between different segments: attention is masked and recurrent states reset.
       ``init_state(batch_size, max_len) -> pytree``: decoding state (None if stateless).
       ``prefill(x [B, T, D], state) -> (y [B, T, D], state)``: process a prompt from ``state``.
-      ``step(x [B, D], state) -> (y [B, D], state)``: one token (blocks that need the
+      ``prefill(x, state, *, tokens=None)`` and ``step(x [B, D], state, *, token [B] | None = None)
+        -> (y [B, D], state)``: one token (blocks that need the
         position, like attention with RoPE, keep a counter in their state).
 
     The defaults below are correct for position-wise blocks (MLP, memory layers) and
@@ -41,20 +44,23 @@ class Block(nnx.Module):
     def init_state(self, batch_size: int, max_len: int) -> Any:
         return None
 
-    def step(self, x: jax.Array, state: Any):
-        return self(x[:, None, :])[:, 0, :], state
+    def step(self, x: jax.Array, state: Any, *, token: jax.Array | None = None):
+        tokens = None if token is None else token[:, None]
+        return self(x[:, None, :], tokens=tokens)[:, 0, :], state
 
-    def prefill(self, x: jax.Array, state: Any):
+    def prefill(self, x: jax.Array, state: Any, *, tokens: jax.Array | None = None):
         """Default: position-wise blocks run the training form; stateful ones scan ``step``.
 
         Stateful blocks should override this with their chunked form plus final state.
         """
         if not self.stateful:
-            return self(x), state
+            return self(x, tokens=tokens), state
 
-        def body(st, xt):
-            y, st = self.step(xt, st)
+        def body(st, inp):
+            xt, tok = inp
+            y, st = self.step(xt, st, token=tok)
             return st, y
 
-        state, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
+        toks = None if tokens is None else jnp.swapaxes(tokens, 0, 1)
+        state, ys = jax.lax.scan(body, state, (jnp.swapaxes(x, 0, 1), toks))
         return jnp.swapaxes(ys, 0, 1), state
