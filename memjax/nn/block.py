@@ -28,10 +28,9 @@ class Block(nnx.Module):
         With ``segment_ids`` (packed documents, ids > 0; 0 = padding) no information may flow
         between different segments: attention is masked and recurrent states reset.
       ``init_state(batch_size, max_len) -> pytree``: decoding state (None if stateless).
-      ``prefill(x [B, T, D], state) -> (y [B, T, D], state)``: process a prompt from ``state``.
-      ``prefill(x, state, *, tokens=None)`` and ``step(x [B, D], state, *, token [B] | None = None)
-        -> (y [B, D], state)``: one token (blocks that need the
-        position, like attention with RoPE, keep a counter in their state).
+      ``prefill(x [B, T, D], state, *, tokens=None) -> (y [B, T, D], state)``: a prompt from ``state``.
+      ``step(x [B, D], state, *, token [B] | None = None) -> (y [B, D], state)``: one token
+        (blocks that need the position, like attention with RoPE, keep a counter in their state).
 
     The defaults below are correct for position-wise blocks (MLP, memory layers) and
     give ``prefill`` as a scan of ``step`` for any block that does not override it.
