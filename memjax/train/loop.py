@@ -1,0 +1,335 @@
+"""The one train/eval loop: ``train_and_evaluate(config, workdir)``.
+
+Sections: setup (mesh, model, optimizer, shardings) -> jitted steps -> restore ->
+loop (train, log, eval, checkpoint, NaN guard, SIGTERM) -> final eval. The loop
+knows nothing about any particular memory: the model comes from the config's block
+pattern and the data from the task registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from memjax.config import Config, validate
+from memjax.data.pipeline import make_dataset, make_task
+from memjax.model.lm import LM
+from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
+from memjax.train.checkpoint import Checkpointer, abstract_like
+from memjax.train.metrics import MetricWriter
+from memjax.train.optimizer import make_optimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def masked_xent(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Sum of token cross-entropies and of correct predictions over ``mask``; and the mask count."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    tx: optax.GradientTransformation
+    init_fn: Any
+    train_step: Any
+    eval_step: Any
+
+
+def _param_metadata(abs_params: nnx.State, key: str, default):
+    def get(path, var):
+        return var.get_metadata().get(key, default)
+
+    return nnx.map_state(get, abs_params).to_pure_dict()
+
+
+def build(cfg: Config, devices=None) -> Setup:
+    """Mesh, model definition, optimizer and the jitted init / train / eval steps."""
+    devices = jax.devices() if devices is None else devices
+    validate(cfg, num_devices=len(devices))
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules
+    mcfg = cfg.model
+
+    abs_model = nnx.eval_shape(lambda: LM(mcfg, rngs=nnx.Rngs(cfg.train.seed)))
+    graphdef, abs_params, abs_rest = nnx.split(abs_model, nnx.Param, ...)
+    p_specs = param_specs(abs_params, rules, mesh).to_pure_dict()
+    labels = _param_metadata(abs_params, "optim_group", "default")
+    abs_pure = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abs_params.to_pure_dict())
+    tx = make_optimizer(cfg.optim, cfg.train.steps, abs_pure, labels)
+
+    def init_fn():
+        model = LM(mcfg, rngs=nnx.Rngs(cfg.train.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = params.to_pure_dict()
+        return {"step": jnp.zeros((), jnp.int32), "bad_step": jnp.zeros((), jnp.int32),
+                "params": params, "opt_state": tx.init(params), "rest": rest.to_pure_dict()}
+
+    abs_state = jax.eval_shape(init_fn)
+    replicated = P()
+    opt_specs = optax.tree_map_params(tx, lambda _, s: s, abs_state["opt_state"], p_specs,
+                                      transform_non_params=lambda _: replicated)
+    specs = {"step": replicated, "bad_step": replicated, "params": p_specs, "opt_state": opt_specs,
+             "rest": jax.tree.map(lambda _: replicated, abs_state["rest"])}
+    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                   is_leaf=lambda x: isinstance(x, P))
+    batch_sharding = NamedSharding(mesh, batch_spec(rules, mesh))
+
+    micro = cfg.train.microbatches
+    inject = cfg.train.inject_nan_at_step
+
+    def apply(params, rest, batch):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+        logits = model(batch["inputs"], segment_ids=batch["segment_ids"])
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return logits, new_rest.to_pure_dict()
+
+    def loss_sums(params, rest, batch):
+        logits, new_rest = apply(params, rest, batch)
+        nll, correct, count = masked_xent(logits, batch["targets"], batch["mask"])
+        return nll, (correct, count, new_rest)
+
+    def train_step(state, batch):
+        params, rest = state["params"], state["rest"]
+        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+        if micro == 1:
+            (nll, (correct, count, rest)), grads = grad_fn(params, rest, batch)
+        else:
+            # Sum per-micro-batch gradients of the *summed* loss, then divide by the total
+            # token count: identical to the large-batch gradient of the mean loss.
+            mb = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+
+            def body(carry, b):
+                g_acc, nll_acc, c_acc, n_acc, rest = carry
+                (nll, (c, n, rest)), g = grad_fn(params, rest, b)
+                return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, c_acc + c, n_acc + n, rest), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, nll, correct, count, rest), _ = jax.lax.scan(
+                body, (zeros, 0.0, 0.0, 0.0, rest), mb)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll / denom
+        if inject:
+            loss = jnp.where(state["step"] + 1 == inject, jnp.nan, loss)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # NaN guard: a non-finite step leaves the state untouched and records where it happened.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["bad_step"] == 0)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {
+            "step": state["step"] + jnp.where(ok, 1, 0),
+            "bad_step": jnp.where(ok | (state["bad_step"] > 0), state["bad_step"], state["step"] + 1),
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "rest": keep(rest, state["rest"]),
+        }
+        metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
+                   "tokens": count}
+        return new_state, metrics
+
+    def eval_step(state, batch):
+        logits, _ = apply(state["params"], state["rest"], batch)
+        nll, correct, count = masked_xent(logits, batch["targets"], batch["mask"])
+        return {"nll": nll, "correct": correct, "count": count}, jnp.argmax(logits, -1)
+
+    rep = NamedSharding(mesh, replicated)
+    with jax.set_mesh(mesh), axis_rules(rules):
+        init_j = jax.jit(init_fn, out_shardings=state_shardings)
+        train_j = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                          out_shardings=(state_shardings, rep), donate_argnums=0)
+        eval_j = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(rep, batch_sharding))
+    return Setup(cfg, mesh, graphdef, state_shardings, batch_sharding, tx, init_j, train_j, eval_j)
+
+
+def to_global(setup: Setup, batch: dict) -> dict:
+    """Host batch (this process's rows) -> global sharded arrays."""
+    return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(batch[k]))
+            for k in BATCH_KEYS}
+
+
+def run_steps(setup: Setup, state, batch):
+    with jax.set_mesh(setup.mesh), axis_rules(setup.cfg.mesh.rules):
+        return setup.train_step(state, to_global(setup, batch))
+
+
+def evaluate(setup: Setup, state, *, num_batches: int | None = None, task=None) -> dict:
+    """Loss, accuracy on scored positions, and the task's own metrics over the eval split."""
+    cfg = setup.cfg
+    task = task if task is not None else make_task(cfg, "eval")
+    ds = make_dataset(cfg, "eval", task=task)
+    num_batches = cfg.train.eval_batches if num_batches is None else num_batches
+    totals = {"nll": 0.0, "correct": 0.0, "count": 0.0}
+    extra: dict[str, list] = {}
+    with jax.set_mesh(setup.mesh), axis_rules(cfg.mesh.rules):
+        for i, batch in enumerate(ds):
+            if i >= num_batches:
+                break
+            sums, preds = setup.eval_step(state, to_global(setup, batch))
+            for k in totals:
+                totals[k] += float(sums[k])
+            if hasattr(task, "metrics"):
+                local = np.concatenate([np.asarray(s.data) for s in preds.addressable_shards], 0) \
+                    if jax.process_count() > 1 else np.asarray(preds)
+                for k, v in task.metrics(batch, local).items():
+                    extra.setdefault(k, []).append(v)
+    n = max(totals["count"], 1.0)
+    out = {"loss": totals["nll"] / n, "accuracy": totals["correct"] / n}
+    out.update({k: float(np.mean(v)) for k, v in extra.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and returns at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        try:
+            self._prev = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, nothing to restore
+            self._prev = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+def train_and_evaluate(cfg: Config, workdir: str) -> dict:
+    """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and return final eval metrics."""
+    setup = build(cfg)
+    tcfg = cfg.train
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+    writer = MetricWriter(workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
+                        every=tcfg.checkpoint_every, async_save=tcfg.async_checkpointing)
+    train_ds = make_dataset(cfg, "train")
+    it = iter(train_ds)
+    eval_task = make_task(cfg, "eval")
+
+    with jax.set_mesh(setup.mesh):
+        state = setup.init_fn()
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state = ckpt.restore(abstract_like(state))
+        it.set_state(data_state)
+        print(f"resumed from step {start} in {workdir}", flush=True)
+    step = int(state["step"])
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"model: {n_params:,} parameters; pattern {cfg.model.pattern!r} x{cfg.model.pattern_repeat}; "
+          f"mesh {dict(setup.mesh.shape)}", flush=True)
+
+    tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+    bar = None
+    if tcfg.progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    final: dict = {}
+    last_eval: dict | None = None
+    t_last, step_last = time.perf_counter(), step
+    pending = None  # metrics of the last dispatched step (read lazily: no per-step host sync)
+
+    def check_finite(st):
+        bad = int(st["bad_step"])
+        if bad:
+            ckpt.wait()
+            good = ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad}; training stopped. "
+                f"Last good checkpoint: step {good} in {ckpt.directory}. "
+                "Lower optim.learning_rate or check the data.")
+
+    try:
+        with _Preemption() as preempt:
+            while step < tcfg.steps:
+                batch = next(it)
+                state, pending = run_steps(setup, state, batch)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    check_finite(state)
+                    m = {k: float(v) for k, v in pending.items() if k != "tokens"}
+                    now = time.perf_counter()
+                    m["tokens_per_sec"] = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    writer.write(step, m, prefix="train/", echo=bar is None)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                    check_finite(state)
+                    last_eval = evaluate(setup, state, task=eval_task)
+                    writer.write(step, last_eval, prefix="eval/", echo=bar is None)
+                    if bar is not None:
+                        bar.write(f"[step {step}] eval " + " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                if step % tcfg.checkpoint_every == 0:
+                    check_finite(state)
+                    ckpt.save(step, state, it.get_state())
+                if tcfg.target_accuracy and last_eval and last_eval["accuracy"] >= tcfg.target_accuracy:
+                    print(f"reached target accuracy {tcfg.target_accuracy} at step {step}", flush=True)
+                    break
+                if preempt.requested:
+                    check_finite(state)
+                    ckpt.save(step, state, it.get_state(), force=True)
+                    ckpt.wait()
+                    print(f"SIGTERM: saved checkpoint at step {step}; exiting", flush=True)
+                    return {"preempted_at": step}
+            check_finite(state)
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, it.get_state(), force=True)
+            if last_eval is None or step % tcfg.eval_every != 0:
+                last_eval = evaluate(setup, state, task=eval_task)
+                writer.write(step, last_eval, prefix="eval/", echo=False)
+            final = {"step": step, **last_eval}
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    return final
