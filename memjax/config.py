@@ -124,6 +124,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     seed: int = 0
+    # Stop this invocation at this step (0: run to train.steps); the schedule still follows
+    # train.steps, so a later run resumes as if never interrupted (time-limited jobs).
+    stop_at_step: int = 0
     target_accuracy: float = 0.0  # stop early once eval accuracy reaches it (0: never)
     progress: bool = True
     # Test hook: make the loss NaN at this step (0: never) to exercise the NaN guard.

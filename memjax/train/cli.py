@@ -55,3 +55,7 @@ def eval_main(argv=None) -> None:
     from memjax.train.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(cfg, args.workdir), indent=2))
+
+
+if __name__ == "__main__":
+    train_main()

@@ -284,13 +284,14 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
 
     try:
         with _Preemption() as preempt:
-            while step < tcfg.steps:
+            last = min(tcfg.steps, tcfg.stop_at_step) if tcfg.stop_at_step > 0 else tcfg.steps
+            while step < last:
                 batch = next(it)
                 state, pending = run_steps(setup, state, batch)
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                if step % tcfg.log_every == 0 or step == last:
                     check_finite(state)
                     m = {k: float(v) for k, v in pending.items() if k != "tokens"}
                     now = time.perf_counter()
@@ -299,7 +300,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
                     writer.write(step, m, prefix="train/", echo=bar is None)
                     if bar is not None:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                if step % tcfg.eval_every == 0 or step == last:
                     check_finite(state)
                     last_eval = evaluate(setup, state, task=eval_task)
                     writer.write(step, last_eval, prefix="eval/", echo=bar is None)

@@ -1,0 +1,104 @@
+"""Shared helpers for chunkwise-parallel sequence memories: padding, chunk reshapes,
+packed-sequence (segment) resets and masked scalar-decay factors.
+
+Conventions: time is axis 1 (``[B, T, ...]``); a chunked array is ``[B, N, C, ...]`` with
+``N = ceil(T / C)`` chunks of ``C`` positions. Per-head log decays are ``g: [B, T, H]`` (``g <= 0``;
+``exp(g_t)`` multiplies the state before token ``t`` is written). A *reset* at position ``t``
+(``t > 0`` and ``segment_ids[:, t] != segment_ids[:, t - 1]``) zeroes the state before token
+``t``'s update; it acts as a multiplicative decay of exactly zero, which is applied here with
+masks rather than ``g = -inf`` so that no ``inf - inf`` or ``0 * inf`` can make a NaN in the
+forward or backward pass.
+
+These helpers are used by linear attention and the delta rule, and fit any recurrence with a
+scalar per-head decay (e.g. Mamba-2 SSD).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant") -> jax.Array:
+    """Pad axis 1 of ``x`` at the end to a multiple of ``multiple``.
+
+    ``mode="constant"`` pads with zeros (for q, k, v, beta and log decays zeros leave the state
+    unchanged); ``mode="edge"`` repeats the last entry (for ``segment_ids``, so the tail starts
+    no new segment).
+    """
+    t = x.shape[1]
+    extra = -t % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """``[B, T, ...] -> [B, T // C, C, ...]``; ``T`` must be a multiple of ``C`` (see :func:`pad_time`)."""
+    b, t = x.shape[:2]
+    if t % chunk_size:
+        raise ValueError(f"to_chunks: length {t} is not a multiple of chunk_size {chunk_size}; pad first")
+    return x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:])
+
+
+def from_chunks(x: jax.Array) -> jax.Array:
+    """``[B, N, C, ...] -> [B, N * C, ...]``."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
+    """``[B, T]`` bool, True where a new segment starts at ``t > 0`` (never at ``t = 0``,
+    where ``initial_state`` applies). ``None`` in, ``None`` out."""
+    if segment_ids is None:
+        return None
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+class ChunkDecays(NamedTuple):
+    """Decay factors for one chunk of a scalar-decay recurrence (``G`` = inclusive cumulative ``g``
+    within the chunk, ``r`` = number of resets in the chunk up to and including a position).
+
+    - ``matrix``: ``[B, N, H, C, C]``, ``exp(G_i - G_j)`` where ``i >= j`` and no reset in
+      ``(j, i]``, else 0: the weight of token ``j``'s write in the state read at ``i``.
+    - ``from_start``: ``[B, N, C, H]``, ``exp(G_i)`` if no reset in ``[0, i]`` else 0: the weight of
+      the state carried into the chunk as seen at ``i``.
+    - ``to_end``: ``[B, N, C, H]``, ``exp(G_{C-1} - G_j)`` if no reset in ``(j, C-1]`` else 0: the
+      weight of token ``j``'s write in the chunk's final state.
+    - ``chunk``: ``[B, N, H]``, ``exp(G_{C-1})`` if the chunk has no reset else 0: the decay of the
+      carried-in state across the whole chunk.
+
+    Every exponent is ``G_i - G_j`` with ``i >= j`` (or ``G_i`` itself), so it is ``<= 0``: no
+    overflow however long the chunk or strong the decay. Masked entries are selected before the
+    ``exp`` and again after it, so their gradient is exactly zero.
+    """
+
+    matrix: jax.Array
+    from_start: jax.Array
+    to_end: jax.Array
+    chunk: jax.Array
+
+
+def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def chunk_decays(g: jax.Array | None, resets: jax.Array | None, shape: tuple, dtype) -> ChunkDecays:
+    """Decay factors for chunked log decays ``g: [B, N, C, H]`` (or None: no decay) and
+    chunked resets ``[B, N, C]`` bool (or None). ``shape = (B, N, C, H)``."""
+    b, n, c, h = shape
+    G = jnp.zeros(shape, dtype) if g is None else jnp.cumsum(g.astype(dtype), axis=2)
+    r = jnp.zeros((b, n, c), jnp.int32) if resets is None else jnp.cumsum(resets.astype(jnp.int32), axis=2)
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    same = r[:, :, :, None] == r[:, :, None, :]  # [B, N, Ci, Cj]
+    mask = (causal & same)[:, :, None]  # [B, N, 1, C, C]
+    Gh = jnp.moveaxis(G, 3, 2)  # [B, N, H, C]
+    matrix = _masked_exp(Gh[..., :, None] - Gh[..., None, :], mask)
+    from_start = _masked_exp(G, (r == 0)[..., None])
+    last_r = r[:, :, -1:]
+    to_end = _masked_exp(G[:, :, -1:, :] - G, (r == last_r)[..., None])
+    chunk = _masked_exp(G[:, :, -1, :], (last_r == 0))
+    return ChunkDecays(matrix, from_start, to_end, chunk)

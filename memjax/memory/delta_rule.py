@@ -1,0 +1,138 @@
+"""Delta rule (DeltaNet) and gated delta rule (Gated DeltaNet) as one pure function.
+
+Recurrence (per batch and head; ``S_t in R^{K x V}``, ``beta_t in (0, 1)``, ``g_t <= 0``)::
+
+    S'_t = exp(g_t) * S_{t-1}                                  (decay first; g = None: no decay)
+    S_t  = S'_t + k_t (beta_t * (v_t - S'_t^T k_t))^T          (one step of online regression)
+    o_t  = scale * S_t^T q_t
+
+Sources: Schlag et al. 2021; Yang et al. 2024 "Parallelizing Linear Transformers with the Delta
+Rule over Sequence Length"; Yang, Kautz, Hatamizadeh 2024 "Gated Delta Networks".
+
+Forms:
+  - ``"chunked"``: the chunkwise-parallel WY / UT algorithm. Within a chunk with incoming state
+    ``S`` and decay weights ``D_ij = exp(G_i - G_j)`` (``i >= j``, no reset in between),
+    ``gamma_i = exp(G_i)`` (no reset in ``[0, i]``), the per-token corrections
+    ``delta_j = beta_j (v_j - S'_j^T k_j)`` solve the unit lower-triangular system::
+
+        (I + L) delta = diag(beta) (V - diag(gamma) K S),   L_ij = beta_i D_ij k_i.k_j  (i > j)
+
+    so ``delta = U - W S`` with ``U = T V``, ``W = T diag(gamma) K``,
+    ``T = (I + L)^{-1} diag(beta)`` (the UT transform; ``U`` and ``W`` come from one batched
+    triangular solve, never an explicit inverse). Then::
+
+        O      = scale * (diag(gamma) Q S + (Q K^T * D) delta)
+        S_next = gamma_{C-1} S + (K * D_{C-1, :})^T delta
+
+    Everything except ``delta = U - W S`` and the state update is computed for all chunks at
+    once; ``lax.scan`` carries only the ``[B, H, K, V]`` state from chunk to chunk, and no
+    per-token state is ever formed.
+  - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
+  - There is no ``"parallel"`` form: the quadratic form of the delta rule *is* the chunked form
+    with one chunk, i.e. ``mode="chunked", chunk_size >= T``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
+from memjax.memory.linear_attention import check_inputs, compute_dtype
+
+MODES = ("chunked", "recurrent")
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: jax.Array | None = None,
+               scale: float | None = None, initial_state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, mode: str = "chunked",
+               chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """(Gated) delta rule; see the module docstring for the equations.
+
+    Args:
+      q, k: ``[B, T, H, K]`` (callers usually L2-normalise k, which keeps ``I - beta k k^T``
+        a contraction); v: ``[B, T, H, V]``.
+      beta: ``[B, T, H]`` write strength, typically ``sigmoid(.)`` in ``(0, 1)``.
+      g: ``[B, T, H]`` log decay or None (plain DeltaNet).
+      scale: read scale, default ``K ** -0.5``.
+      initial_state: ``[B, H, K, V]`` (zeros if None).
+      segment_ids: ``[B, T]`` int; the state is reset to zero before the first token of every new
+        segment (``initial_state`` reaches only the first one).
+      mode: ``"chunked"`` or ``"recurrent"``.
+      chunk_size: ``C``; ``T`` need not be a multiple: the tail is padded with
+        ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
+
+    Returns:
+      ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, H, K, V]`` float32, or float64
+      for float64 inputs).
+    """
+    b, t, h, dk, dv = check_inputs("delta_rule", q, k, v, beta=beta, g=g, initial_state=initial_state,
+                                   segment_ids=segment_ids, mode=mode, modes=MODES,
+                                   chunk_size=chunk_size, scale=scale)
+    if beta is None:
+        raise ValueError("delta_rule: beta must be [B, T, H], got None")
+    out_dtype = jnp.result_type(q, k, v)
+    cd = compute_dtype(q, k, v, beta, g, initial_state)
+    scale = dk ** -0.5 if scale is None else scale
+    q, k, v, beta = (x.astype(cd) for x in (q, k, v, beta))
+    g = None if g is None else g.astype(cd)
+    s0 = jnp.zeros((b, h, dk, dv), cd) if initial_state is None else initial_state.astype(cd)
+    if mode == "recurrent":
+        o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale)
+    else:
+        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size)
+    return o.astype(out_dtype), s
+
+
+def _recurrent(q, k, v, beta, g, s0, resets, scale):
+    def step(s, inp):
+        qt, kt, vt, bt, gt, rt = inp
+        if gt is not None:
+            s = s * jnp.exp(gt)[..., None, None]
+        if rt is not None:
+            s = jnp.where(rt[:, None, None, None], 0.0, s)
+        pred = jnp.einsum("bhk,bhkv->bhv", kt, s)
+        s = s + kt[..., :, None] * (bt[..., None] * (vt - pred))[..., None, :]
+        return s, jnp.einsum("bhk,bhkv->bhv", qt, s) * scale
+
+    tm = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
+    s, o = jax.lax.scan(step, s0, (tm(q), tm(k), tm(v), tm(beta), tm(g), tm(resets)))
+    return jnp.swapaxes(o, 0, 1), s
+
+
+def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size):
+    b, t, h, dk = q.shape
+    c = chunk_size
+    heads_major = lambda x: jnp.moveaxis(to_chunks(pad_time(x, c), c), 3, 2)  # [B, N, H, C, .]
+    qc, kc, vc = heads_major(q), heads_major(k), heads_major(v)
+    n = qc.shape[1]
+    bc = jnp.moveaxis(to_chunks(pad_time(beta, c), c), 3, 2)  # [B, N, H, C]
+    gc = None if g is None else to_chunks(pad_time(g, c), c)
+    resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype)
+    gamma = jnp.moveaxis(dec.from_start, 3, 2)[..., None]  # [B, N, H, C, 1]
+    to_end = jnp.moveaxis(dec.to_end, 3, 2)[..., None]
+
+    # UT transform: (I + L) [U, W] = diag(beta) [V, diag(gamma) K], one unit-lower solve.
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    kk = jnp.einsum("bnhik,bnhjk->bnhij", kc, kc)
+    lower = jnp.where(strict, bc[..., :, None] * kk * dec.matrix, 0.0)
+    eye = jnp.eye(c, dtype=q.dtype)
+    rhs = bc[..., None] * jnp.concatenate([vc, gamma * kc], axis=-1)
+    uw = jax.lax.linalg.triangular_solve(eye + lower, rhs, left_side=True, lower=True, unit_diagonal=True)
+    u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
+    k_end = kc * to_end
+
+    def carry(s, inp):
+        u_n, w_n, k_n, a_n = inp
+        delta = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s)
+        s_next = a_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, delta)
+        return s_next, (s, delta)
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, w, k_end, dec.chunk))
+    s, (s_in, delta) = jax.lax.scan(carry, s0, xs)
+    s_in, delta = jnp.moveaxis(s_in, 0, 1), jnp.moveaxis(delta, 0, 1)
+    scores = jnp.einsum("bnhik,bnhjk->bnhij", qc, kc) * dec.matrix
+    o = jnp.einsum("bnhij,bnhjv->bnhiv", scores, delta)
+    o = o + jnp.einsum("bnhik,bnhkv->bnhiv", qc * gamma, s_in)
+    o = from_chunks(jnp.moveaxis(o * scale, 2, 3))[:, :t]
+    return o, s
