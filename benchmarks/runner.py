@@ -1,0 +1,79 @@
+"""Shared benchmark runner: warm-up, repeats, median, peak memory, a table and JSON.
+
+Usage::
+
+    from benchmarks.runner import time_fn, compiled_memory, Table
+    t = time_fn(jitted, *args)               # {"median_s", "min_s", "repeats"}
+    mem = compiled_memory(jitted, *args)     # bytes XLA plans for temporaries + outputs
+    table = Table("name", ["T", "chunked_ms", ...]); table.add({...}); table.finish()
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import jax
+
+
+def time_fn(fn, *args, warmup: int = 2, repeats: int = 5, min_time: float = 0.0) -> dict:
+    """Median wall time of ``fn(*args)`` after ``warmup`` calls, blocking on every output."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    while len(times) < repeats or sum(times) < min_time:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def compiled_memory(fn, *args) -> dict:
+    """Peak-memory proxy from the compiled executable: temporaries, arguments and outputs in bytes."""
+    lowered = fn.lower(*args) if hasattr(fn, "lower") else jax.jit(fn).lower(*args)
+    ma = lowered.compile().memory_analysis()
+    if ma is None:
+        return {}
+    return {"temp_bytes": int(ma.temp_size_in_bytes), "argument_bytes": int(ma.argument_size_in_bytes),
+            "output_bytes": int(ma.output_size_in_bytes)}
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+
+
+class Table:
+    """Collects rows, prints them as a Markdown table, writes ``benchmarks/results/<name>.json``."""
+
+    def __init__(self, name: str, columns: list[str], out_dir: str | None = None):
+        self.name, self.columns, self.rows = name, columns, []
+        self.out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(" | ".join(_fmt(row.get(c, "")) for c in self.columns), flush=True)
+
+    def finish(self, extra: dict | None = None) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in self.columns) + " |" for r in self.rows]
+        md = "\n".join(lines)
+        print("\n" + md)
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"{self.name}.json")
+        with open(path, "w") as f:
+            json.dump({"name": self.name, "machine": machine(), "rows": self.rows, **(extra or {})}, f, indent=2)
+        print(f"\nwrote {path}")
+        return md
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,186 @@
+"""Fact recall: a fixed table of ``subject -> relation -> object`` facts, stated in phrasings.
+
+The "world" (the fact table and the phrasings) is drawn from ``table_seed`` alone, so it
+is the same for every ``data.seed``, split and example; examples only choose which
+facts to state and in which phrasing. Training sequences state facts in the training
+phrasings; the eval split asks for facts in held-out phrasings (``num_eval_templates``
+of the ``num_templates``), so the model must have stored the fact, not memorised a
+string. ``eval_phrasings="train"`` evaluates in the training phrasings instead
+(memorisation without the phrasing shift).
+
+Token ids (``S, R, O, W`` = ``num_subjects, num_relations, num_objects, num_words``)::
+
+    0 PAD | 1 SEP | subjects 2 .. | relations 2+S .. | objects 2+S+R .. | words 2+S+R+O .. 2+S+R+O+W-1
+
+A phrasing (template) is ``w* X w* Y w* OBJ SEP`` where ``X Y`` is ``SUBJ REL`` or
+``REL SUBJ``, each ``w*`` is 0..``max_words`` word tokens, and ``OBJ`` is the
+``object_length`` tokens of ``table[s, r]``; e.g. ``w3 SUBJ w7 REL OBJ SEP``
+("the capital of France is Paris."). A sequence of ``seq_len + 1`` tokens is as many
+such sentences as fit (distinct ``(s, r)`` pairs, so no fact can be copied from
+earlier in the same sequence), then PAD. ``inputs = seq[:-1]``, ``targets = seq[1:]``;
+the scored positions are those whose target is an object token. Each example also
+carries ``fact_index`` (int32; at scored positions the 1-based sentence number, else
+0) for :meth:`FactRecall.metrics`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from memjax.config import ConfigError
+from memjax.data.mqar import example_rng
+from memjax.data.registry import register_task
+
+PAD, SEP, FIRST_SUBJECT = 0, 1, 2
+SUBJ_SLOT, REL_SLOT = -1, -2  # placeholders inside a template
+
+
+@register_task("fact_recall")
+class FactRecall:
+    @dataclasses.dataclass
+    class Options:
+        num_subjects: int = 64
+        num_relations: int = 4
+        num_objects: int = 32  # object alphabet
+        object_length: int = 1  # tokens per object
+        num_words: int = 16  # alphabet of the phrasings' filler words
+        max_words: int = 2  # words per gap (three gaps per phrasing)
+        num_templates: int = 8  # phrasings in all
+        num_eval_templates: int = 2  # of which held out for the eval split
+        table_seed: int = 0  # the world: fact table and phrasings (independent of data.seed)
+        eval_phrasings: str = "heldout"  # "heldout" or "train"
+
+        def validate(self, data_cfg, model_cfg):
+            self.check(data_cfg.seq_len, model_cfg.vocab_size)
+
+        def vocab_needed(self) -> int:
+            return FIRST_SUBJECT + self.num_subjects + self.num_relations + self.num_objects + self.num_words
+
+        def longest_sentence(self) -> int:
+            return 3 * self.max_words + 2 + self.object_length + 1
+
+        def check(self, seq_len: int, vocab_size: int) -> None:
+            for key in ("num_subjects", "num_relations", "num_objects", "object_length", "num_words",
+                        "num_templates", "num_eval_templates"):
+                if getattr(self, key) <= 0:
+                    raise ConfigError(f"config key 'data.options.{key}' must be positive, got {getattr(self, key)}")
+            if self.max_words < 0:
+                raise ConfigError(f"config key 'data.options.max_words' must be >= 0, got {self.max_words}")
+            if self.num_eval_templates >= self.num_templates:
+                raise ConfigError(
+                    f"config key 'data.options.num_eval_templates' ({self.num_eval_templates}) must be smaller "
+                    f"than data.options.num_templates ({self.num_templates}): training needs phrasings too"
+                )
+            possible = 2 * sum(self.num_words ** k for k in range(self.max_words + 1)) ** 3
+            if self.num_templates > possible:
+                raise ConfigError(
+                    f"config key 'data.options.num_templates' ({self.num_templates}) exceeds the {possible} "
+                    f"distinct phrasings that num_words={self.num_words}, max_words={self.max_words} allow"
+                )
+            if self.eval_phrasings not in ("heldout", "train"):
+                raise ConfigError(
+                    f"config key 'data.options.eval_phrasings' must be 'heldout' or 'train', got {self.eval_phrasings!r}"
+                )
+            if vocab_size < self.vocab_needed():
+                raise ConfigError(
+                    f"config key 'model.vocab_size' ({vocab_size}) too small: fact recall needs "
+                    f">= {self.vocab_needed()} (2 specials + subjects + relations + objects + words)"
+                )
+            if seq_len + 1 < self.longest_sentence():
+                raise ConfigError(
+                    f"config key 'data.seq_len' ({seq_len}) too small: the longest phrasing takes "
+                    f"{self.longest_sentence()} tokens, so seq_len must be >= {self.longest_sentence() - 1}"
+                )
+
+    def __init__(self, opts: "FactRecall.Options", *, seq_len: int, vocab_size: int, split: str,
+                 num_examples: int, seed: int):
+        opts.check(seq_len, vocab_size)
+        self.opts, self.seq_len, self.vocab_size = opts, seq_len, vocab_size
+        self.split, self.num_examples, self.seed = split, num_examples, seed
+        o = opts
+        self.first_relation = FIRST_SUBJECT + o.num_subjects
+        self.first_object = self.first_relation + o.num_relations
+        self.first_word = self.first_object + o.num_objects
+        world = np.random.default_rng([o.table_seed, 0xFAC75])
+        # table[s, r] = the object token ids of fact (s, r).
+        self.table = world.integers(self.first_object, self.first_object + o.num_objects,
+                                    (o.num_subjects, o.num_relations, o.object_length)).astype(np.int32)
+        templates: list[tuple[int, ...]] = []
+        while len(templates) < o.num_templates:
+            t = self._draw_template(world)
+            if t not in templates:
+                templates.append(t)
+        n_train = o.num_templates - o.num_eval_templates
+        self.train_templates, self.eval_templates = templates[:n_train], templates[n_train:]
+        if split == "train" or o.eval_phrasings == "train":
+            self.templates = self.train_templates
+        else:
+            self.templates = self.eval_templates
+
+    def _draw_template(self, rng: np.random.Generator) -> tuple[int, ...]:
+        o = self.opts
+        counts = rng.integers(0, o.max_words + 1, 3)
+        words = [list(self.first_word + rng.integers(0, o.num_words, c)) for c in counts]
+        slots = (SUBJ_SLOT, REL_SLOT) if rng.integers(2) == 0 else (REL_SLOT, SUBJ_SLOT)
+        return tuple(int(x) for x in (*words[0], slots[0], *words[1], slots[1], *words[2]))
+
+    def subject_token(self, s: int) -> int:
+        return FIRST_SUBJECT + s
+
+    def relation_token(self, r: int) -> int:
+        return self.first_relation + r
+
+    def render(self, template: tuple[int, ...], s: int, r: int) -> np.ndarray:
+        """One sentence: the template with its slots filled, then the object and SEP."""
+        fill = {SUBJ_SLOT: self.subject_token(s), REL_SLOT: self.relation_token(r)}
+        body = [fill.get(x, x) for x in template]
+        return np.array([*body, *self.table[s, r], SEP], np.int64)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(index)
+        o, total = self.opts, self.seq_len + 1
+        rng = example_rng(self.seed, self.split, int(index))
+        shortest = 2 + o.object_length + 1
+        n_pairs = o.num_subjects * o.num_relations
+        facts = rng.choice(n_pairs, min(n_pairs, total // shortest), replace=False)
+        which = rng.integers(0, len(self.templates), len(facts))
+        pieces, labels, used = [], [], 0
+        for k, (f, t) in enumerate(zip(facts, which)):
+            sentence = self.render(self.templates[t], *divmod(int(f), o.num_relations))
+            if used + len(sentence) > total:
+                break
+            lab = np.zeros(len(sentence), np.int64)
+            lab[-1 - o.object_length:-1] = k + 1  # the object tokens, before SEP
+            pieces.append(sentence)
+            labels.append(lab)
+            used += len(sentence)
+        pieces.append(np.full(total - used, PAD, np.int64))
+        labels.append(np.zeros(total - used, np.int64))
+        seq, lab = np.concatenate(pieces), np.concatenate(labels)
+        fact_index = lab[1:].astype(np.int32)  # input position t predicts seq[t + 1]
+        return {
+            "inputs": seq[:-1].astype(np.int32),
+            "targets": seq[1:].astype(np.int32),
+            "mask": (fact_index > 0).astype(np.float32),
+            "segment_ids": np.ones(self.seq_len, np.int32),
+            "fact_index": fact_index,
+        }
+
+    def metrics(self, batch: dict, predictions: np.ndarray) -> dict:
+        """``fact_accuracy``: fraction of stated facts whose every object token is right."""
+        fi = batch["fact_index"]
+        wrong = (predictions != batch["targets"]) & (fi > 0)
+        n_facts = fi.max(axis=1)
+        total = int(n_facts.sum())
+        if total == 0:
+            return {}
+        right = 0
+        for b in range(fi.shape[0]):
+            bad = np.unique(fi[b][wrong[b]])
+            right += int(n_facts[b]) - len(bad)
+        return {"fact_accuracy": right / total}

@@ -1,0 +1,142 @@
+"""Mixture-of-memories (MoM; Du et al. 2025, "MoM: Linear Sequence Modeling with Mixture-of-Memories").
+
+``M`` matrix memories (plus, optionally, one shared memory) per head. A router picks, per token,
+the ``top_k`` memories with the largest logits; only those are written, and the output mixes their
+reads with the router weights renormalised over the selected memories::
+
+    sel_t   = top_k(router_logits_t)                  w_t^m = softmax_{m in sel_t}(router_logits_t^m)
+    S_t^m   = update(S_{t-1}^m; k_t^m, v_t^m, beta_t^m, g_t^m)    if m in sel_t (or m is shared)
+    S_t^m   = S_{t-1}^m                                          otherwise (no write AND no decay)
+    o_t     = sum_{m in sel_t} w_t^m scale S_t^m^T q_t  (+ scale S_t^shared^T q_t)
+
+``update`` is linear attention (``memory="linear"``: ``S = exp(g) S + k v^T``) or the (gated) delta
+rule (``memory="delta"``: ``S = exp(g) S; S += k (beta (v - S^T k))^T``). As in the paper, a memory
+that is not selected is untouched by the token — its decay does not apply either, so it behaves
+as if the token had been routed past it (the paper gathers each memory's tokens into its own
+sequence). The shared memory sees every token and is read with weight 1. Keys, values and gates
+are per memory (each memory has its own projections in MoM); the query is shared.
+
+Routing granularity: ``router_logits`` is ``[B, T, M]`` (per token, the paper's choice, the same
+routing for every head) or ``[B, T, H, M]`` (per token and head). Ties in the top-k are broken
+toward the lower memory index (``lax.top_k``). The selection is not differentiable; gradients
+reach the router through the mixing weights ``w``. A load-balancing loss, if wanted, is the
+caller's business (the router logits are in its hands).
+
+Implementation: the memories are folded into the head axis and one call of
+:func:`memjax.memory.linear_attention.linear_attention` /
+:func:`memjax.memory.delta_rule.delta_rule` runs them all, with ``k = 0`` (linear) or
+``beta = 0`` (delta) and ``g = 0`` for unselected (token, memory) pairs, so all forms
+(``"chunked"``, ``"recurrent"``, and ``"parallel"`` for linear attention), ``segment_ids`` and
+``initial_state`` behave exactly as there. Every memory is computed for every token (work grows
+with ``M``, not ``top_k``); that keeps the chunks dense and identical across memories.
+
+Shapes: ``q [B, T, H, K]``, ``k [B, T, M', H, K]``, ``v [B, T, M', H, V]``, ``beta, g [B, T, M', H]``,
+state ``[B, M', H, K, V]`` with ``M' = M + 1`` when ``shared_memory`` (the shared memory is the
+last, index ``M``) and ``M' = M`` otherwise.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memjax.memory.delta_rule import delta_rule
+from memjax.memory.linear_attention import linear_attention
+
+MEMORIES = ("linear", "delta")
+
+
+def _shape(x):
+    return getattr(x, "shape", None)
+
+
+def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits: jax.Array, *,
+                        top_k: int, beta: jax.Array | None = None, g: jax.Array | None = None,
+                        memory: str = "linear", shared_memory: bool = True, scale: float | None = None,
+                        initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                        mode: str = "chunked", chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Route each token into ``top_k`` of ``M`` matrix memories (plus a shared one) and mix reads.
+
+    Args:
+      q: ``[B, T, H, K]`` shared query.
+      k: ``[B, T, M', H, K]``, v: ``[B, T, M', H, V]``: per-memory keys and values.
+      router_logits: ``[B, T, M]`` (per-token routing) or ``[B, T, H, M]`` (per token and head).
+      top_k: memories selected per token, ``1 <= top_k <= M``.
+      beta: ``[B, T, M', H]`` write strength, required for ``memory="delta"`` (must be None for
+        ``"linear"``).
+      g: ``[B, T, M', H]`` log decay or None.
+      memory: ``"linear"`` or ``"delta"``.
+      shared_memory: add an always-written memory (index ``M``), read with weight 1.
+      scale: read scale, default ``K ** -0.5``.
+      initial_state: ``[B, M', H, K, V]`` or None (zeros).
+      segment_ids: ``[B, T]`` int packed documents: every memory is reset at a new document.
+      mode, chunk_size: as in the underlying memory function.
+
+    Returns:
+      ``(o [B, T, H, V]``, ``final_state [B, M', H, K, V]`` float32, or float64 for float64 inputs).
+    """
+    fn = "mixture_of_memories"
+    if memory not in MEMORIES:
+        raise ValueError(f"{fn}: memory must be one of {MEMORIES}, got {memory!r}")
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"{fn}: q must be [B, T, H, K], got shape {_shape(q)}")
+    b, t, h, dk = q.shape
+    if getattr(router_logits, "ndim", None) not in (3, 4) or router_logits.shape[:2] != (b, t) or (
+            router_logits.ndim == 4 and router_logits.shape[2] != h):
+        raise ValueError(f"{fn}: router_logits must be [B, T, M] = [{b}, {t}, M] or [B, T, H, M] = "
+                         f"[{b}, {t}, {h}, M], got {_shape(router_logits)}")
+    m = router_logits.shape[-1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= m:
+        raise ValueError(f"{fn}: top_k must be an int in [1, M={m}], got {top_k!r}")
+    mp = m + 1 if shared_memory else m
+    if _shape(k) != (b, t, mp, h, dk):
+        raise ValueError(f"{fn}: k must be [B, T, M', H, K] = {(b, t, mp, h, dk)} "
+                         f"(M' = M{' + 1 shared' if shared_memory else ''}), got {_shape(k)}")
+    if getattr(v, "ndim", None) != 5 or v.shape[:4] != (b, t, mp, h):
+        raise ValueError(f"{fn}: v must be [B, T, M', H, V] = [{b}, {t}, {mp}, {h}, V], got {_shape(v)}")
+    dv = v.shape[-1]
+    for name, x in (("beta", beta), ("g", g)):
+        if x is not None and _shape(x) != (b, t, mp, h):
+            raise ValueError(f"{fn}: {name} must be [B, T, M', H] = {(b, t, mp, h)}, got {_shape(x)}")
+    if memory == "delta" and beta is None:
+        raise ValueError(f"{fn}: memory='delta' needs beta [B, T, M', H] = {(b, t, mp, h)}")
+    if memory == "linear" and beta is not None:
+        raise ValueError(f"{fn}: beta is only used by memory='delta'; got beta with memory='linear'")
+    if initial_state is not None and _shape(initial_state) != (b, mp, h, dk, dv):
+        raise ValueError(f"{fn}: initial_state must be [B, M', H, K, V] = {(b, mp, h, dk, dv)}, "
+                         f"got {_shape(initial_state)}")
+
+    weights, selected = route(router_logits, top_k, h)  # [B, T, H, M] each
+    if shared_memory:
+        pad = [(0, 0)] * 3 + [(0, 1)]
+        selected = jnp.pad(selected, pad, constant_values=True)
+        weights = jnp.pad(weights, pad, constant_values=1.0)
+    sel = jnp.swapaxes(selected, 2, 3)  # [B, T, M', H]
+    fold = lambda x: x.reshape(b, t, mp * h, *x.shape[4:])  # memories into the head axis
+    kw = dict(scale=dk ** -0.5 if scale is None else scale, segment_ids=segment_ids, mode=mode,
+              chunk_size=chunk_size,
+              initial_state=None if initial_state is None else initial_state.reshape(b, mp * h, dk, dv))
+    if g is not None:
+        kw["g"] = fold(jnp.where(sel, g, 0.0))
+    qf = fold(jnp.broadcast_to(q[:, :, None], (b, t, mp, h, dk)))
+    if memory == "linear":
+        o, s = linear_attention(qf, fold(jnp.where(sel[..., None], k, 0.0)), fold(v), **kw)
+    else:
+        o, s = delta_rule(qf, fold(k), fold(v), fold(jnp.where(sel, beta, 0.0)), **kw)
+    o = o.reshape(b, t, mp, h, dv)
+    w = jnp.swapaxes(weights, 2, 3)[..., None].astype(o.dtype)  # [B, T, M', H, 1], 0 if unselected
+    return jnp.sum(w * o, axis=2), s.reshape(b, mp, h, dk, dv)
+
+
+def route(router_logits: jax.Array, top_k: int, num_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing: ``router_logits [B, T, M]`` or ``[B, T, H, M]`` -> ``(weights, selected)``,
+    both ``[B, T, H, M]``: softmax of the logits over the selected memories (0 elsewhere) and the
+    selection mask."""
+    logits = router_logits.astype(jnp.promote_types(router_logits.dtype, jnp.float32))
+    if logits.ndim == 3:
+        logits = jnp.broadcast_to(logits[:, :, None], (*logits.shape[:2], num_heads, logits.shape[-1]))
+    top, idx = jax.lax.top_k(logits, top_k)
+    m = logits.shape[-1]
+    selected = jnp.any(idx[..., :, None] == jnp.arange(m), axis=-2)
+    w = jax.nn.softmax(top, axis=-1)
+    weights = jnp.sum(w[..., :, None] * (idx[..., :, None] == jnp.arange(m)), axis=-2)
+    return weights, selected

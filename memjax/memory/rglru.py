@@ -1,0 +1,127 @@
+"""Real-Gated Linear Recurrent Unit (RG-LRU; De et al. 2024 "Griffin", RecurrentGemma).
+
+Per channel (elementwise over ``D``)::
+
+    r_t = sigmoid(gate_a_t)                       recurrence gate
+    i_t = sigmoid(gate_x_t)                       input gate
+    log a_t = c * r_t * log sigmoid(Lambda)       = -c * r_t * softplus(-Lambda)   (log space)
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+    y_t = h_t
+
+``a = sigmoid(Lambda)`` is the base decay (Griffin initialises it in ``[0.9, 0.999]``), ``c = 8``.
+RecurrentGemma stores ``a_param = -Lambda`` (``log a_t = -c r_t softplus(a_param)``).
+
+Numerics: ``a_t`` is formed from its logarithm; ``1 - a_t^2 = -expm1(2 log a_t)`` keeps full relative
+precision when ``a_t`` is close to 1 (long memories), where ``1 - a*a`` would cancel; the square
+root's derivative is capped at 1000 (as RecurrentGemma does) so that ``a_t -> 1`` gives no infinite
+gradient. Both forms keep the state in float32 (float64 for float64 inputs).
+
+Packed sequences: at a segment start the state is reset (``h_{t-1} := 0``). ``normalize_at_reset``
+chooses what enters the state there: ``True`` (Griffin's equation, the default) applies the
+``sqrt(1 - a_t^2)`` factor everywhere; ``False`` is RecurrentGemma's convention, where a token
+that starts a document (``segment_pos == 0``) is written un-normalised, ``h_t = i_t x_t``: without
+history there is no past variance to balance. In this mode ``t = 0`` also counts as a document
+start when ``initial_state is None`` (RecurrentGemma: no cache), so chaining two halves (the second
+with the first's final state) still equals one pass.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memjax.memory.chunking import segment_resets
+from memjax.memory.ssm import linear_scan, real_dtype
+
+MODES = ("scan", "recurrent")
+MAX_SQRT_GRAD = 1000.0
+
+
+@jax.custom_jvp
+def sqrt_bounded_grad(x):
+    """``sqrt(x)`` whose derivative is capped at :data:`MAX_SQRT_GRAD` (for ``x < 1 / (4 * 1000^2)``)."""
+    return jnp.sqrt(x)
+
+
+@sqrt_bounded_grad.defjvp
+def _sqrt_bounded_grad_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    floor = 1.0 / (4.0 * MAX_SQRT_GRAD ** 2)
+    return jnp.sqrt(x), dx * 0.5 / jnp.sqrt(jnp.maximum(x, floor))
+
+
+def rglru_gates(gate_a, gate_x, lam, c: float = 8.0):
+    """``(a_t, sqrt(1 - a_t^2), i_t)`` with ``a_t = exp(-c sigmoid(gate_a) softplus(-lam))`` and
+    ``i_t = sigmoid(gate_x)``, in the dtype of the inputs (call with float32)."""
+    log_a = -c * jax.nn.sigmoid(gate_a) * jax.nn.softplus(-lam)
+    norm = sqrt_bounded_grad(-jnp.expm1(2.0 * log_a))
+    return jnp.exp(log_a), norm, jax.nn.sigmoid(gate_x)
+
+
+def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *, c: float = 8.0,
+          initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+          mode: str = "scan", normalize_at_reset: bool = True) -> tuple[jax.Array, jax.Array]:
+    """RG-LRU over time (see the module docstring for the equations).
+
+    Args:
+      x: ``[batch, T, D]`` inputs.
+      gate_a, gate_x: ``[batch, T, D]`` pre-activations of the recurrence and input gates
+        (the block computes them from x, e.g. block-diagonal linear maps).
+      lam: ``[D]`` the parameter ``Lambda``; the base decay is ``a = sigmoid(Lambda)``.
+      c: the gate temperature (8 in Griffin).
+      initial_state: ``[batch, D]`` state before ``t = 0`` (zeros if None).
+      segment_ids: ``[batch, T]`` int; the state resets at every segment start.
+      mode: ``"scan"`` (``jax.lax.associative_scan`` over ``(a_t, b_t)`` pairs: O(log T) depth)
+        or ``"recurrent"`` (``lax.scan``; the decoding form).
+      normalize_at_reset: see the module docstring (``False``: RecurrentGemma's convention).
+
+    Returns ``(y [batch, T, D]`` in x's dtype, ``final_state [batch, D]`` float32 / float64).
+    """
+    fn = "rglru"
+    if mode not in MODES:
+        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"{fn}: x must be [batch, T, D], got shape {getattr(x, 'shape', None)}")
+    b, t, d = x.shape
+    if t == 0:
+        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
+    for name, v in (("gate_a", gate_a), ("gate_x", gate_x)):
+        if getattr(v, "shape", None) != x.shape:
+            raise ValueError(f"{fn}: {name} must be [batch, T, D] = {x.shape} like x, got shape {getattr(v, 'shape', None)}")
+    if getattr(lam, "shape", None) != (d,):
+        raise ValueError(f"{fn}: lam must be [D] = {(d,)}, got shape {getattr(lam, 'shape', None)}")
+    if initial_state is not None and getattr(initial_state, "shape", None) != (b, d):
+        raise ValueError(f"{fn}: initial_state must be [batch, D] = {(b, d)}, got shape {getattr(initial_state, 'shape', None)}")
+    if segment_ids is not None:
+        if getattr(segment_ids, "shape", None) != (b, t):
+            raise ValueError(f"{fn}: segment_ids must be [batch, T] = {(b, t)}, got shape {getattr(segment_ids, 'shape', None)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+    if not c > 0:
+        raise ValueError(f"{fn}: c must be > 0, got {c!r}")
+
+    out_dtype = x.dtype
+    cd = real_dtype(x, gate_a, gate_x, lam, initial_state)
+    x, gate_a, gate_x, lam = (v.astype(cd) for v in (x, gate_a, gate_x, lam))
+    a, norm, i = rglru_gates(gate_a, gate_x, lam, c)
+    resets = segment_resets(segment_ids)
+    if not normalize_at_reset and initial_state is None:
+        start = jnp.zeros((b, t), bool).at[:, 0].set(True)
+        resets = start if resets is None else resets | start
+    if resets is not None:
+        a = jnp.where(resets[..., None], 0.0, a)
+        if not normalize_at_reset:
+            norm = jnp.where(resets[..., None], 1.0, norm)
+    u = norm * i * x
+    h0 = jnp.zeros((b, d), cd) if initial_state is None else initial_state.astype(cd)
+    if mode == "scan":
+        y = linear_scan(a, u, h0, axis=1)
+        s = y[:, -1]
+    else:
+        def step(h, inp):
+            at, ut = inp
+            h = at * h + ut
+            return h, h
+
+        s, y = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(u, 0, 1)))
+        y = jnp.swapaxes(y, 0, 1)
+    return y.astype(out_dtype), s

@@ -1,0 +1,323 @@
+"""State-space sequence memories: diagonal SSM (S4D / S5) and selective SSM (Mamba-2 SSD).
+
+**Diagonal SSM** (time invariant; Gu et al. 2022 "S4D", Smith et al. 2023 "S5"). Per channel ``h``
+with ``N`` diagonal modes (complex or real)::
+
+    Abar = exp(dt A),  Bbar = (Abar - 1) / A * B          (zero-order hold)
+    s_t = Abar * s_{t-1} + Bbar x_t,   y_t = Re(sum_n C_n s_{t,n}) + D x_t
+
+Forms: ``"conv"`` (the kernel ``K_l = Re(sum_n C_n Abar_n^l Bbar_n)`` is built once and applied
+with an FFT: O(T log T)), ``"scan"`` (``jax.lax.associative_scan``: O(log T) depth, one state per
+token) and ``"recurrent"`` (``lax.scan``; the decoding form).
+
+**Selective SSM, Mamba-2 SSD** (Dao & Gu 2024, "Transformers are SSMs"). Per head ``h`` (scalar
+``A_h < 0``), ``P`` channels, ``N`` state dims; ``B``, ``C`` shared by ``H / G`` heads of a group::
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T           (state [P, N])
+    y_t = h_t C_t + D x_t
+
+Forms: ``"chunked"`` (the SSD block decomposition, matmul based) and ``"recurrent"``.
+
+The shared helper :func:`linear_scan` runs ``h_t = a_t h_{t-1} + b_t`` with an associative scan.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
+
+DIAG_MODES = ("conv", "scan", "recurrent")
+SELECTIVE_MODES = ("chunked", "recurrent")
+
+
+def _shape(x):
+    return getattr(x, "shape", None)
+
+
+def _check_segments(fn, segment_ids, b, t):
+    if segment_ids is None:
+        return
+    if _shape(segment_ids) != (b, t):
+        raise ValueError(f"{fn}: segment_ids must be [B, T] = {(b, t)}, got {_shape(segment_ids)}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+
+
+def real_dtype(*xs):
+    """float32 for bf16/f16/f32 inputs, float64 when any input is float64 / complex128."""
+    dt = jnp.result_type(*[x for x in xs if x is not None])
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        dt = jnp.finfo(dt).dtype
+    return jnp.promote_types(dt, jnp.float32)
+
+
+def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, axis: int = 1) -> jax.Array:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` (elementwise) via ``jax.lax.associative_scan``.
+
+    ``a`` broadcasts against ``b``; ``h0`` (the state before ``t = 0``, shape of ``b`` without
+    ``axis``) is folded into ``b_0``. Returns ``h`` with ``b``'s shape. The combine of
+    ``(a1, b1)`` then ``(a2, b2)`` is ``(a1 a2, a2 b1 + b2)``; the ``a`` products only shrink for
+    ``|a| <= 1`` (no overflow).
+    """
+    a = jnp.broadcast_to(a, b.shape)
+    if h0 is not None:
+        first = jax.lax.index_in_dim(b, 0, axis) + jax.lax.index_in_dim(a, 0, axis) * jnp.expand_dims(h0, axis)
+        b = jax.lax.dynamic_update_index_in_dim(b, first, 0, axis)
+
+    def combine(e1, e2):
+        a1, b1 = e1
+        a2, b2 = e2
+        return a1 * a2, a2 * b1 + b2
+
+    return jax.lax.associative_scan(combine, (a, b), axis=axis)[1]
+
+
+# ----------------------------------------------------------------------------- diagonal SSM
+
+
+def _phi1(z):
+    """``(exp(z) - 1) / z`` with the limit 1 at ``z = 0`` (finite value and gradient there)."""
+    small = jnp.abs(z) < 1e-4
+    zs = jnp.where(small, jnp.ones_like(z), z)
+    return jnp.where(small, 1.0 + z / 2 + z * z / 6, jnp.expm1(zs) / zs)
+
+
+def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, *,
+                 D: jax.Array | None = None, initial_state: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, mode: str = "conv") -> tuple[jax.Array, jax.Array]:
+    """Diagonal linear time-invariant SSM (S4D / S5), ZOH-discretised, per channel.
+
+    Args:
+      x: ``[batch, T, H]`` real input, ``H`` independent channels.
+      A: ``[H, N]`` continuous-time eigenvalues, real or complex (``Re(A) < 0`` for stability;
+        see :mod:`memjax.memory.reparam` and :mod:`memjax.memory.hippo` for initialisers).
+      B, C: ``[H, N]`` real or complex.
+      dt: ``[H]`` positive step sizes.
+      D: ``[H]`` skip connection or None.
+      initial_state: ``[batch, H, N]`` state before ``t = 0`` (zeros if None).
+      segment_ids: ``[batch, T]`` int (``"scan"`` and ``"recurrent"`` only): the state is reset to
+        zero before the first token of each new segment. ``"conv"`` rejects it (a reset breaks time
+        invariance, so the output is no longer one convolution); use ``"scan"`` for packed data.
+      mode: ``"conv"``, ``"scan"`` or ``"recurrent"``; all give the same result.
+
+    ``"conv"``: ``y = K * x + Re(sum_n C_n Abar_n^{t+1} s_{-1,n})`` with the kernel from the
+    Vandermonde matrix ``Abar^l = exp(l dt A)`` (no repeated powers); the final state is the
+    contraction ``s_{T-1} = Abar^T s_{-1} + sum_l Abar^{T-1-l} Bbar x_l``, so the conv form also
+    chains and decodes. The FFT has length ``2T`` (no wrap-around).
+
+    Returns:
+      ``(y [batch, T, H]`` in x's dtype, ``final_state [batch, H, N]``): the state is complex when
+      any of ``A, B, C, initial_state`` is complex, real otherwise; float32 / complex64 precision
+      (float64 / complex128 for float64 inputs).
+    """
+    fn = "diagonal_ssm"
+    if mode not in DIAG_MODES:
+        raise ValueError(f"{fn}: mode must be one of {DIAG_MODES}, got {mode!r}")
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"{fn}: x must be [batch, T, H], got shape {_shape(x)}")
+    if jnp.iscomplexobj(x):
+        raise ValueError(f"{fn}: x must be real, got dtype {x.dtype}")
+    b, t, h = x.shape
+    if t == 0:
+        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
+    if getattr(A, "ndim", None) != 2 or A.shape[0] != h:
+        raise ValueError(f"{fn}: A must be [H, N] with H = {h}, got shape {_shape(A)}")
+    n = A.shape[1]
+    for name, v in (("B", B), ("C", C)):
+        if _shape(v) != (h, n):
+            raise ValueError(f"{fn}: {name} must be [H, N] = {(h, n)}, got shape {_shape(v)}")
+    if _shape(dt) != (h,):
+        raise ValueError(f"{fn}: dt must be [H] = {(h,)}, got shape {_shape(dt)}")
+    if D is not None and _shape(D) != (h,):
+        raise ValueError(f"{fn}: D must be [H] = {(h,)}, got shape {_shape(D)}")
+    if initial_state is not None and _shape(initial_state) != (b, h, n):
+        raise ValueError(f"{fn}: initial_state must be [batch, H, N] = {(b, h, n)}, got shape {_shape(initial_state)}")
+    _check_segments(fn, segment_ids, b, t)
+    if segment_ids is not None and mode == "conv":
+        raise ValueError(f"{fn}: segment_ids are not supported with mode='conv' (resets break time "
+                         "invariance); use mode='scan' or 'recurrent'")
+
+    rd = real_dtype(x, A, B, C, dt, initial_state)
+    is_complex = any(v is not None and jnp.iscomplexobj(v) for v in (A, B, C, initial_state))
+    sd = jnp.result_type(rd, jnp.complex64) if is_complex else rd
+    out_dtype = x.dtype
+    xf = x.astype(rd)
+    A, B, C = A.astype(sd), B.astype(sd), C.astype(sd)
+    dtA = dt.astype(rd)[:, None] * A  # [H, N]
+    Abar = jnp.exp(dtA)
+    Bbar = B * dt.astype(rd)[:, None] * _phi1(dtA)
+    s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
+
+    if mode == "conv":
+        y, s = _diag_conv(xf, dtA, Abar, Bbar, C, s0)
+    else:
+        resets = segment_resets(segment_ids)
+        if mode == "scan":
+            a = jnp.broadcast_to(Abar, (b, t, h, n))
+            if resets is not None:
+                a = jnp.where(resets[:, :, None, None], 0, a)
+            states = linear_scan(a, Bbar * xf[..., None].astype(sd), s0, axis=1)
+            y = _real(jnp.einsum("bthn,hn->bth", states, C))
+            s = states[:, -1]
+        else:
+            y, s = _diag_recurrent(xf, Abar, Bbar, C, s0, resets)
+    if D is not None:
+        y = y + D.astype(rd) * xf
+    return y.astype(out_dtype), s
+
+
+def _real(z):
+    return jnp.real(z) if jnp.iscomplexobj(z) else z
+
+
+def _diag_recurrent(x, Abar, Bbar, C, s0, resets):
+    def step(s, inp):
+        xt, rt = inp
+        if rt is not None:
+            s = jnp.where(rt[:, None, None], 0, s)
+        s = Abar * s + Bbar * xt[..., None]
+        return s, _real(jnp.einsum("bhn,hn->bh", s, C))
+
+    rs = None if resets is None else jnp.swapaxes(resets, 0, 1)
+    s, y = jax.lax.scan(step, s0, (jnp.swapaxes(x, 0, 1), rs))
+    return jnp.swapaxes(y, 0, 1), s
+
+
+def _diag_conv(x, dtA, Abar, Bbar, C, s0):
+    b, t, h = x.shape
+    powers = jnp.exp(dtA[..., None] * jnp.arange(t, dtype=x.dtype))  # [H, N, T]: Abar^l
+    K = _real(jnp.einsum("hn,hnl->hl", C * Bbar, powers))  # [H, T]
+    nfft = 2 * t
+    y = jnp.fft.irfft(jnp.fft.rfft(x, nfft, axis=1) * jnp.fft.rfft(K.T, nfft, axis=0)[None], nfft, axis=1)[:, :t]
+    # Initial state: C Abar^(t+1) s0; final state: Abar^T s0 + sum_l Abar^(T-1-l) Bbar x_l.
+    y = y + _real(jnp.einsum("hn,hnl,bhn->blh", C * Abar, powers, s0))
+    s = jnp.exp(dtA * t) * s0 + Bbar * jnp.einsum("blh,hnl->bhn", x.astype(powers.dtype), powers[..., ::-1])
+    return y, s
+
+
+# ----------------------------------------------------------------------------- selective SSM (SSD)
+
+
+def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
+                   D: jax.Array | None = None, initial_state: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None, mode: str = "chunked",
+                   chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Mamba-2 selective SSM (SSD): ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
+
+    Args:
+      x: ``[batch, T, H, P]`` inputs (``H`` heads of ``P`` channels).
+      dt: ``[batch, T, H]`` positive step sizes (after softplus); ``dt_t A`` is the log decay.
+      A: ``[H]`` negative scalars (``-exp(A_log)`` in Mamba-2).
+      B, C: ``[batch, T, G, N]`` input / output projections, ``H % G == 0``; heads
+        ``g * H/G .. (g+1) * H/G - 1`` share group ``g`` (Mamba-2's ``repeat(B, "g n -> (g r) n")``).
+      D: ``[H]`` skip connection or None.
+      initial_state: ``[batch, H, P, N]`` state before ``t = 0`` (zeros if None).
+      segment_ids: ``[batch, T]`` int, packed documents: the state is reset to zero before the
+        first token of each new segment (``initial_state`` thus only reaches the first).
+      mode: ``"chunked"`` or ``"recurrent"``.
+      chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
+        ``x = dt = 0`` (decay ``exp(0) = 1``, no write: the state is unchanged) and the output sliced.
+
+    ``"chunked"`` is the SSD block decomposition: with ``G_i`` the in-chunk cumulative ``dt A``,
+    ``L_ij = exp(G_i - G_j)`` for ``i >= j`` (masked to ``-inf`` *before* the exp, so no large
+    cumulative sum is ever exponentiated), intra-chunk ``y = (C B^T * L) (dt x)`` as matmuls,
+    each chunk's contribution to the state ``sum_j exp(G_last - G_j) dt_j x_j B_j^T``, and one
+    state-passing step per chunk. No per-token state is stored.
+
+    Returns ``(y [batch, T, H, P]`` in x's dtype, ``final_state [batch, H, P, N]`` float32, or
+    float64 for float64 inputs). All internal arithmetic is in that precision.
+    """
+    fn = "selective_scan"
+    if mode not in SELECTIVE_MODES:
+        raise ValueError(f"{fn}: mode must be one of {SELECTIVE_MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"{fn}: x must be [batch, T, H, P], got shape {_shape(x)}")
+    b, t, h, p = x.shape
+    if t == 0:
+        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
+    if _shape(dt) != (b, t, h):
+        raise ValueError(f"{fn}: dt must be [batch, T, H] = {(b, t, h)}, got shape {_shape(dt)}")
+    if _shape(A) != (h,):
+        raise ValueError(f"{fn}: A must be [H] = {(h,)}, got shape {_shape(A)}")
+    if getattr(B, "ndim", None) != 4 or B.shape[:2] != (b, t):
+        raise ValueError(f"{fn}: B must be [batch, T, G, N] with batch, T = {(b, t)}, got shape {_shape(B)}")
+    g, n = B.shape[2:]
+    if _shape(C) != B.shape:
+        raise ValueError(f"{fn}: C must be [batch, T, G, N] = {B.shape} like B, got shape {_shape(C)}")
+    if g == 0 or h % g:
+        raise ValueError(f"{fn}: the number of heads H = {h} (x.shape[2]) must be divisible by the "
+                         f"number of groups G = {g} (B.shape[2])")
+    if D is not None and _shape(D) != (h,):
+        raise ValueError(f"{fn}: D must be [H] = {(h,)}, got shape {_shape(D)}")
+    if initial_state is not None and _shape(initial_state) != (b, h, p, n):
+        raise ValueError(f"{fn}: initial_state must be [batch, H, P, N] = {(b, h, p, n)}, "
+                         f"got shape {_shape(initial_state)}")
+    _check_segments(fn, segment_ids, b, t)
+    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        if jnp.iscomplexobj(v):
+            raise ValueError(f"{fn}: {name} must be real, got dtype {v.dtype}")
+
+    out_dtype = x.dtype
+    cd = real_dtype(x, dt, A, B, C, initial_state)
+    x, dt, A, B, C = (v.astype(cd) for v in (x, dt, A, B, C))
+    s0 = jnp.zeros((b, h, p, n), cd) if initial_state is None else initial_state.astype(cd)
+    if mode == "recurrent":
+        y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
+    else:
+        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size)
+    if D is not None:
+        y = y + D.astype(cd)[:, None] * x
+    return y.astype(out_dtype), s
+
+
+def _ssd_recurrent(x, dt, A, B, C, s0, resets):
+    h, g = x.shape[2], B.shape[2]
+    heads = lambda v: jnp.repeat(v, h // g, axis=1)  # [batch, G, N] -> [batch, H, N]
+
+    def step(s, inp):
+        xt, dtt, Bt, Ct, rt = inp
+        s = s * jnp.exp(dtt * A)[..., None, None]
+        if rt is not None:
+            s = jnp.where(rt[:, None, None, None], 0, s)
+        s = s + (dtt[..., None] * xt)[..., :, None] * heads(Bt)[..., None, :]
+        return s, jnp.einsum("bhpn,bhn->bhp", s, heads(Ct))
+
+    tm = lambda v: None if v is None else jnp.swapaxes(v, 0, 1)
+    s, y = jax.lax.scan(step, s0, (tm(x), tm(dt), tm(B), tm(C), tm(resets)))
+    return jnp.swapaxes(y, 0, 1), s
+
+
+def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c):
+    b, t, h, p = x.shape
+    g, n = B.shape[2:]
+    r = h // g
+    chunk = lambda v, mode="constant": to_chunks(pad_time(v, c, mode=mode), c)
+    u = chunk(x * dt[..., None])  # [b, z, C, H, P]: the write, dt_t x_t
+    nz = u.shape[1]
+    u = u.reshape(b, nz, c, g, r, p)
+    Bc, Cc = chunk(B), chunk(C)  # [b, z, C, G, N]
+    logdec = chunk(dt * A)  # [b, z, C, H]; padded entries are 0: no decay
+    resets = None if segment_ids is None else chunk(segment_resets(pad_time(segment_ids, c, mode="edge")))
+    dec = chunk_decays(logdec, resets, (b, nz, c, h), x.dtype)
+
+    # Intra-chunk: (C B^T per group) * L (per head) applied to u, all matmuls.
+    cb = jnp.einsum("bzign,bzjgn->bzgij", Cc, Bc)
+    L = dec.matrix.reshape(b, nz, g, r, c, c)
+    y_intra = jnp.einsum("bzgrij,bzjgrp->bzigrp", cb[:, :, :, None] * L, u)
+    # Each chunk's own contribution to its final state.
+    to_end = dec.to_end.reshape(b, nz, c, g, r)
+    ds = jnp.einsum("bzjgn,bzjgrp->bzgrpn", Bc, u * to_end[..., None])
+
+    def carry(s, inp):
+        ds_z, a_z = inp
+        return a_z[..., None, None] * s + ds_z, s
+
+    s, s_in = jax.lax.scan(carry, s0, (jnp.moveaxis(ds.reshape(b, nz, h, p, n), 1, 0), jnp.moveaxis(dec.chunk, 1, 0)))
+    s_in = jnp.moveaxis(s_in, 0, 1).reshape(b, nz, g, r, p, n)  # state entering each chunk
+    from_start = dec.from_start.reshape(b, nz, c, g, r)
+    y_inter = jnp.einsum("bzign,bzgrpn->bzigrp", Cc, s_in) * from_start[..., None]
+    y = (y_intra + y_inter).reshape(b, nz, c, h, p)
+    return from_chunks(y)[:, :t], s

@@ -1,0 +1,73 @@
+"""Hopfield layer with learned stored patterns (a key-value memory), alias ``H``.
+
+Per head ``h`` the block stores ``N`` learned patterns ``X_h [N, K]`` with associated values
+``Y_h [N, K]`` and retrieves with the modern Hopfield update (Ramsauer et al. 2020,
+:func:`memjax.memory.hopfield.hopfield_retrieval`)::
+
+    xi_0     = L2(x W_q)_h                         (state pattern per head)
+    xi_{s+1} = softmax(beta_h xi_s L2(X_h)^T) L2(X_h)    for s < steps - 1
+    o_h      = softmax(beta_h xi_{steps-1} L2(X_h)^T) Y_h
+    y        = (RMSNorm(o) * SiLU(x W_gate)) W_o
+
+Queries and patterns are L2-normalised, so ``beta_h = exp(log_beta_h)`` (learned, initialised to
+``beta_init``, default ``sqrt(K)``) alone sets how sharp the retrieval is. The block is
+position-wise (no state across tokens): the context form of Hopfield retrieval over past tokens
+is causal softmax attention with ``beta`` as the inverse temperature, i.e. the ``attention`` block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memjax.config import ConfigError
+from memjax.memory.hopfield import hopfield_retrieval
+from memjax.nn.block import Block
+from memjax.nn.layers import Linear, RMSNorm, l2_normalize, param
+from memjax.nn.registry import register_block
+
+
+@register_block("hopfield", aliases=("H",))
+class HopfieldLayer(Block):
+    @dataclasses.dataclass
+    class Options:
+        num_patterns: int = 64  # stored patterns per head
+        steps: int = 1  # Hopfield update steps (the last one reads the values)
+        beta_init: float = 0.0  # initial inverse temperature; 0: sqrt(head_dim)
+
+        def validate(self, m, where):
+            if self.num_patterns <= 0:
+                raise ConfigError(f"config key '{where}.num_patterns' must be positive, got {self.num_patterns}")
+            if self.steps <= 0:
+                raise ConfigError(f"config key '{where}.steps' must be positive, got {self.steps}")
+            if self.beta_init < 0:
+                raise ConfigError(f"config key '{where}.beta_init' must be >= 0, got {self.beta_init}")
+
+    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
+        self.opts = opts
+        self.h, self.dk = cfg.num_heads, cfg.resolved_head_dim
+        d, h, dk, n = cfg.d_model, self.h, self.dk, opts.num_patterns
+        dt = jnp.dtype(cfg.compute_dtype)
+        self.wq = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.patterns = param(rngs, nnx.initializers.normal(1.0), (h, n, dk), ("heads", "memory_slots", "kv"))
+        self.values = param(rngs, nnx.initializers.normal(1.0), (h, n, dk), ("heads", "memory_slots", "kv"))
+        beta0 = opts.beta_init or math.sqrt(dk)
+        self.log_beta = param(rngs, lambda k, s, t: jnp.full(s, math.log(beta0), t), (h,), ("heads",))
+        self.o_norm = RMSNorm(dk, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
+        self.wg = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wo = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
+
+    def __call__(self, x, *, segment_ids=None, tokens=None):
+        b, t, _ = x.shape
+        xi = l2_normalize(self.wq(x).reshape(b, t, self.h, self.dk))
+        xi = jnp.swapaxes(xi, 1, 2)  # [B, H, T, K] against patterns [H, N, K]
+        beta = jnp.exp(self.log_beta[...])[:, None]  # [H, 1], broadcast to [B, H, T]
+        pats = l2_normalize(self.patterns[...]).astype(xi.dtype)
+        o = hopfield_retrieval(xi, pats, beta=beta, steps=self.opts.steps,
+                               values=self.values[...].astype(xi.dtype))
+        o = self.o_norm(jnp.swapaxes(o, 1, 2))
+        o = o * jax.nn.silu(self.wg(x)).reshape(b, t, self.h, self.dk).astype(o.dtype)
+        return self.wo(o.reshape(b, t, self.h * self.dk))

@@ -1,0 +1,301 @@
+"""Mixture-of-memories against a naive per-token loop over memories written from the MoM equations.
+
+Tolerances: float64 rtol = atol = 1e-10 (outputs, final states, gradients); bf16 vs float32
+relative RMSE < 2e-2.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.memory.mixture import mixture_of_memories
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+jmom = jax.jit(mixture_of_memories, static_argnames=("top_k", "memory", "shared_memory", "mode", "chunk_size"))
+
+
+def reference(q, k, v, router_logits, *, top_k, beta=None, g=None, memory, shared_memory, state,
+              segment_ids=None):
+    """Token loop (``lax.scan``); every memory updated explicitly, unselected ones left as they are."""
+    b, t, h, dk = q.shape
+    m = router_logits.shape[-1]
+    mp = k.shape[2]
+    logits = router_logits if router_logits.ndim == 4 else jnp.broadcast_to(
+        router_logits[:, :, None], (b, t, h, m))
+    order = jnp.argsort(-logits, axis=-1, stable=True)[..., :top_k]  # [B, T, H, k]
+    onehot = jax.nn.one_hot(order, m, dtype=bool)  # [B, T, H, k, M]
+    sel = onehot.any(-2)
+    top = jnp.take_along_axis(logits, order, -1)
+    w = jnp.exp(top - top.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    weight = jnp.sum(w[..., None] * onehot, -2)  # [B, T, H, M]
+    if shared_memory:
+        sel = jnp.concatenate([sel, jnp.ones_like(sel[..., :1])], -1)
+        weight = jnp.concatenate([weight, jnp.ones_like(weight[..., :1])], -1)
+    seg = np.ones((b, t), int) if segment_ids is None else np.asarray(segment_ids)
+    reset = np.concatenate([np.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+    beta = jnp.zeros((b, t, mp, h)) if beta is None else beta
+    g = jnp.zeros((b, t, mp, h)) if g is None else g
+    scale = dk ** -0.5
+
+    def step(s, inp):  # s: [B, M', H, K, V]
+        qt, kt, vt, bt, gt, st, wt, rt = inp
+        s = jnp.where(rt[:, None, None, None, None], 0.0, s)
+        new = jnp.exp(gt)[..., None, None] * s
+        if memory == "linear":
+            new = new + kt[..., :, None] * vt[..., None, :]
+        else:
+            err = vt - jnp.einsum("bmhkv,bmhk->bmhv", new, kt)
+            new = new + kt[..., :, None] * (bt[..., None] * err)[..., None, :]
+        s = jnp.where(jnp.swapaxes(st, 1, 2)[..., None, None], new, s)
+        reads = jnp.einsum("bmhkv,bhk->bmhv", s, qt) * scale
+        return s, jnp.einsum("bhm,bmhv->bhv", wt, reads)
+
+    tm = lambda x: jnp.swapaxes(jnp.asarray(x), 0, 1)
+    s, o = jax.lax.scan(step, state, tuple(map(tm, (q, k, v, beta, g, sel, weight, reset))))
+    return jnp.swapaxes(o, 0, 1), s
+
+
+def make_inputs(seed, *, b=2, t=11, h=2, m=4, shared=True, dk=3, dv=4, per_head=False, memory="delta",
+                dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    mp = m + shared
+    f = lambda *s: jnp.asarray(rng.normal(size=s), dtype)
+    k = f(b, t, mp, h, dk)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    x = dict(q=f(b, t, h, dk), k=k, v=f(b, t, mp, h, dv),
+             router_logits=f(b, t, h, m) if per_head else f(b, t, m),
+             g=jnp.asarray(-rng.uniform(0.0, 0.5, (b, t, mp, h)), dtype))
+    if memory == "delta":
+        x["beta"] = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, mp, h)), dtype)
+    state = f(b, mp, h, dk, dv)
+    return x, state
+
+
+def _assert_tree_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+
+
+@pytest.mark.parametrize("memory,per_head,shared", [("delta", False, True), ("linear", True, False)])
+def test_chunked_matches_reference_with_gradients(x64, memory, per_head, shared):
+    x, state = make_inputs(0, memory=memory, per_head=per_head, shared=shared)
+    opts = dict(top_k=2, memory=memory, shared_memory=shared)
+
+    def impl(x, state):
+        return jmom(**x, **opts, initial_state=state, mode="chunked", chunk_size=4)
+
+    def ref(x, state):
+        return reference(**x, **opts, state=state)
+
+    _assert_tree_close(jax.jit(impl)(x, state), jax.jit(ref)(x, state))
+
+    def loss(run, x, state):
+        o, s = run(x, state)
+        rng = np.random.default_rng(1)
+        return jnp.sum(o * rng.normal(size=o.shape)) + jnp.sum(s * rng.normal(size=s.shape))
+
+    g1 = jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1)))(x, state)
+    g2 = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1)))(x, state)
+    _assert_tree_close(g1, g2)
+    assert all(float(jnp.abs(z).max()) > 0 for z in jax.tree.leaves(g1))
+
+
+def test_forms_agree_and_packed_equals_separate(x64):
+    """recurrent == chunked (delta) and parallel == chunked (linear); a packed row equals its
+    documents run separately (each from a zero state)."""
+    x, _ = make_inputs(2, t=13)
+    opts = dict(top_k=1, memory="delta")
+    o_c, s_c = jmom(**x, **opts, chunk_size=4)
+    _assert_tree_close(jmom(**x, **opts, mode="recurrent"), (o_c, s_c))
+    xl = {n: a for n, a in x.items() if n != "beta"}
+    _assert_tree_close(jmom(**xl, top_k=3, mode="parallel"), jmom(**xl, top_k=3, chunk_size=4))
+
+    lens = [[4, 6, 3], [7, 6]]
+    seg = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(row)), []) for row in lens])
+    docs, where = [], []
+    for r, row in enumerate(lens):
+        start = 0
+        for n in row:
+            docs.append({name: jnp.pad(a[r, start:start + n], [(0, 13 - n)] + [(0, 0)] * (a.ndim - 2))
+                         for name, a in x.items()})
+            where.append((r, start, n))
+            start += n
+    docs = {name: jnp.stack([d[name] for d in docs]) for name in x}
+    for mode in ("chunked", "recurrent"):
+        o, _ = jmom(**x, **opts, segment_ids=seg, mode=mode, chunk_size=4)
+        o_docs, _ = jmom(**docs, **opts, mode=mode, chunk_size=4)
+        for i, (r, start, n) in enumerate(where):
+            np.testing.assert_allclose(o[r, start:start + n], o_docs[i, :n], **TOL)
+    o, s = jmom(**x, **opts, segment_ids=seg, chunk_size=4)
+    _assert_tree_close((o, s), reference(**x, **opts, shared_memory=True, segment_ids=seg,
+                                         state=jnp.zeros_like(s)))
+
+
+def test_initial_state_chaining(x64):
+    x, state = make_inputs(3, t=12)
+    opts = dict(top_k=2, memory="delta", chunk_size=4)
+    o, s = jmom(**x, **opts, initial_state=state)
+    o1, s1 = jmom(**{n: a[:, :5] for n, a in x.items()}, **opts, initial_state=state)
+    o2, s2 = jmom(**{n: a[:, 5:] for n, a in x.items()}, **opts, initial_state=s1)
+    _assert_tree_close((o, s), (jnp.concatenate([o1, o2], 1), s2))
+
+
+def test_unselected_memory_is_untouched(x64):
+    """A memory the router never picks keeps its initial state exactly, however strong the
+    decay on its (ignored) inputs; the selected ones change."""
+    x, state = make_inputs(4, t=9, memory="linear", shared=False)
+    x["router_logits"] = x["router_logits"].at[..., 1].set(-1e9)
+    x["g"] = x["g"].at[:, :, 1].set(-5.0)
+    _, s = jmom(**x, top_k=2, shared_memory=False, initial_state=state, chunk_size=4)
+    np.testing.assert_array_equal(s[:, 1], state[:, 1])
+    assert float(jnp.abs(s[:, 0] - state[:, 0]).max()) > 1e-3
+
+
+def test_bf16_close_to_float32():
+    x, state = make_inputs(5, t=40, dk=16, dv=16, dtype=np.float32)
+    o32, s32 = jmom(**x, top_k=2, memory="delta", initial_state=state, chunk_size=16)
+    xb = {n: a.astype(jnp.bfloat16) for n, a in x.items()}
+    ob, sb = jmom(**xb, top_k=2, memory="delta", initial_state=state, chunk_size=16)
+    assert sb.dtype == jnp.float32
+    rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+    assert rel(ob, o32) < 2e-2 and rel(sb, s32) < 2e-2
+
+
+def test_input_validation():
+    x, state = make_inputs(6, t=5, dtype=np.float32)
+    call = lambda **kw: mixture_of_memories(**{**x, **kw}, top_k=2, memory="delta")
+    with pytest.raises(ValueError, match="q must be"):
+        call(q=x["q"][0])
+    with pytest.raises(ValueError, match="router_logits must be"):
+        call(router_logits=x["router_logits"][:, :3])
+    with pytest.raises(ValueError, match="top_k"):
+        mixture_of_memories(**x, top_k=5, memory="delta")
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=x["k"][:, :, :4])
+    with pytest.raises(ValueError, match="v must be"):
+        call(v=x["v"][:, :, :4])
+    with pytest.raises(ValueError, match="beta must be"):
+        call(beta=x["beta"][..., 0])
+    with pytest.raises(ValueError, match="needs beta"):
+        call(beta=None)
+    with pytest.raises(ValueError, match="only used by memory='delta'"):
+        mixture_of_memories(**x, top_k=2, memory="linear")
+    with pytest.raises(ValueError, match="memory must be"):
+        mixture_of_memories(**x, top_k=2, memory="softmax")
+    with pytest.raises(ValueError, match="initial_state must be"):
+        call(initial_state=state[:, :4])
+    with pytest.raises(ValueError, match="chunk_size"):
+        mixture_of_memories(**x, top_k=2, memory="delta", chunk_size=0)
+
+
+# ----------------------------------------------------------------------------- block
+
+
+def _block(alias, **opts):
+    from flax import nnx
+
+    from memjax.config import ModelConfig, options_from_dict
+    from memjax.nn.registry import get_block
+
+    cls = get_block(alias)
+    o = options_from_dict(cls.Options, opts, f"model.blocks.{cls.name}")
+    return cls(ModelConfig(d_model=32, num_heads=2), o, layer=0, shared={}, rngs=nnx.Rngs(0))
+
+
+def _rel(x, ref):
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def _train_mqar(pattern, blocks, steps=60):
+    """Loss of a 2-layer model trained with Adam on MQAR (first and last 5 steps averaged)."""
+    import optax
+    from flax import nnx
+
+    from memjax.config import ModelConfig
+    from memjax.data.mqar import MQAR
+    from memjax.model.lm import LM
+    from memjax.train.loop import masked_xent
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
+    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
+                num_examples=4096, seed=0)
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, inputs, targets, mask):
+        def loss_fn(model):
+            nll, _, n = masked_xent(model(inputs), targets, mask)
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    for i in range(steps):
+        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
+        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
+        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    assert np.all(np.isfinite(losses))
+    return np.mean(losses[:5]), np.mean(losses[-5:])
+
+
+@pytest.mark.parametrize("opts", [{}, {"memory": "linear", "shared_memory": False, "top_k": 1}])
+def test_block_prefill_then_steps_match_full_sequence(opts):
+    from flax import nnx
+
+    blk = _block("MoM", chunk_size=8, **opts)
+    x = jax.random.normal(jax.random.key(1), (2, 21, 32))
+    y = nnx.jit(lambda b, x: b(x))(blk, x)
+    state = blk.init_state(2, 32)
+    assert state["memory"].shape == (2, blk.mp, 2, 16, 16)
+    prefill = nnx.jit(lambda b, x, st: b.prefill(x, st))
+    y1, state = prefill(blk, x[:, :2], state)
+    y2, state = prefill(blk, x[:, 2:11], state)
+    ys = [y1, y2]
+    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
+    for t in range(11, 21):
+        yt, state = step(blk, x[:, t], state)
+        ys.append(yt[:, None])
+    assert _rel(jnp.concatenate(ys, 1), y) < 1e-4
+
+
+def test_block_packed_equals_separate_documents():
+    from flax import nnx
+
+    blk = _block("MoM", chunk_size=4)
+    lengths = [7, 10, 5]
+    x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 32))
+    seg = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
+    y = nnx.jit(lambda b, x, s: b(x, segment_ids=s))(blk, x, seg)
+    docs = jnp.concatenate([jnp.pad(x[:, s:s + n], ((0, 0), (0, 10 - n), (0, 0)))
+                            for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)])
+    y_docs = nnx.jit(lambda b, x: b(x))(blk, docs)
+    parts = [y_docs[i:i + 1, :n] for i, n in enumerate(lengths)]
+    assert _rel(y, jnp.concatenate(parts, 1)) < 1e-4
+
+
+def test_block_parameters_and_options():
+    from flax import nnx
+
+    from memjax.config import Config, ConfigError, validate
+
+    for path, var in nnx.to_flat_state(nnx.state(_block("MoM"), nnx.Param)):
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var[...].ndim, path
+    cfg = Config()
+    cfg.model.pattern = "MoM"
+    for bad, key in (({"top_k": 5}, "top_k"), ({"memory": "softmax"}, "memory"), ({"num_memories": 0}, "num_memories")):
+        cfg.model.blocks = {"mom": bad}
+        with pytest.raises(ConfigError, match=f"mom.{key}"):
+            validate(cfg)
+    cfg.model.blocks = {"mom": {"num_memories": 2, "top_k": 1, "memory": "linear"}}
+    validate(cfg)
+
+
+@pytest.mark.slow
+def test_two_layer_mom_model_learns_mqar():
+    first, last = _train_mqar("MoM,MoM", {"mom": {"chunk_size": 16}})
+    assert last < first - 0.5, (first, last)

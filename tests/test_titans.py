@@ -1,0 +1,423 @@
+"""Titans neural memory: both algorithms against naive loops written from the paper's equations.
+
+Tolerances: float64 comparisons use rtol = atol = 1e-10 (outputs, states, gradients); the bf16
+run is compared with float32 by relative RMSE < 2e-2.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.memory.titans import TitansCache, TitansState, titans, titans_decode, titans_init_cache
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+# Jitted once per shape: far cheaper on CPU than op-by-op dispatch of the chunk bookkeeping.
+jtitans = jax.jit(titans, static_argnames=("depth", "activation", "mode", "chunk_size"))
+ACT = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+def _mlp(ws, x, act):
+    """Per-(batch, head) MLP: ``x [B, H, D]``, ``ws`` tuple of ``[B, H, D_in, D_out]``."""
+    for i, w in enumerate(ws):
+        x = jnp.einsum("bhd,bhde->bhe", x, w)
+        if i < len(ws) - 1:
+            x = act(x)
+    return x
+
+
+def reference(q, k, v, theta, eta, alpha, *, params0, state, act, chunk, segment_ids=None):
+    """Token loop (a ``lax.scan`` over tokens, to keep compile times small). Gradients by
+    autodiff of ``||M(k_t) - v_t||^2`` at the weights of the start of the token's
+    (document-relative) chunk; ``chunk = 1`` is the exact per-token update."""
+    b, t = q.shape[:2]
+    seg = np.ones((b, t), int) if segment_ids is None else np.asarray(segment_ids)
+    new_doc = np.concatenate([np.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = np.zeros((b, t), int)
+    for i in range(1, t):
+        pos[:, i] = np.where(new_doc[:, i], 0, pos[:, i - 1] + 1)
+    at_start = pos % chunk == 0
+
+    def step(carry, inp):
+        ws, ms, w_start = carry
+        qt, kt, vt, th, e, al, reset, cstart = inp
+        r = reset[:, None, None, None]
+        ws = [jnp.where(r, p[None], w) for p, w in zip(params0, ws)]
+        ms = [jnp.where(r, 0.0, m) for m in ms]
+        w_start = [jnp.where(cstart[:, None, None, None], w, w0) for w, w0 in zip(ws, w_start)]
+        grads = jax.grad(lambda w_: jnp.sum((_mlp(w_, kt, act) - vt) ** 2))(w_start)
+        e, th, al = (z[..., None, None] for z in (e, th, al))
+        ms = [e * m - th * g for m, g in zip(ms, grads)]
+        ws = [(1 - al) * w + m for w, m in zip(ws, ms)]
+        return (ws, ms, w_start), _mlp(ws, qt, act)
+
+    tm = lambda z: jnp.swapaxes(jnp.asarray(z), 0, 1)
+    init = (list(state[0]), list(state[1]), list(state[0]))
+    (ws, ms, _), o = jax.lax.scan(step, init, tuple(map(tm, (q, k, v, theta, eta, alpha, new_doc, at_start))))
+    return jnp.swapaxes(o, 0, 1), (tuple(ws), tuple(ms))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_inputs(seed, b=2, t=11, h=2, dk=3, dv=4, hidden=(5,), dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    dims = [dk, *hidden, dv]
+    f = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, dtype)
+    x = dict(q=f(b, t, h, dk), k=f(b, t, h, dk, scale=0.6), v=f(b, t, h, dv),
+             theta=jnp.asarray(rng.uniform(0.0, 0.3, (b, t, h)), dtype),
+             eta=jnp.asarray(rng.uniform(0.3, 0.95, (b, t, h)), dtype),
+             alpha=jnp.asarray(rng.uniform(0.0, 0.2, (b, t, h)), dtype))
+    params0 = tuple(f(h, i, o, scale=i ** -0.5) for i, o in zip(dims[:-1], dims[1:]))
+    state = TitansState(tuple(f(b, h, i, o, scale=0.5 * i ** -0.5) for i, o in zip(dims[:-1], dims[1:])),
+                        tuple(f(b, h, i, o, scale=0.1) for i, o in zip(dims[:-1], dims[1:])))
+    return x, params0, state
+
+
+def _loss_fn(run, x, params0, state, seed):
+    """Random-cotangent loss through the output and the final state."""
+    o, st = run(x, params0, state)
+    rng = np.random.default_rng(seed)
+    leaves = [o, *jax.tree.leaves(st)]
+    return sum(jnp.sum(l * jnp.asarray(rng.normal(size=l.shape))) for l in leaves)
+
+
+def _assert_tree_close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def _check_against_reference(x, params0, state, *, act, mode, chunk, segment_ids=None):
+    def impl(x, params0, state):
+        return jtitans(**x, params0=params0, initial_state=state, activation=act, mode=mode,
+                      chunk_size=chunk, segment_ids=segment_ids)
+
+    def ref(x, params0, state):
+        return reference(**x, params0=params0, state=state, act=ACT[act], chunk=chunk, segment_ids=segment_ids)
+
+    o1, s1 = jax.jit(impl)(x, params0, state)
+    o2, s2 = jax.jit(ref)(x, params0, state)
+    _assert_tree_close((o1, s1), (o2, s2))
+    g1 = jax.jit(jax.grad(lambda *a: _loss_fn(impl, *a, seed=1), argnums=(0, 1, 2)))(x, params0, state)
+    g2 = jax.jit(jax.grad(lambda *a: _loss_fn(ref, *a, seed=1), argnums=(0, 1, 2)))(x, params0, state)
+    _assert_tree_close(g1, g2)
+    # Every input is used (params0 only where a document restarts from it).
+    used = (g1[0], g1[2]) if segment_ids is None else g1
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(used))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_chunked_matches_chunk_start_gradient_reference(x64):
+    """Depth-2 GELU memory, T = 11 with chunks of 4 (a padded tail), non-zero initial momentum."""
+    x, params0, state = make_inputs(0)
+    _check_against_reference(x, params0, state, act="gelu", mode="chunked", chunk=4)
+
+
+def test_recurrent_matches_per_token_reference(x64):
+    x, params0, state = make_inputs(1, t=7, hidden=(4, 3))  # depth 3
+    _check_against_reference(x, params0, state, act="silu", mode="recurrent", chunk=1)
+
+
+def test_chunk_size_one_is_recurrent(x64):
+    x, params0, state = make_inputs(2, t=9)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 3], [5, 5, 5, 5, 5, 5, 6, 6, 6]])
+    a = jtitans(**x, params0=params0, initial_state=state, mode="chunked", chunk_size=1, segment_ids=seg)
+    b = jtitans(**x, params0=params0, initial_state=state, mode="recurrent", segment_ids=seg)
+    _assert_tree_close(a, b)
+
+
+def test_depth1_chunked_matches_reference_from_zero_state(x64):
+    """Linear memory ``M(x) = x W`` from zero weights (no params0), T = 13 with chunks of 5."""
+    x, _, _ = make_inputs(3, t=13, dk=4, dv=3, hidden=())
+    b, _, h = x["theta"].shape
+    zero = TitansState((jnp.zeros((b, h, 4, 3)),), (jnp.zeros((b, h, 4, 3)),))
+    o1, s1 = jtitans(**x, mode="chunked", chunk_size=5)
+    o2, s2 = reference(**x, params0=(jnp.zeros((h, 4, 3)),), state=zero, act=ACT["silu"], chunk=5)
+    _assert_tree_close((o1, s1), (o2, s2))
+
+
+def test_packed_documents_equal_separate_runs(x64):
+    """Document-relative chunks: a packed row equals its documents run one by one from params0,
+    in both modes; also checked (outputs, final state = the last document's, gradients) against
+    the reference loop."""
+    x, params0, _ = make_inputs(4, t=17)
+    t = 17
+    lens = [[5, 9, 3], [2, 12, 3]]
+    seg = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(row)), []) for row in lens])
+    # Each document as its own batch row, starting at position 0 and zero-padded to T (the
+    # padding comes after it, so it cannot change its outputs).
+    docs, where = [], []
+    for r, row in enumerate(lens):
+        start = 0
+        for n in row:
+            docs.append({name: jnp.pad(val[r, start:start + n], [(0, t - n)] + [(0, 0)] * (val.ndim - 2))
+                         for name, val in x.items()})
+            where.append((r, start, n))
+            start += n
+    docs = {name: jnp.stack([d[name] for d in docs]) for name in x}
+    for mode in ("chunked", "recurrent"):
+        o, st = jtitans(**x, params0=params0, segment_ids=seg, mode=mode, chunk_size=3)
+        o_docs, _ = jtitans(**docs, params0=params0, mode=mode, chunk_size=3)
+        for i, (r, start, n) in enumerate(where):
+            np.testing.assert_allclose(o[r, start:start + n], o_docs[i, :n], **TOL)
+    state = TitansState(tuple(jnp.broadcast_to(p, (2,) + p.shape) for p in params0),
+                        tuple(jnp.zeros((2,) + p.shape) for p in params0))
+    _check_against_reference(x, params0, state, act="silu", mode="chunked", chunk=3, segment_ids=seg)
+
+
+def test_initial_state_chaining(x64):
+    x, params0, state = make_inputs(5, t=14)
+    first = {n: a[:, :8] for n, a in x.items()}
+    second = {n: a[:, 8:] for n, a in x.items()}
+    for mode in ("chunked", "recurrent"):
+        o, st = jtitans(**x, params0=params0, initial_state=state, mode=mode, chunk_size=4)
+        o1, st1 = jtitans(**first, params0=params0, initial_state=state, mode=mode, chunk_size=4)
+        o2, st2 = jtitans(**second, params0=params0, initial_state=st1, mode=mode, chunk_size=4)
+        _assert_tree_close((o, st), (jnp.concatenate([o1, o2], 1), st2))
+
+
+def _gated_delta_rule(q, k, v, beta, g, s):
+    """``S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q`` (no read scale)."""
+    outs = []
+    for i in range(q.shape[1]):
+        s = jnp.exp(g[:, i])[..., None, None] * s
+        err = v[:, i] - jnp.einsum("bhkv,bhk->bhv", s, k[:, i])
+        s = s + jnp.einsum("bhk,bhv->bhkv", k[:, i], beta[:, i][..., None] * err)
+        outs.append(jnp.einsum("bhkv,bhk->bhv", s, q[:, i]))
+    return jnp.stack(outs, 1), s
+
+
+def test_depth1_without_momentum_is_gated_delta_rule(x64):
+    """eta = 0: W_t = (1 - a) W - 2 th k (k^T W - v^T) = gated delta rule with g = log(1 - a),
+    beta = 2 th / (1 - a) and values (1 - a) v."""
+    x, _, _ = make_inputs(6, t=10, dk=4, dv=3, hidden=())
+    x["eta"] = jnp.zeros_like(x["eta"])
+    b, _, h = x["eta"].shape
+    s0 = jnp.asarray(np.random.default_rng(0).normal(size=(b, h, 4, 3)))
+    state = TitansState((s0,), (jnp.zeros_like(s0),))
+    o, st = jtitans(**x, initial_state=state, mode="recurrent")
+    a = x["alpha"]
+    o2, s2 = _gated_delta_rule(x["q"], x["k"], (1 - a)[..., None] * x["v"], 2 * x["theta"] / (1 - a),
+                               jnp.log(1 - a), s0)
+    np.testing.assert_allclose(o, o2, **TOL)
+    np.testing.assert_allclose(st.weights[0], s2, **TOL)
+
+
+def test_depth1_chunked_equals_recurrent_for_orthogonal_keys_in_chunk(x64):
+    """With eta = alpha = 0 and keys orthogonal inside each chunk, k_t^T W_{t-1} = k_t^T W_{t'},
+    so the chunk-start gradients are the exact ones; with generic keys the two forms differ."""
+    rng = np.random.default_rng(7)
+    b, t, h, dk, dv, c = 1, 12, 2, 4, 3, 4
+    x, _, _ = make_inputs(7, b=b, t=t, h=h, dk=dk, dv=dv, hidden=())
+    x["eta"], x["alpha"] = jnp.zeros_like(x["eta"]), jnp.zeros_like(x["alpha"])
+    basis = np.linalg.qr(rng.normal(size=(b, t // c, h, dk, dk)))[0]  # orthonormal columns
+    keys = np.moveaxis(basis, -1, -3).reshape(b, t, h, dk) * rng.uniform(0.5, 1.0, (b, t, h, 1))
+    ortho = dict(x, k=jnp.asarray(keys))
+    oc, sc = jtitans(**ortho, mode="chunked", chunk_size=c)
+    orr, sr = jtitans(**ortho, mode="recurrent")
+    _assert_tree_close((oc, sc), (orr, sr))
+    oc2, _ = jtitans(**x, mode="chunked", chunk_size=c)
+    or2, _ = jtitans(**x, mode="recurrent")
+    assert float(jnp.abs(oc2 - or2).max()) > 1e-4
+
+
+def test_decode_continues_the_chunked_form(x64):
+    """A prompt, then single tokens, then a few more: the outputs of one chunked call; the
+    cache holds the state at the last chunk boundary plus the buffered tokens."""
+    x, params0, _ = make_inputs(8, t=13)
+    c = 4
+    o_full, _ = jtitans(**x, params0=params0, chunk_size=c)
+    cache = titans_init_cache(2, 2, 3, 4, params0=params0, chunk_size=c, dtype=jnp.float64)
+    step = jax.jit(lambda part, cache: titans_decode(**part, cache=cache, chunk_size=c))
+    outs = []
+    for lo, hi in ((0, 6), (6, 7), (7, 8), (8, 9), (9, 13)):
+        o, cache = step({n: a[:, lo:hi] for n, a in x.items()}, cache)
+        outs.append(o)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), o_full, **TOL)
+    assert int(cache.count) == 13 % c
+    _, st12 = jtitans(**{n: a[:, :12] for n, a in x.items()}, params0=params0, chunk_size=c)
+    _assert_tree_close(cache.state, st12)
+    np.testing.assert_allclose(cache.k[:, :1], x["k"][:, 12:13], **TOL)
+
+
+def test_bf16_close_to_float32():
+    x, params0, state = make_inputs(9, b=2, t=40, h=2, dk=16, dv=16, hidden=(32,), dtype=np.float32)
+    x["k"] = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)  # a stable step size
+    o32, s32 = jtitans(**x, params0=params0, initial_state=state, chunk_size=8)
+    xb = {n: a.astype(jnp.bfloat16) for n, a in x.items()}
+    ob, sb = jtitans(**xb, params0=params0, initial_state=state, chunk_size=8)
+    assert ob.dtype == jnp.bfloat16 and sb.weights[0].dtype == jnp.float32
+    rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+    assert rel(ob, o32) < 2e-2, rel(ob, o32)
+    assert rel(sb.weights[1], s32.weights[1]) < 2e-2
+
+
+def test_extreme_gates_stay_finite():
+    """Tiny eta and 1 - alpha (log factors near the dtype's limit) over long chunks: no NaN/inf
+    in the output or in any gradient."""
+    x, params0, state = make_inputs(10, t=32, dtype=np.float32)
+    x["eta"] = x["eta"].at[:, ::3].set(1e-30)
+    x["alpha"] = x["alpha"].at[:, 1::4].set(1.0 - 1e-7)
+
+    def loss(x):
+        o, st = jtitans(**x, params0=params0, initial_state=state, chunk_size=32)
+        return jnp.sum(o) + sum(jnp.sum(w) for w in jax.tree.leaves(st))
+
+    val, grads = jax.value_and_grad(loss)(x)
+    assert np.isfinite(float(val))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_input_validation():
+    x, params0, state = make_inputs(11, t=5, dtype=np.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        titans(**dict(x, q=x["q"][0]), params0=params0)
+    with pytest.raises(ValueError, match="k must be"):
+        titans(**dict(x, k=x["k"][:, :, :, :2]), params0=params0)
+    with pytest.raises(ValueError, match="v must be"):
+        titans(**dict(x, v=x["v"][:, :3]), params0=params0)
+    with pytest.raises(ValueError, match="theta must be"):
+        titans(**dict(x, theta=x["theta"][..., None]), params0=params0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        titans(**x, params0=params0, chunk_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        titans(**x, params0=params0, mode="parallel")
+    with pytest.raises(ValueError, match="activation"):
+        titans(**x, params0=params0, activation="tanh")
+    with pytest.raises(ValueError, match="depth=2 needs params0"):
+        titans(**x, depth=2)
+    with pytest.raises(ValueError, match="depth=3"):
+        titans(**x, params0=params0, depth=3)
+    with pytest.raises(ValueError, match=r"params0\[1\]"):
+        titans(**x, params0=(params0[0], params0[1][:, :2]))
+    with pytest.raises(ValueError, match="expected K=3 -> V=2"):
+        titans(**dict(x, v=x["v"][..., :2]), params0=params0)
+    with pytest.raises(ValueError, match=r"initial_state.momentum\[0\]"):
+        titans(**x, initial_state=TitansState(state.weights, (state.momentum[0][:1], state.momentum[1])))
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        titans(**x, params0=params0, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    cache = titans_init_cache(2, 2, 3, 4, params0=params0, chunk_size=4)
+    with pytest.raises(ValueError, match=r"cache.k must be"):
+        titans_decode(**x, cache=cache, chunk_size=8)
+    with pytest.raises(ValueError, match="TitansCache"):
+        titans_decode(**x, cache=cache.state, chunk_size=4)
+    assert isinstance(cache, TitansCache)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _block(alias, **opts):
+    from flax import nnx
+
+    from memjax.config import ModelConfig, options_from_dict
+    from memjax.nn.registry import get_block
+
+    cls = get_block(alias)
+    o = options_from_dict(cls.Options, {"chunk_size": 4, "window": 6, **opts}, f"model.blocks.{cls.name}")
+    return cls(ModelConfig(d_model=32, num_heads=2), o, layer=0, shared={}, rngs=nnx.Rngs(0))
+
+
+def _rel(x, ref):
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("alias,opts", [("MAG", {}), ("MAL", {"depth": 2, "activation": "gelu"})])
+def test_block_prefill_then_steps_match_full_sequence(alias, opts):
+    """Prefill 5 tokens (inside the first chunk), prefill 6 more (crossing chunk boundaries and
+    filling the attention window), then decode 10 one by one: the full-sequence output to 1e-4."""
+    from flax import nnx
+
+    blk = _block(alias, **opts)
+    x = jax.random.normal(jax.random.key(1), (2, 21, 32))
+    y = nnx.jit(lambda b, x: b(x))(blk, x)
+    state = blk.init_state(2, 32)
+    prefill = nnx.jit(lambda b, x, st: b.prefill(x, st))
+    y1, state = prefill(blk, x[:, :5], state)
+    y2, state = prefill(blk, x[:, 5:11], state)
+    ys = [y1, y2]
+    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
+    for t in range(11, 21):
+        yt, state = step(blk, x[:, t], state)
+        ys.append(yt[:, None])
+    assert _rel(jnp.concatenate(ys, 1), y) < 1e-4
+    assert int(state["attn"]["pos"]) == 21 and int(state["memory"]["cache"].count) == 21 % 4
+
+
+def test_block_packed_equals_separate_documents():
+    from flax import nnx
+
+    blk = _block("MAG", depth=2)
+    lengths = [7, 10, 5]
+    x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 32))
+    seg = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
+    call = nnx.jit(lambda b, x, s: b(x, segment_ids=s))
+    y = call(blk, x, seg)
+    # Each document alone, zero-padded at the end to one length (causal: padding after a
+    # document cannot change its outputs), so one compiled call serves all three.
+    docs = jnp.concatenate([jnp.pad(x[:, s:s + n], ((0, 0), (0, 10 - n), (0, 0)))
+                            for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)])
+    y_docs = nnx.jit(lambda b, x: b(x))(blk, docs)
+    parts = [y_docs[i:i + 1, :n] for i, n in enumerate(lengths)]
+    assert _rel(y, jnp.concatenate(parts, 1)) < 1e-4
+
+
+def test_block_parameters_and_options():
+    from flax import nnx
+
+    from memjax.config import Config, ConfigError, validate
+
+    for alias in ("MAG", "MAL"):
+        for path, var in nnx.to_flat_state(nnx.state(_block(alias, depth=2), nnx.Param)):
+            axes = var.get_metadata().get("logical_axes")
+            assert axes is not None and len(axes) == var[...].ndim, (alias, path)
+    cfg = Config()
+    cfg.model.pattern = "MAG,MAL"
+    for bad, key in (({"window": 0}, "window"), ({"depth": 0}, "depth"), ({"activation": "relu"}, "activation")):
+        cfg.model.blocks = {"titans_mag": bad}
+        with pytest.raises(ConfigError, match=f"titans_mag.{key}"):
+            validate(cfg)
+    cfg.model.blocks = {"titans_mal": {"chunk_size": 8, "depth": 2}}
+    validate(cfg)
+
+
+@pytest.mark.slow
+def test_two_layer_titans_model_learns_mqar():
+    from flax import nnx
+    import optax
+
+    from memjax.config import ModelConfig
+    from memjax.data.mqar import MQAR
+    from memjax.model.lm import LM
+    from memjax.train.loop import masked_xent
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern="MAG,MAL",
+                      blocks={"titans_mag": {"chunk_size": 8, "window": 8},
+                              "titans_mal": {"chunk_size": 8, "window": 8}})
+    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
+                num_examples=4096, seed=0)
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, inputs, targets, mask):
+        def loss_fn(model):
+            nll, _, n = masked_xent(model(inputs), targets, mask)
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    for i in range(60):
+        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
+        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
+        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    assert np.all(np.isfinite(losses))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first - 0.5, (first, last)
