@@ -106,6 +106,11 @@ class Corpus:
         else:
             self.tokenizer = _ByteTokenizer()
         self.splits = {s: self._build_split(fs, docs) for s, fs in split_files.items()}
+        for s, sp in self.splits.items():
+            if len(sp.doc_file) == 0:
+                raise ConfigError(
+                    f"config key 'data.options.path': the {s} split's files {sp.files} hold no documents"
+                )
 
     # ---------------------------------------------------------------- indexing
     def abspath(self, rel: str) -> str:
@@ -388,7 +393,7 @@ class Text:
             doc[pos - lo:end - lo] = d
             pos, d = end, d + 1
         valid = doc[:T] >= 0
-        seg = 1 + np.concatenate([[0], np.cumsum(doc[1:T] != doc[:T - 1])])
+        seg = 0 + np.concatenate([[0], np.cumsum(doc[1:T] != doc[:T - 1])])
         return {
             "inputs": toks[:T],
             "targets": toks[1:].copy(),

@@ -18,8 +18,8 @@ from memjax.nn.registry import get_block
 
 class LM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
         d, v = cfg.d_model, cfg.vocab_size
+        self.d_model = d
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = param(rngs, nnx.initializers.normal(1.0), (v, d), ("vocab", "embed"))
         shared: dict = {}  # resources blocks share across layers (e.g. one memory value pool)
@@ -37,12 +37,12 @@ class LM(nnx.Module):
 
     def _embed(self, tokens):
         # Unit-variance embeddings scaled by sqrt(d)^-1 keep the residual stream O(1) at init.
-        x = jnp.take(self.embed[...], tokens, axis=0) * (self.cfg.d_model ** -0.5)
+        x = jnp.take(self.embed[...], tokens, axis=0) * (self.d_model ** -0.5)
         return x.astype(self.compute_dtype)
 
     def _logits(self, x):
         x = self.final_norm(x)
-        w = self.embed[...].T * (self.cfg.d_model ** -0.5) if self.head is None else self.head[...]
+        w = self.embed[...].T * (self.d_model ** -0.5) if self.head is None else self.head[...]
         return jnp.dot(x.astype(self.compute_dtype), w.astype(self.compute_dtype),
                        preferred_element_type=jnp.float32)
 
