@@ -1,7 +1,8 @@
 """Byte-level LM on the running Python's standard library sources (no download needed).
 
 Held-out files (by path hash, ~10%) form the eval split. 2 attention layers, d=128,
-seq 256; a few minutes of 2-core CPU for 2000 steps. ``--set data.options.tokenizer=bpe``
+seq 256, 0.56M parameters. On a 2-core CPU (~5k tokens/s) 300 steps take ~4 minutes and
+reach eval loss 1.99 nats/byte (from ln 259 = 5.56); the full 2000 steps ~25 minutes. ``--set data.options.tokenizer=bpe``
 switches to a BPE trained on the training files (needs ``pip install tokenizers``; also
 raise model.vocab_size, e.g. 4096).
 """

@@ -14,8 +14,8 @@ from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, v
 from memjax.nn.registry import get_block
 
 TOL = 1e-4
-CASES = [("L", {}), ("L", {"feature_map": "taylor", "qk_dim": 4, "qk_norm": True}), ("G", {}),
-         ("DN", {}), ("D", {"expand_v": 2.0})]
+CASES = [("L", {}), ("G", {}), ("DN", {}), ("D", {"expand_v": 2.0})]
+TAYLOR = ("L", {"feature_map": "taylor", "qk_dim": 4, "qk_norm": True, "conv_width": 2})
 
 
 def make(alias, opts, **extra):
@@ -23,6 +23,12 @@ def make(alias, opts, **extra):
     cls = get_block(alias)
     o = options_from_dict(cls.Options, {"chunk_size": 8, **opts, **extra}, f"model.blocks.{cls.name}")
     return cls(cfg, o, layer=0, shared={}, rngs=nnx.Rngs(0))
+
+
+# Jitted: eager dispatch of the chunked forms compiles every small op separately (slower).
+call = nnx.jit(lambda blk, x, seg=None: blk(x, segment_ids=seg))
+prefill = nnx.jit(lambda blk, x, st: blk.prefill(x, st))
+step = nnx.jit(lambda blk, x, st: blk.step(x, st))
 
 
 def rel(x, ref):
@@ -34,37 +40,36 @@ def test_prefill_then_steps_match_full_sequence(alias, opts):
     """Prefill 2 tokens (fewer than the conv window), prefill 9 more, then decode 10 one by one."""
     blk = make(alias, opts)
     x = jax.random.normal(jax.random.key(1), (2, 21, 32))
-    y = blk(x)
+    y = call(blk, x)
     state = blk.init_state(2, 32)
     assert state["memory"].dtype == jnp.float32
-    y1, state = blk.prefill(x[:, :2], state)
-    y2, state = blk.prefill(x[:, 2:11], state)
+    y1, state = prefill(blk, x[:, :2], state)
+    y2, state = prefill(blk, x[:, 2:11], state)
     ys = [y1, y2]
-    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
     for t in range(11, 21):
         yt, state = step(blk, x[:, t], state)
         ys.append(yt[:, None])
     assert rel(jnp.concatenate(ys, 1), y) < TOL
     # The recurrent training form gives the same output as the chunked one.
-    assert rel(make(alias, opts, mode="recurrent")(x), y) < TOL
+    assert rel(call(make(alias, opts, mode="recurrent"), x), y) < TOL
 
 
-@pytest.mark.parametrize("alias,opts", CASES[::2])
+@pytest.mark.parametrize("alias,opts", [TAYLOR, CASES[3]])
 def test_packed_equals_separate_documents(alias, opts):
     blk = make(alias, opts)
     lengths = [7, 11, 5]
     x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 32))
     seg = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
-    y = blk(x, segment_ids=seg)
+    y = call(blk, x, seg)
     parts, start = [], 0
     for n in lengths:
-        parts.append(blk(x[:, start:start + n]))
+        parts.append(call(blk, x[:, start:start + n]))
         start += n
     assert rel(y, jnp.concatenate(parts, 1)) < TOL
 
 
 def test_parameters_carry_logical_axes():
-    for alias, opts in CASES:
+    for alias, opts in CASES + [TAYLOR]:
         params = nnx.state(make(alias, opts), nnx.Param)
         for path, var in nnx.to_flat_state(params):
             axes = var.get_metadata().get("logical_axes")
@@ -99,7 +104,7 @@ def test_two_layer_model_learns_mqar(alias):
     task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
                 num_examples=4096, seed=0)
     model = LM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, opt, inputs, targets, mask):
@@ -112,10 +117,10 @@ def test_two_layer_model_learns_mqar(alias):
         return loss
 
     losses = []
-    for i in range(60):
+    for i in range(100):
         ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
         batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
         losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
     assert np.all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < first - 0.5, (first, last)
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < first - 0.5, (first, last)  # measured drops: 0.7 to 1.0

@@ -81,6 +81,14 @@ def test_files_split_by_path_hash_disjoint_and_complete(corpus, tmp_path):
     assert set(e2.files) - {"zz_new.txt"} == set(ev.files)
 
 
+def test_heldout_share_follows_heldout_fraction(tmp_path):
+    for i in range(300):
+        (tmp_path / f"doc{i:03d}.txt").write_text(str(i))
+    for fraction in (0.1, 0.5):
+        held = len(task(str(tmp_path), "eval", heldout_fraction=fraction).files)
+        assert abs(held / 300 - fraction) < 4 * (fraction * (1 - fraction) / 300) ** 0.5  # 4 sigma
+
+
 @pytest.mark.parametrize("seq_len", [7, 16])
 def test_packing_covers_every_token_once_in_order(corpus, seq_len):
     for split in ("train", "eval"):
@@ -248,6 +256,9 @@ def test_bpe_tokenizer_round_trips_and_packs(corpus):
             assert not np.isin(d[1:-1], [t.bos_id, t.eos_id, t.pad_id]).any()
             assert t.decode(d) == text
         assert (ids < 320).all()
+        textmod.clear_cache()
+        again = task(corpus, split, tokenizer="bpe", vocab_size=320, seq_len=8)
+        assert all((again[i]["inputs"] == t[i]["inputs"]).all() for i in range(len(t)))  # deterministic
 
 
 # ----------------------------------------------------------------------------- stdlib config

@@ -47,7 +47,6 @@ import fnmatch
 import hashlib
 import json
 import os
-from typing import Any
 
 import numpy as np
 
@@ -138,7 +137,7 @@ class Corpus:
         split = _Split(files, *_doc_arrays(files, docs))
         rows = len(split.doc_file)
         if isinstance(self.tokenizer, _BPE):
-            ids = [self.tokenizer.encode_doc(self.read_text(split, d)) for d in range(rows)]
+            ids = self.tokenizer.encode_docs([self.read_text(split, d) for d in range(rows)])
             split.starts[1:] = np.cumsum([len(x) for x in ids])
             split.tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         else:
@@ -156,7 +155,7 @@ class Corpus:
                     f.seek(int(split.doc_offset[d]))
                     line = f.read(int(split.doc_nbytes[d]))
                     return _jsonl_text(line, self.field, path, None).encode("utf-8")[lo:hi]
-                f.seek(lo)
+                f.seek(int(split.doc_offset[d]) + lo)
                 n = (int(split.doc_nbytes[d]) if hi is None else hi) - lo
                 return f.read(n)
         except OSError as e:
@@ -219,9 +218,10 @@ class _BPE:
         self.bos_id, self.eos_id, self.pad_id = n, n + 1, n + 2
         self.vocab_size = n + 3
 
-    def encode_doc(self, text: str) -> np.ndarray:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return np.array([self.bos_id, *ids, self.eos_id], np.int32)
+    def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
+        """``BOS ids EOS`` per text."""
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        return [np.array([self.bos_id, *e.ids, self.eos_id], np.int32) for e in encs]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids if int(i) < self.bos_id])
@@ -393,7 +393,7 @@ class Text:
             doc[pos - lo:end - lo] = d
             pos, d = end, d + 1
         valid = doc[:T] >= 0
-        seg = 0 + np.concatenate([[0], np.cumsum(doc[1:T] != doc[:T - 1])])
+        seg = 1 + np.concatenate([[0], np.cumsum(doc[1:T] != doc[:T - 1])])
         return {
             "inputs": toks[:T],
             "targets": toks[1:].copy(),

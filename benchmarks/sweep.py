@@ -1,0 +1,139 @@
+"""Train and evaluate a list of configs; assemble one comparison table and figure.
+
+    python -m benchmarks.sweep --sweep configs/sweeps/mqar_blocks.py --out runs/sweep_mqar
+    python -m benchmarks.sweep ... --blocks A,D --grid 64,64,4      # a subset
+
+Writes ``<out>/results.json``, ``<out>/results.md`` (best accuracy over learning rates per
+block / width / task size) and ``<out>/mqar_accuracy_vs_state.png`` (accuracy against the
+recurrent state size, Zoology's figure). Finished runs are skipped on rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import time
+
+import jax
+from flax import nnx
+
+from memjax.config import load_config
+from memjax.model.lm import LM
+
+
+def state_size(cfg) -> int:
+    """Elements of the decoding state at the training length (KV cache for attention)."""
+    def build():
+        return LM(cfg.model, rngs=nnx.Rngs(0)).init_state(1, cfg.data.seq_len)
+
+    return int(sum(x.size for x in jax.tree.leaves(jax.eval_shape(build))))
+
+
+def run_sweep(entries, out: str) -> list[dict]:
+    from memjax.train.loop import train_and_evaluate
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else []
+    done = {r["name"] for r in results}
+    for name, base, overrides in entries:
+        if name in done:
+            continue
+        cfg = load_config(base, overrides)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            final = train_and_evaluate(cfg, os.path.join(out, name))
+        row = {"name": name, "block": cfg.model.pattern.split(",")[0], "d_model": cfg.model.d_model,
+               "seq_len": cfg.data.seq_len, "num_kv_pairs": cfg.data.options.get("num_kv_pairs"),
+               "lr": cfg.optim.learning_rate, "steps": final["step"], "accuracy": final["accuracy"],
+               "state_size": state_size(cfg), "wall_s": time.perf_counter() - t0}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        json.dump(results, open(path, "w"), indent=2)
+    return results
+
+
+def best_over_lr(results):
+    best = {}
+    for r in results:
+        key = (r["block"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    return best
+
+
+def write_table(results, out: str) -> str:
+    best = best_over_lr(results)
+    tasks = sorted({(k[2], k[3]) for k in best})
+    widths = sorted({k[1] for k in best})
+    blocks = list(dict.fromkeys(r["block"] for r in results))
+    cols = [f"d={d}, T={t}, kv={kv}" for d in widths for (t, kv) in tasks]
+    lines = ["| block | " + " | ".join(cols) + " | state size (d=%d, T=%d) |" % (widths[0], tasks[0][0]),
+             "|---|" + "---|" * (len(cols) + 1)]
+    for b in blocks:
+        cells = []
+        for d in widths:
+            for (t, kv) in tasks:
+                r = best.get((b, d, t, kv))
+                cells.append(f"{r['accuracy']:.3f}" if r else "")
+        first = best.get((b, widths[0], tasks[0][0], tasks[0][1]))
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {first['state_size'] if first else ''} |")
+    md = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    return md
+
+
+def plot(results, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_over_lr(results)
+    tasks = sorted({(k[2], k[3]) for k in best})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (t, kv) in zip(axes[0], tasks):
+        for b in dict.fromkeys(r["block"] for r in results):
+            pts = sorted((r["state_size"], r["accuracy"]) for k, r in best.items() if k[0] == b and k[2:] == (t, kv))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=b)
+        ax.set_xscale("log")
+        ax.set_xlabel("decoding state size (elements)")
+        ax.set_ylabel("MQAR accuracy")
+        ax.set_title(f"T={t}, {kv} key-value pairs")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(out, "mqar_accuracy_vs_state.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", default="configs/sweeps/mqar_blocks.py")
+    ap.add_argument("--out", default="runs/sweep_mqar")
+    ap.add_argument("--blocks", default="", help="comma-separated subset of the sweep's blocks")
+    ap.add_argument("--grid", nargs="*", default=[], help="d_model,seq_len,kv triples")
+    ap.add_argument("--steps", type=int, default=0)
+    args = ap.parse_args(argv)
+    spec = importlib.util.spec_from_file_location("sweep", args.sweep)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grid = [tuple(int(x) for x in g.split(",")) for g in args.grid] or None
+    entries = mod.get_sweep(blocks=args.blocks.split(",") if args.blocks else None, grid=grid,
+                            steps=args.steps or None)
+    t0 = time.perf_counter()
+    results = run_sweep(entries, args.out)
+    print(write_table(results, args.out))
+    print("figure:", plot(results, args.out))
+    print(f"sweep wall time: {time.perf_counter() - t0:.0f} s on {jax.devices()[0].device_kind}")
+
+
+if __name__ == "__main__":
+    main()
