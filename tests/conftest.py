@@ -5,6 +5,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU triangular solve calls LAPACK/BLAS from every fake device's thread at once; a
+# multi-threaded OpenBLAS then starves some devices past the collective rendezvous timeout
+# (seen as a deadlock in the sharded delta-rule step). One BLAS thread per caller avoids it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -68,6 +68,9 @@ def test_inverse_round_trip(name):
     w = reparam.inverse(lam, name)
     with jax.enable_x64(True):
         np.testing.assert_allclose(np.asarray(reparam.reparameterize(jnp.asarray(w), name)), lam, rtol=1e-12)
+        # JAX (traced) input, as inside a parameter initialiser under jit.
+        traced = jax.jit(lambda l: reparam.reparameterize(reparam.inverse(l, name), name))(jnp.asarray(lam))
+        np.testing.assert_allclose(np.asarray(traced), lam, rtol=1e-12)
 
 
 def test_best_has_the_documented_form():

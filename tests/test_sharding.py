@@ -27,11 +27,24 @@ def _one_step(cfg, devices):
     return jax.tree.map(np.asarray, state["params"]), float(metrics["loss"]), setup
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_sharded_step_equals_single_device(mesh):
+def _hybrid_config():
     cfg = tiny_config(hybrid_pattern())
     cfg.model.blocks = {"memory_plus": {"shard": "rows"}} if "M" in cfg.model.pattern.split(",") else {}
-    ref_params, ref_loss, _ = _one_step(cfg, jax.devices()[:1])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+    params, loss, _ = _one_step(_hybrid_config(), jax.devices()[:1])
+    return params, loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_step_equals_single_device(mesh, single_device_step):
+    """One train step of a hybrid with one block of every family present, on three meshes."""
+    ref_params, ref_loss = single_device_step
+    cfg = _hybrid_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
     params, loss, setup = _one_step(cfg, jax.devices())
     assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh))

@@ -18,8 +18,10 @@ Forms:
         (I + L) delta = diag(beta) (V - diag(gamma) K S),   L_ij = beta_i D_ij k_i.k_j  (i > j)
 
     so ``delta = U - W S`` with ``U = T V``, ``W = T diag(gamma) K``,
-    ``T = (I + L)^{-1} diag(beta)`` (the UT transform; ``U`` and ``W`` come from one batched
-    triangular solve, never an explicit inverse). Then::
+    ``T = (I + L)^{-1} diag(beta)`` (the UT transform). ``(I + L)^{-1}`` comes from
+    :func:`unit_lower_inverse`, block forward substitution written as batched matmuls (no LAPACK
+    call: XLA:CPU's ``triangular_solve`` goes through OpenBLAS, which was both slower here and
+    seen to hang when XLA runs several solves on its thread pool at once). Then::
 
         O      = scale * (diag(gamma) Q S + (Q K^T * D) delta)
         S_next = gamma_{C-1} S + (K * D_{C-1, :})^T delta
@@ -116,10 +118,9 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size):
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     kk = jnp.einsum("bnhik,bnhjk->bnhij", kc, kc)
     lower = jnp.where(strict, bc[..., :, None] * kk * dec.matrix, 0.0)
-    eye = jnp.eye(c, dtype=q.dtype)
-    rhs = bc[..., None] * jnp.concatenate([vc, gamma * kc], axis=-1)
-    uw = jax.lax.linalg.triangular_solve(eye + lower, rhs, left_side=True, lower=True, unit_diagonal=True)
-    u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
+    inv = unit_lower_inverse(lower)
+    u = jnp.einsum("bnhij,bnhjv->bnhiv", inv, bc[..., None] * vc)
+    w = jnp.einsum("bnhij,bnhjk->bnhik", inv, bc[..., None] * gamma * kc)
     k_end = kc * to_end
 
     def carry(s, inp):
@@ -136,3 +137,34 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size):
     o = o + jnp.einsum("bnhik,bnhkv->bnhiv", qc * gamma, s_in)
     o = from_chunks(jnp.moveaxis(o * scale, 2, 3))[:, :t]
     return o, s
+
+
+def unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """``(I + L)^{-1}`` for strictly lower-triangular ``L: [..., C, C]`` (entries on and above the
+    diagonal are ignored), by block forward substitution in ``ceil(log2 C)`` rounds of batched
+    matmuls: with the inverses ``X11, X22`` of two neighbouring diagonal blocks known,
+    ``[[A11, 0], [A21, A22]]^{-1} = [[X11, 0], [-X22 A21 X11, X22]]``. Exact in exact arithmetic;
+    it performs the same products as row-by-row substitution, grouped, so it is as stable.
+    """
+    c = lower.shape[-1]
+    if lower.ndim < 2 or lower.shape[-2] != c:
+        raise ValueError(f"unit_lower_inverse: lower must be [..., C, C], got shape {lower.shape}")
+    size = 1 << max(c - 1, 0).bit_length()  # next power of two; padding rows/cols are identity
+    a = jnp.tril(lower, -1)
+    if size != c:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - c), (0, size - c)])
+    batch = a.shape[:-2]
+    inv = jnp.ones((*batch, size, 1, 1), a.dtype)  # inverses of the 1 x 1 diagonal blocks
+    s = 1
+    while s < size:
+        n = size // (2 * s)
+        blocks = a.reshape(*batch, n, 2, s, n, 2, s)
+        # A21 of pair p: rows (2p+1)s.., columns 2ps..; take the block diagonal over p.
+        a21 = jnp.moveaxis(jnp.diagonal(blocks[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2), -1, -3)
+        x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        x21 = -(x22 @ a21 @ x11)
+        top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+        bottom = jnp.concatenate([x21, x22], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)  # [..., n, 2s, 2s]
+        s *= 2
+    return inv[..., 0, :c, :c]

@@ -61,27 +61,33 @@ def reparameterize(w, name: str = "exp", *, a: float = 1.0, b: float = 0.5):
     return w
 
 
-def inverse(lam, name: str = "exp", *, a: float = 1.0, b: float = 0.5) -> np.ndarray:
-    """The raw weight ``w`` with ``f_name(w) = lam`` (NumPy, for initialisers).
+def inverse(lam, name: str = "exp", *, a: float = 1.0, b: float = 0.5):
+    """The raw weight ``w`` with ``f_name(w) = lam`` (for initialisers).
 
-    Raises ``ValueError`` if ``lam`` is outside the range of ``f_name``: ``lam < 0`` for the
-    stable ones, and ``-1/b <= lam < 0`` for ``best`` (``best`` returns the ``w >= 0`` root).
+    NumPy input: returns float64 NumPy and raises ``ValueError`` if ``lam`` is outside the range of
+    ``f_name`` (``lam < 0`` for the stable ones, ``-1/b <= lam < 0`` for ``best``, which returns the
+    ``w >= 0`` root). JAX input (also traced, inside an initialiser under ``jit``): returns a JAX
+    array; the range cannot be checked there, so the caller guarantees it.
     """
     _check_name("inverse", name)
-    lam = np.asarray(lam, np.float64)
+    if isinstance(lam, jax.Array):
+        xp = jnp
+    else:
+        xp = np
+        lam = np.asarray(lam, np.float64)
+        if name != "direct" and not np.all(lam < 0):
+            raise ValueError(f"inverse: lam must be < 0 for the {name!r} reparameterisation, got max {lam.max()}")
+        if name == "best":
+            _check_ab("inverse", a, b)
+            if not np.all(-1.0 / lam - b >= 0):
+                raise ValueError(f"inverse: lam must be in [-1/b, 0) = [{-1.0 / b}, 0) for 'best', got min {lam.min()}")
     if name == "direct":
         return lam
-    if not np.all(lam < 0):
-        raise ValueError(f"inverse: lam must be < 0 for the {name!r} reparameterisation, got max {lam.max()}")
     if name == "exp":
-        return np.log(-lam)
+        return xp.log(-lam)
     if name == "softplus":  # w = log(exp(-lam) - 1), written to stay finite for large |lam|
-        return -lam + np.log(-np.expm1(lam))
-    _check_ab("inverse", a, b)
-    r = -1.0 / lam - b
-    if not np.all(r >= 0):
-        raise ValueError(f"inverse: lam must be in [-1/b, 0) = [{-1.0 / b}, 0) for 'best', got min {lam.min()}")
-    return np.sqrt(r / a)
+        return -lam + xp.log(-xp.expm1(lam))
+    return xp.sqrt(xp.maximum(-1.0 / lam - b, 0.0) / a)
 
 
 def get_reparam(name: str, **kw):

@@ -209,13 +209,13 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.
     fn = "titans"
     _check_options(fn, mode, chunk_size, activation)
     b, t, h, dk, dv = _check_common(fn, q, k, v, theta, eta, alpha)
-    _check_memory(fn, b, h, dk, dv, depth, params0, initial_state)
+    dims = _check_memory(fn, b, h, dk, dv, depth, params0, initial_state)
     _check_segments(fn, segment_ids, b, t)
     out_dtype = v.dtype
     cd = _compute_dtype(q, k, v, theta, eta, alpha, params0, initial_state)
     act = ACTIVATIONS[activation]
     q, k, v, theta, eta, alpha = (x.astype(cd) for x in (q, k, v, theta, eta, alpha))
-    reset_w = _reset_weights(params0, b, h, dk, dv, cd)
+    reset_w = _reset_weights(params0, b, h, dims, cd)
     state = _initial(initial_state, reset_w, cd)
     if mode == "recurrent":
         o, state = _recurrent(q, k, v, theta, eta, alpha, state, reset_w, segment_ids, act)
@@ -229,9 +229,8 @@ def titans_init_cache(batch_size: int, num_heads: int, key_dim: int, value_dim: 
                       params0: tuple | None = None, chunk_size: int = 16,
                       dtype=jnp.float32) -> TitansCache:
     """An empty :class:`TitansCache` whose memory is ``params0`` (or zeros) with zero momentum."""
-    if params0 is not None:
-        _check_memory("titans_init_cache", batch_size, num_heads, key_dim, value_dim, None, params0, None)
-    w = _reset_weights(params0, batch_size, num_heads, key_dim, value_dim, dtype)
+    dims = _check_memory("titans_init_cache", batch_size, num_heads, key_dim, value_dim, None, params0, None)
+    w = _reset_weights(params0, batch_size, num_heads, dims, dtype)
     c, b, h = chunk_size, batch_size, num_heads
     z = jnp.zeros((b, c, h), dtype)
     return TitansCache(TitansState(w, tuple(jnp.zeros_like(x) for x in w)),
@@ -276,8 +275,7 @@ def titans_decode(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, et
 
     def assemble(new, buf):
         new, buf = new.astype(cd), buf.astype(cd)
-        x = jnp.where(_bcast(from_buf, new), jnp.take(buf, src_buf, axis=1), jnp.take(new, src_new, axis=1))
-        return x
+        return jnp.where(_bcast(from_buf, new), jnp.take(buf, src_buf, axis=1), jnp.take(new, src_new, axis=1))
 
     qa = jnp.where(_bcast(from_buf, q), 0.0, jnp.take(q.astype(cd), src_new, axis=1))
     ka, va = assemble(k, cache.k), assemble(v, cache.v)
@@ -295,11 +293,6 @@ def titans_decode(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, et
                             take(tha).astype(buf_dtype), take(eta_a).astype(buf_dtype),
                             take(ala).astype(buf_dtype), (total % c).astype(jnp.int32))
     return o, new_cache
-
-
-def titans_read(params: tuple, x: jax.Array, activation: str = "silu") -> jax.Array:
-    """Evaluate the memory MLP: ``params`` tuple of ``[B, H, D_in, D_out]``, ``x [B, H, N, K]``."""
-    return _mlp(params, x, ACTIVATIONS[activation])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -324,9 +317,10 @@ def _bcast(mask, like):
     return mask.reshape((1, -1) + (1,) * (like.ndim - 2))
 
 
-def _reset_weights(params0, b, h, dk, dv, cd):
+def _reset_weights(params0, b, h, dims, cd):
+    """The weights a document starts from: ``params0`` broadcast over the batch, or zeros."""
     if params0 is None:
-        return (jnp.zeros((b, h, dk, dv), cd),)
+        return tuple(jnp.zeros((b, h, i, o), cd) for i, o in zip(dims[:-1], dims[1:]))
     return tuple(jnp.broadcast_to(w.astype(cd)[None], (b,) + w.shape) for w in params0)
 
 

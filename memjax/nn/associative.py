@@ -89,7 +89,7 @@ class _AssociativeBlock(Block):
     l2_qk = False  # delta-rule blocks always L2-normalise q and k
 
     def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.opts = opts
+        self.chunk_size, self.mode, self.conv_width = opts.chunk_size, opts.mode, opts.conv_width
         self.h = cfg.num_heads
         self.dk = getattr(opts, "qk_dim", 0) or cfg.resolved_head_dim
         self.dv = int(cfg.resolved_head_dim * opts.expand_v)
@@ -128,7 +128,7 @@ class _AssociativeBlock(Block):
             if conv_state is None:
                 out = {n: self.convs[n](y, segment_ids) for n, y in raw.items()}
             else:  # continue from the last conv_width - 1 inputs of the previous call
-                w1 = self.opts.conv_width - 1
+                w1 = self.conv_width - 1
                 full = {n: jnp.concatenate([conv_state[n].astype(y.dtype), y], axis=1) for n, y in raw.items()}
                 out = {n: self.convs[n](y)[:, w1:] for n, y in full.items()}
                 new_state = {n: y[:, y.shape[1] - w1:].astype(conv_state[n].dtype) for n, y in full.items()}
@@ -152,7 +152,7 @@ class _AssociativeBlock(Block):
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None):
         kw = dict(g=g, initial_state=initial_state, segment_ids=segment_ids,
-                  mode=mode or self.opts.mode, chunk_size=self.opts.chunk_size)
+                  mode=mode or self.mode, chunk_size=self.chunk_size)
         if self.uses_beta:
             return delta_rule(q, k, v, beta, **kw)
         return linear_attention(q, k, v, **kw)

@@ -29,7 +29,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from memjax.config import ConfigError
@@ -72,8 +71,7 @@ def dt_bias_init(dt_min: float, dt_max: float, floor: float = 1e-4):
 def eigen_init(name: str, lo: float, hi: float, **kw):
     """Raw weights ``w`` with ``reparameterize(w, name) = -U(lo, hi)`` (decay rates ``|A|``)."""
     def init(key, shape, dtype):
-        lam = -np.asarray(jax.random.uniform(key, shape, jnp.float32, lo, hi), np.float64)
-        return jnp.asarray(inverse(lam, name, **kw), dtype)
+        return inverse(-jax.random.uniform(key, shape, dtype, lo, hi), name, **kw).astype(dtype)
     return init
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 
 from memjax.config import ConfigError, load_config
+from memjax.train.distributed import add_arguments as add_distributed_arguments
+from memjax.train.distributed import initialize_from_args as initialize_distributed
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -14,16 +16,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and logs go here; rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set train.steps=200 model.d_model=64")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; reads the cluster from the environment)")
+    add_distributed_arguments(p)  # --distributed, --coordinator, --num-processes, --process-id
     return p
 
 
 def _load(args):
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+    initialize_distributed(args)  # no-op unless a multi-process flag or JAX_* variable is set
     try:
         return load_config(args.config, args.set)
     except ConfigError as e:

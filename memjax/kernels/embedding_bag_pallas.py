@@ -1,0 +1,397 @@
+"""Pallas kernels for the embedding bag ``out[b] = sum_j w[b, j] * values[idx[b, j]]``.
+
+Two kernel families, one per hardware memory model; both run in interpret mode on CPU
+(that is how the tests exercise them) and both lower for their target from a CPU-only
+install (the tests export them for ``cuda`` / ``tpu`` to catch lowering errors):
+
+``GPU`` (Triton lowering)
+    Forward: a program per (block of ``block_bags`` bags, block of ``BD`` columns); the
+    bag's indices and weights are one block, the rows are gathered inside the kernel
+    (``values_ref[rows, :]``, a pointer gather) and accumulated in float32 registers.
+    Triton has no scalar prefetch, so indices travel as an ordinary blocked input.
+    d_values: one program per (value row, column block): the (index, weight) pairs are
+    sorted by row outside the kernel (stable argsort), ``row_start`` comes from a
+    ``searchsorted``, and each program sums its own contiguous run: deterministic, no
+    atomics, and rows nobody read get exact zeros (Memory Layers at Scale's count /
+    cumsum / reverse-index scheme, with the sort standing in for the counting pass).
+    d_weights: a program per block of bags, ``<d_out[b], values[idx[b, j]]>``.
+
+``TPU`` (Mosaic lowering)
+    Indices (and weights) are scalar-prefetched into SMEM (``PrefetchScalarGridSpec``,
+    as in JAX's paged / ragged attention) and the *index map* fetches the row: values are
+    viewed as ``[N, 1, D]`` and one ``(1, D)`` row block is DMA'd per grid step, so the
+    table never has to fit in VMEM. Forward: grid ``(bags, k)``, float32 VMEM
+    accumulator resident across ``k``. d_values: grid over the sorted (row, bag) pairs;
+    consecutive steps with the same row revisit the same output block, which stays
+    resident and is written back once when the row changes (deterministic, no
+    atomics); the running result is an input aliased to the output, so rows that are
+    not read keep their (zero) value and chunks can be chained. SMEM is small, so long
+    batches are processed in chunks of at most ``TPU_SMEM_ENTRIES`` (index, weight) pairs.
+
+Accumulation is in the weights' dtype (the dispatcher passes float32, or float64 for
+float64 tables). Inputs are assumed valid here (indices in range, int32): the
+dispatcher in :mod:`memjax.kernels.embedding_bag` validates and clamps. Hardware status:
+neither family has been run on a GPU or TPU yet; ``VERIFIED_BACKENDS`` in the
+dispatcher stays empty until ``tests/test_embedding_bag.py``'s hardware tests pass there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+TPU_SMEM_ENTRIES = 8192  # (index, weight) pairs scalar-prefetched per TPU kernel call
+
+
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+    pad = (-x.shape[0]) % multiple
+    return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _pow2_divisor(d: int, cap: int) -> int:
+    """Largest power of two dividing ``d``, at most ``cap`` (Triton tensors are powers of two)."""
+    b = 1
+    while b * 2 <= cap and d % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _pallas_call(kernel, *, out_shape, **kwargs):
+    """``pl.pallas_call`` whose output declares how it varies over manual mesh axes.
+
+    Inside ``jax.shard_map`` (``check_vma``) Pallas needs the output's manual-axis type: it is
+    the union of the inputs' varying axes, and inputs that vary over fewer axes are cast.
+    """
+    shape, dtype = out_shape
+
+    def call(*inputs):
+        axes = frozenset().union(*(jax.typeof(a).mat.varying for a in inputs))
+        inputs = [a if axes <= jax.typeof(a).mat.varying
+                  else jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
+                  for a in inputs]
+        struct = jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+        return pl.pallas_call(kernel, out_shape=struct, **kwargs)(*inputs)
+
+    return call
+
+
+def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
+    """Group the flattened (index, weight) pairs by value row, for the deterministic backward.
+
+    Returns ``rows [P]`` (ascending), ``bags [P]`` (bag of each pair), ``w [P]`` and
+    ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``.
+    The sort is stable, so the summation order within a row is fixed (bag-major).
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = flat[order]
+    bags = (order // k).astype(jnp.int32)
+    w = weights.reshape(-1)[order]
+    row_start = jnp.searchsorted(rows, jnp.arange(num_rows + 1, dtype=rows.dtype), side="left")
+    return rows, bags, w, row_start.astype(jnp.int32)
+
+
+# ============================================================================ GPU (Triton)
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as pltr
+
+    return pltr.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _gpu_fwd_kernel(idx_ref, w_ref, v_ref, o_ref, *, k: int):
+    bb, bd = o_ref.shape
+
+    def body(j, acc):
+        rows = idx_ref[:, j]
+        w = w_ref[:, j]
+        return acc + w[:, None] * v_ref[rows, :].astype(w.dtype)
+
+    acc = jax.lax.fori_loop(0, k, body, jnp.zeros((bb, bd), w_ref.dtype))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def gpu_forward(values, indices, weights, *, out_dtype, interpret: bool, block_bags: int = 16):
+    n, d = values.shape
+    bt, k = indices.shape
+    bd = _pow2_divisor(d, 128)
+    idx = _pad_rows(indices, block_bags)
+    w = _pad_rows(weights, block_bags)  # padded bags: index 0, weight 0
+    out = _pallas_call(
+        functools.partial(_gpu_fwd_kernel, k=k),
+        grid=(idx.shape[0] // block_bags, d // bd),
+        in_specs=[pl.BlockSpec((block_bags, k), lambda i, c: (i, 0)),
+                  pl.BlockSpec((block_bags, k), lambda i, c: (i, 0)),
+                  pl.BlockSpec((n, bd), lambda i, c: (0, c))],
+        out_specs=pl.BlockSpec((block_bags, bd), lambda i, c: (i, c)),
+        out_shape=((idx.shape[0], d), out_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="embedding_bag_fwd",
+    )(idx, w, values)
+    return out[:bt]
+
+
+def _gpu_dvalues_kernel(start_ref, bag_ref, w_ref, dout_ref, o_ref):
+    r = pl.program_id(0)
+    bd = o_ref.shape[1]
+
+    def body(p, acc):
+        return acc + w_ref[p] * dout_ref[bag_ref[p], :].astype(w_ref.dtype)
+
+    acc = jax.lax.fori_loop(start_ref[r], start_ref[r + 1], body, jnp.zeros((bd,), w_ref.dtype))
+    o_ref[0, :] = acc.astype(o_ref.dtype)
+
+
+def gpu_backward_values(d_out, indices, weights, num_rows: int, *, out_dtype, interpret: bool):
+    bt, d = d_out.shape
+    _, bags, w, row_start = sort_by_row(indices, weights, num_rows)
+    p = bags.shape[0]
+    bd = _pow2_divisor(d, 128)
+    return _pallas_call(
+        _gpu_dvalues_kernel,
+        grid=(num_rows, d // bd),
+        in_specs=[pl.BlockSpec((num_rows + 1,), lambda r, c: (0,)),
+                  pl.BlockSpec((p,), lambda r, c: (0,)),
+                  pl.BlockSpec((p,), lambda r, c: (0,)),
+                  pl.BlockSpec((bt, bd), lambda r, c: (0, c))],
+        out_specs=pl.BlockSpec((1, bd), lambda r, c: (r, c)),
+        out_shape=((num_rows, d), out_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="embedding_bag_bwd_values",
+    )(row_start, bags, w, d_out)
+
+
+def _gpu_dweights_kernel(idx_ref, dout_ref, v_ref, o_ref, *, k: int, d: int, bd: int):
+    bb = idx_ref.shape[0]
+
+    def over_bag(j, carry):
+        rows = idx_ref[:, j]
+
+        def over_cols(c, s):
+            cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
+            prod = v_ref[rows, cols].astype(o_ref.dtype) * dout_ref[:, cols].astype(o_ref.dtype)
+            return s + jnp.sum(prod, axis=1)
+
+        o_ref[:, j] = jax.lax.fori_loop(0, d // bd, over_cols, jnp.zeros((bb,), o_ref.dtype))
+        return carry
+
+    jax.lax.fori_loop(0, k, over_bag, 0)
+
+
+def gpu_backward_weights(d_out, values, indices, *, acc_dtype, interpret: bool, block_bags: int = 16):
+    n, d = values.shape
+    bt, k = indices.shape
+    bd = _pow2_divisor(d, 128)
+    idx = _pad_rows(indices, block_bags)
+    dout = _pad_rows(d_out, block_bags)
+    out = _pallas_call(
+        functools.partial(_gpu_dweights_kernel, k=k, d=d, bd=bd),
+        grid=(idx.shape[0] // block_bags,),
+        in_specs=[pl.BlockSpec((block_bags, k), lambda i: (i, 0)),
+                  pl.BlockSpec((block_bags, d), lambda i: (i, 0)),
+                  pl.BlockSpec((n, d), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((block_bags, k), lambda i: (i, 0)),
+        out_shape=((idx.shape[0], k), acc_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="embedding_bag_bwd_weights",
+    )(idx, dout, values)
+    return out[:bt]
+
+
+def gpu_supports(shape, dtype, backend: str) -> bool:
+    """Triton kernel: CUDA / ROCm, float32 / bfloat16 / float16, ``D`` a multiple of 16."""
+    if backend not in ("gpu", "cuda", "rocm") or len(shape) != 2:
+        return False
+    return jnp.dtype(dtype) in _FLOAT_DTYPES and shape[1] % 16 == 0
+
+
+# ============================================================================ TPU (Mosaic)
+
+
+def _tpu_params(semantics):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _chunked(fn, arrays, k: int):
+    """Run ``fn(*chunk_arrays)`` on SMEM-sized chunks of bags and concatenate the results.
+
+    ``arrays`` have the bag dimension first; long batches go through ``lax.map`` so the
+    scalar-prefetched indices of one call never exceed ``TPU_SMEM_ENTRIES``.
+    """
+    bags = arrays[0].shape[0]
+    chunk = max(1, TPU_SMEM_ENTRIES // k)
+    if bags <= chunk:
+        return fn(*arrays)
+    padded = [_pad_rows(a, chunk) for a in arrays]
+    stacked = [a.reshape(-1, chunk, *a.shape[1:]) for a in padded]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(stacked))
+    return out.reshape(-1, *out.shape[2:])[:bags]
+
+
+def _tpu_fwd_kernel(idx_ref, w_ref, v_ref, o_ref, acc_ref, *, k: int):
+    b, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc_ref[...] += w_ref[b * k + j] * v_ref[...].astype(acc_ref.dtype)
+
+    @pl.when(j == k - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def tpu_forward(values, indices, weights, *, out_dtype, interpret: bool):
+    from jax.experimental.pallas import tpu as pltpu
+
+    n, d = values.shape
+    k = indices.shape[1]
+    v3 = values.reshape(n, 1, d)
+
+    def call(idx, w):
+        bags = idx.shape[0]
+        spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(bags, k),
+            in_specs=[pl.BlockSpec((pl.Squeezed(), 1, d), lambda b, j, idx, w: (idx[b * k + j], 0, 0))],
+            out_specs=pl.BlockSpec((pl.Squeezed(), 1, d), lambda b, j, idx, w: (b, 0, 0)),
+            scratch_shapes=[pltpu.VMEM((1, d), weights.dtype)],
+        )
+        return _pallas_call(
+            functools.partial(_tpu_fwd_kernel, k=k), grid_spec=spec,
+            out_shape=((bags, 1, d), out_dtype),
+            interpret=interpret,
+            compiler_params=_tpu_params(("parallel", "arbitrary")),
+            name="embedding_bag_fwd_tpu",
+        )(idx.reshape(-1), w.reshape(-1), v3)  # 1-D: 2-D SMEM arrays are padded to (8, 128) tiles
+
+    return _chunked(call, (indices, weights), k).reshape(indices.shape[0], d)
+
+
+def _tpu_dvalues_kernel(rows_ref, bags_ref, w_ref, dout_ref, acc_in_ref, o_ref):
+    p = pl.program_id(0)
+    first = (p == 0) | (rows_ref[jnp.maximum(p - 1, 0)] != rows_ref[p])
+
+    @pl.when(first)  # the row's output block was just brought in: start from its running value
+    def _():
+        o_ref[...] = acc_in_ref[...]
+
+    o_ref[...] += w_ref[p] * dout_ref[...].astype(o_ref.dtype)
+
+
+def tpu_backward_values(d_out, indices, weights, num_rows: int, *, out_dtype, interpret: bool):
+    from jax.experimental.pallas import tpu as pltpu
+
+    bt, d = d_out.shape
+    k = indices.shape[1]
+    dout3 = d_out.reshape(bt, 1, d)
+    chunk = max(1, TPU_SMEM_ENTRIES // k) * k  # pairs per kernel call
+    flat_idx, flat_w = indices.reshape(-1), weights.reshape(-1)
+    pad = (-flat_idx.shape[0]) % chunk
+    # Padded pairs read row 0 with weight 0 on behalf of bag 0: they add exact zeros.
+    bag_ids = jnp.pad(jnp.arange(flat_idx.shape[0], dtype=jnp.int32) // k, (0, pad))
+    flat_idx, flat_w = jnp.pad(flat_idx, (0, pad)), jnp.pad(flat_w, (0, pad))
+    n_chunks = flat_idx.shape[0] // chunk
+
+    def one_chunk(c, acc):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk)
+        idx_c, w_c, bag_c = sl(flat_idx), sl(flat_w), sl(bag_ids)
+        order = jnp.argsort(idx_c, stable=True)
+        spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(chunk,),
+            in_specs=[pl.BlockSpec((pl.Squeezed(), 1, d), lambda p, r, b, w: (b[p], 0, 0)),
+                      pl.BlockSpec((pl.Squeezed(), 1, d), lambda p, r, b, w: (r[p], 0, 0))],
+            out_specs=pl.BlockSpec((pl.Squeezed(), 1, d), lambda p, r, b, w: (r[p], 0, 0)),
+        )
+        return _pallas_call(
+            _tpu_dvalues_kernel, grid_spec=spec,
+            out_shape=((num_rows, 1, d), weights.dtype),
+            input_output_aliases={4: 0},  # operand 4 (3 prefetched, d_out, acc) is updated in place
+            interpret=interpret,
+            compiler_params=_tpu_params(("arbitrary",)),
+            name="embedding_bag_bwd_values_tpu",
+        )(idx_c[order], bag_c[order], w_c[order], dout3, acc)
+
+    acc = jnp.zeros((num_rows, 1, d), weights.dtype)
+    acc = one_chunk(0, acc) if n_chunks == 1 else jax.lax.fori_loop(0, n_chunks, one_chunk, acc)
+    return acc.reshape(num_rows, d).astype(out_dtype)
+
+
+def _tpu_dweights_kernel(idx_ref, v_ref, dout_ref, o_ref, *, k: int):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        o_ref[...] = jnp.zeros_like(o_ref)
+
+    s = jnp.sum(v_ref[...].astype(o_ref.dtype) * dout_ref[...].astype(o_ref.dtype))
+    lane = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, len(o_ref.shape) - 1)
+    o_ref[...] = jnp.where(lane == j, s, o_ref[...])
+
+
+def tpu_backward_weights(d_out, values, indices, *, acc_dtype, interpret: bool):
+    from jax.experimental.pallas import tpu as pltpu
+
+    n, d = values.shape
+    bt, k = indices.shape
+    v3 = values.reshape(n, 1, d)
+
+    def call(idx, dout):
+        bags = idx.shape[0]
+        spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(bags, k),
+            in_specs=[pl.BlockSpec((pl.Squeezed(), 1, d), lambda b, j, idx: (idx[b * k + j], 0, 0)),
+                      pl.BlockSpec((pl.Squeezed(), 1, d), lambda b, j, idx: (b, 0, 0))],
+            out_specs=pl.BlockSpec((pl.Squeezed(), 1, k), lambda b, j, idx: (b, 0, 0)),
+        )
+        return _pallas_call(
+            functools.partial(_tpu_dweights_kernel, k=k), grid_spec=spec,
+            out_shape=((bags, 1, k), acc_dtype),
+            interpret=interpret,
+            compiler_params=_tpu_params(("parallel", "arbitrary")),
+            name="embedding_bag_bwd_weights_tpu",
+        )(idx.reshape(-1), v3, dout.reshape(bags, 1, d))
+
+    return _chunked(call, (indices, d_out), k).reshape(bt, k)
+
+
+def tpu_supports(shape, dtype, backend: str) -> bool:
+    """Mosaic kernel: TPU, float32 / bfloat16, ``D`` a multiple of 128 (one lane-dense row per DMA)."""
+    if backend != "tpu" or len(shape) != 2:
+        return False
+    return jnp.dtype(dtype) in _FLOAT_DTYPES[:2] and shape[1] % 128 == 0
+
+
+# ============================================================================ registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One Pallas implementation: forward, the two backward halves and where it applies."""
+
+    name: str
+    supports: Callable[..., bool]  # supports(values_shape, dtype, backend) -> bool
+    forward: Callable
+    backward_values: Callable
+    backward_weights: Callable
+
+
+KERNELS = {
+    "pallas_gpu": Kernel("pallas_gpu", gpu_supports, gpu_forward, gpu_backward_values, gpu_backward_weights),
+    "pallas_tpu": Kernel("pallas_tpu", tpu_supports, tpu_forward, tpu_backward_values, tpu_backward_weights),
+}

@@ -1,0 +1,194 @@
+"""Embedding bag: XLA reference and both Pallas kernel families (interpret mode) vs a naive loop.
+
+Tolerances: float64 (x64 fixture) 1e-12 relative (max abs error / max abs reference);
+bfloat16 tables with float32 accumulation: exact float32 sums up to 1e-6 relative, and the
+bfloat16 output within one bfloat16 rounding (2^-8 relative) of the float32 result.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.kernels import embedding_bag_pallas as ebp
+from memjax.kernels.embedding_bag import VERIFIED_BACKENDS, embedding_bag, resolve_impl, supports
+
+PALLAS = ["pallas_gpu", "pallas_tpu"]
+IMPLS = ["xla", *PALLAS]
+
+
+def rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-300))
+
+
+def naive(values, indices, weights, d_out):
+    """Forward and both gradients by explicit loops over bags and slots (float64 NumPy)."""
+    v, idx, w, g = (np.asarray(a, np.float64) for a in (values, indices, weights, d_out))
+    idx = idx.astype(np.int64)
+    out = np.zeros((idx.shape[0], v.shape[1]))
+    d_v = np.zeros_like(v)
+    d_w = np.zeros(idx.shape)
+    for b in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            out[b] += w[b, j] * v[idx[b, j]]
+            d_v[idx[b, j]] += w[b, j] * g[b]
+            d_w[b, j] = g[b] @ v[idx[b, j]]
+    return out, d_v, d_w
+
+
+def problem(n=37, d=24, bt=11, k=5, dtype=jnp.float64, seed=0):
+    rng = np.random.default_rng(seed)  # NumPy data: no x64 RNG compilations
+    values = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    idx = jnp.asarray(rng.integers(0, n, (bt, k)), jnp.int32)
+    # Repeated rows inside a bag and across bags: the backward must accumulate them.
+    idx = idx.at[0, 1].set(idx[0, 0]).at[1, 3].set(idx[0, 0]).at[2].set(n - 1)
+    weights = jnp.asarray(rng.standard_normal((bt, k)), dtype)
+    d_out = jnp.asarray(rng.standard_normal((bt, d)), dtype)
+    return values, idx, weights, d_out
+
+
+def run(impl, values, idx, weights, d_out, **kw):
+    interpret = impl != "xla"
+
+    def f(v, w):
+        return embedding_bag(v, idx, w, impl=impl, interpret=interpret, **kw)
+
+    out, vjp = jax.vjp(f, values, weights)
+    d_v, d_w = vjp(d_out.astype(out.dtype))
+    return out, d_v, d_w
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_naive_loop_float64(x64, impl):
+    values, idx, weights, d_out = problem()
+    ref = naive(values, idx, weights, d_out)
+    got = jax.jit(functools.partial(run, impl))(values, idx, weights, d_out)
+    for name, g, r in zip(("out", "d_values", "d_weights"), got, ref):
+        assert g.dtype == jnp.float64, name
+        assert rel(g, r) < 1e-12, (impl, name, rel(g, r))
+    # Rows nobody read get an exact zero gradient.
+    unread = np.setdiff1d(np.arange(values.shape[0]), np.asarray(idx))
+    assert unread.size and np.all(np.asarray(got[1])[unread] == 0)
+
+
+def test_tpu_kernel_chunked_over_smem(x64, monkeypatch):
+    """Force many SMEM chunks: a row's gradient run then spans chunk boundaries."""
+    monkeypatch.setattr(ebp, "TPU_SMEM_ENTRIES", 8)  # k = 5 -> one bag per chunk
+    values, idx, weights, d_out = problem(bt=6)
+    ref = naive(values, idx, weights, d_out)
+    got = jax.jit(functools.partial(run, "pallas_tpu"))(values, idx, weights, d_out)
+    for g, r in zip(got, ref):
+        assert rel(g, r) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_table_accumulates_in_float32(impl):
+    # 1 + 255 * 2^-9: a bfloat16 running sum would stay at 1.0 (spacing 2^-7 at 1).
+    k = 256
+    values = jnp.ones((3, 16), jnp.bfloat16)
+    idx = jnp.zeros((2, k), jnp.int32).at[1].set(2)
+    w = jnp.full((2, k), 2.0 ** -9, jnp.float32).at[:, 0].set(1.0)
+    out = embedding_bag(values, idx, w, impl=impl, interpret=impl != "xla")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 1.5)  # bf16(1.498046875)
+    exact = embedding_bag(values, idx, w, impl=impl, interpret=impl != "xla", out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(exact), 1 + 255 * 2.0 ** -9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_vs_float32(impl):
+    values, idx, weights, d_out = problem(dtype=jnp.float32, d=32)
+    d_out = d_out.astype(jnp.bfloat16).astype(jnp.float32)  # the cotangent arrives in bf16
+    ref = jax.jit(functools.partial(run, "xla"))(values.astype(jnp.bfloat16).astype(jnp.float32), idx, weights, d_out)
+    got = jax.jit(functools.partial(run, impl))(values.astype(jnp.bfloat16), idx, weights, d_out)
+    assert got[0].dtype == got[1].dtype == jnp.bfloat16 and got[2].dtype == jnp.float32
+    assert rel(got[0], ref[0]) < 2 ** -8  # one bf16 rounding of the f32 sum
+    assert rel(got[1], ref[1]) < 2 ** -8
+    assert rel(got[2], ref[2]) < 1e-5  # d_weights: f32 dot of the (exactly upcast) rows
+
+
+def test_out_of_range_indices():
+    values = jnp.arange(12.0).reshape(4, 3)
+    w = jnp.ones((1, 2))
+    for bad in ([[0, 4]], [[-1, 0]]):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
+            embedding_bag(values, jnp.asarray(bad), w)
+    # Under jit the check is impossible: indices are clamped to [0, N - 1].
+    f = jax.jit(lambda i: embedding_bag(values, i, w))
+    np.testing.assert_array_equal(f(jnp.asarray([[0, 9]]))[0], values[0] + values[3])
+    np.testing.assert_array_equal(f(jnp.asarray([[-5, 1]]))[0], values[0] + values[1])
+    g = jax.jit(jax.grad(lambda v, i: embedding_bag(v, i, w).sum()))(values, jnp.asarray([[7, 7]]))
+    np.testing.assert_array_equal(g[3], 2.0)
+
+
+def test_input_validation():
+    v, i, w = jnp.zeros((4, 3)), jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5))
+    cases = [((jnp.zeros(4), i, w), "values must be"), ((v, jnp.zeros(5, jnp.int32), w[0]), "indices must be"),
+             ((v, i.astype(jnp.float32), w), "indices must be integer"), ((v, i, jnp.zeros((2, 4))), "weights must be"),
+             ((v.astype(jnp.int32), i, w), "values must be floating"), ((v, i, w.astype(jnp.int32)), "weights must be floating")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            embedding_bag(*args)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        embedding_bag(v, i, w, impl="cuda")
+
+
+def test_dispatch_is_fail_closed():
+    shape = (1024, 128)
+    assert resolve_impl("auto", shape, jnp.float32, None, backend="cpu") == ("xla", False)
+    # Supported on GPU, but not yet verified on hardware: auto stays on XLA there too.
+    assert supports(shape, jnp.bfloat16, "gpu") == "pallas_gpu"
+    assert supports(shape, jnp.float32, "tpu") == "pallas_tpu"
+    assert resolve_impl("auto", shape, jnp.float32, None, backend="gpu")[0] == (
+        "pallas_gpu" if "gpu" in VERIFIED_BACKENDS else "xla")
+    assert supports((1024, 100), jnp.float32, "gpu") is None  # D not a multiple of 16
+    assert supports((1024, 64), jnp.float32, "tpu") is None  # D not lane-dense
+    assert supports(shape, jnp.float32, "cpu") is None
+    assert resolve_impl("pallas", shape, jnp.float32, True, backend="cpu") == ("pallas_gpu", True)
+    assert resolve_impl("pallas", shape, jnp.float32, None, backend="tpu") == ("pallas_tpu", False)
+    with pytest.raises(ValueError, match="interpret=True"):
+        resolve_impl("pallas", shape, jnp.float32, None, backend="cpu")
+    with pytest.raises(ValueError, match="explicit Pallas impl"):
+        resolve_impl("auto", shape, jnp.float32, True, backend="cpu")
+    with pytest.raises(ValueError, match="does not support"):
+        resolve_impl("pallas_gpu", (1024, 100), jnp.float32, None, backend="gpu")
+
+
+@pytest.mark.parametrize("impl,platform,target,d,bt", [
+    ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton", 96, 40),
+    ("pallas_tpu", "tpu", "tpu_custom_call", 256, 40),
+    ("pallas_tpu", "tpu", "tpu_custom_call", 128, 2100),  # > TPU_SMEM_ENTRIES pairs: chunked
+])
+def test_kernels_lower_for_their_hardware(impl, platform, target, d, bt):
+    """Forward and backward lower to Triton / Mosaic from this CPU-only install (no run)."""
+    from memjax.kernels import embedding_bag as eb
+
+    def f(v, idx, w, g):
+        loss = lambda v, w: jnp.sum(eb._bag(v, idx, w, impl, False, v.dtype).astype(jnp.float32) * g)
+        return jax.value_and_grad(loss, argnums=(0, 1))(v, w)
+
+    args = (jax.ShapeDtypeStruct((1000, d), jnp.bfloat16), jax.ShapeDtypeStruct((bt, 7), jnp.int32),
+            jax.ShapeDtypeStruct((bt, 7), jnp.float32), jax.ShapeDtypeStruct((bt, d), jnp.float32))
+    exp = jax.export.export(jax.jit(f), platforms=[platform],
+                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
+    assert exp.mlir_module().count(target) == 3  # forward, d_values, d_weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"), reason="needs a GPU or TPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_hardware_kernel_matches_xla(dtype):
+    """Compiled (not interpreted) kernel vs XLA; add the backend to VERIFIED_BACKENDS once green."""
+    values, idx, weights, d_out = problem(n=4096, d=256, bt=512, k=32, dtype=jnp.float32)
+    values = values.astype(dtype)
+    ref = run("xla", values, idx, weights, d_out)
+    got = jax.jit(lambda *a: embedding_bag(*a, impl="pallas"))(values, idx, weights)
+    assert rel(got, ref[0]) < (2 ** -8 if dtype == jnp.bfloat16 else 1e-5)
+    _, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl="pallas"), values, weights)
+    d_v, d_w = vjp(d_out.astype(dtype))
+    assert rel(d_v, ref[1]) < (2 ** -8 if dtype == jnp.bfloat16 else 1e-5)
+    assert rel(d_w, ref[2]) < 1e-4
+    d_v2, _ = vjp(d_out.astype(dtype))
+    np.testing.assert_array_equal(np.asarray(d_v, np.float32), np.asarray(d_v2, np.float32))  # deterministic
