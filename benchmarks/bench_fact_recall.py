@@ -15,8 +15,12 @@ import argparse
 import tempfile
 import time
 
+import jax
+from flax import nnx
+
 from benchmarks.runner import Table
 from memjax.config import Config
+from memjax.model.lm import LM
 from memjax.train.loop import train_and_evaluate
 
 VARIANTS = {  # name -> (second block, its options)
@@ -82,10 +86,6 @@ def main(argv=None):
             t0 = time.perf_counter()
             final = train_and_evaluate(cfg, workdir)
             dt = time.perf_counter() - t0
-        from memjax.model.lm import LM  # parameter count without training state
-        from flax import nnx
-        import jax
-
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
             lambda: LM(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)))
         table.add({"variant": variant, "pattern": cfg.model.pattern, "params": n_params, "steps": final["step"],

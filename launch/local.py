@@ -1,6 +1,7 @@
 """Run N ``memjax-train`` processes on this machine as one multi-process JAX job.
 
-Each process gets ``--local-device-count`` CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count``)
+Each process (``python -m memjax.train.cli``, i.e. ``memjax-train`` with this interpreter) gets
+``--local-device-count`` CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count``)
 and joins a coordination service on ``127.0.0.1:<free port>`` run by process 0, so the job
 sees ``N * local_device_count`` devices: the same code path as a multi-host TPU / GPU job
 (per-process data slices, ``jax.make_array_from_process_local_data``, collective Orbax saves),
@@ -140,8 +141,12 @@ def run(cmds, *, log_dir: str, timeout: float = 0) -> list[int]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cmds = build_commands(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cmds = build_commands(args)
+    except ValueError as e:
+        parser.error(str(e))
     if args.dry_run:
         for env, a in cmds:
             print(format_command(env, a))

@@ -14,7 +14,7 @@ from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, v
 from memjax.nn.registry import get_block
 
 TOL = 1e-4
-CASES = [("L", {}), ("G", {}), ("DN", {}), ("D", {"expand_v": 2.0})]
+CASES = [("L", {}), ("G", {}), ("DN", {"conv_width": 0}), ("D", {"expand_v": 2.0})]
 TAYLOR = ("L", {"feature_map": "taylor", "qk_dim": 4, "qk_norm": True, "conv_width": 2})
 
 

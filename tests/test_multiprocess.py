@@ -7,6 +7,7 @@ slice of the data and the loop assembles the global batch with
 """
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -96,33 +97,64 @@ def test_maybe_initialize_is_a_noop_for_a_single_process(monkeypatch):
     assert os.environ.get("XLA_FLAGS") == flags
 
 
+def _launch(cfg_path, workdir, log_dir, *overrides):
+    argv = ["--config", str(cfg_path), "--workdir", str(workdir), "--num-processes", "2",
+            "--local-device-count", "4"]
+    if overrides:
+        argv += ["--set", *overrides]
+    cmds = local.build_commands(local.build_parser().parse_args(argv))
+    for env, _ in cmds:
+        # Overrides the 8 devices conftest put in this process's XLA_FLAGS.
+        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+        assert env["JAX_PLATFORMS"] == "cpu"
+    return local.start(cmds, log_dir=str(log_dir), log_first=True)
+
+
+def _finish(job):
+    try:
+        codes = job.wait(timeout=150)
+    finally:
+        job.stop()
+    logs = [open(job.log_path(i)).read() for i in range(len(job.procs))]
+    assert codes == [0] * len(logs), "\n".join(f"--- process {i}:\n{t[-3000:]}" for i, t in enumerate(logs))
+    return logs
+
+
+def test_local_device_count_overrides_xla_flags_in_a_fresh_process():
+    code = ("from memjax.train.distributed import maybe_initialize\n"
+            "assert maybe_initialize(local_device_count=3) is False\n"
+            "import jax, os\n"
+            "print(jax.device_count(), jax.process_count(), os.environ['XLA_FLAGS'])\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    for v in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        env.pop(v, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "1", "--xla_force_host_platform_device_count=3"]
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_across_a_resume(tmp_path):
+    """2 processes x 4 devices, stopped at step 4 and resumed to 8, == 1 process x 8 devices."""
     cfg_path = tmp_path / "cfg.py"
     cfg_path.write_text(
         "import sys\nsys.path.insert(0, %r)\nfrom tiny import tiny_config\n"
         "def get_config():\n    return tiny_config(steps=%d)\n" % (os.path.dirname(__file__), STEPS))
     two, one = tmp_path / "two", tmp_path / "one"
-    args = local.build_parser().parse_args(
-        ["--config", str(cfg_path), "--workdir", str(two), "--num-processes", "2", "--local-device-count", "4"])
-    cmds = local.build_commands(args)
-    for env, _ in cmds:
-        # Overrides the 8 devices conftest put in this process's XLA_FLAGS.
-        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
-        assert env["JAX_PLATFORMS"] == "cpu"
-    job = local.start(cmds, log_dir=str(tmp_path / "logs"), log_first=True)
+    job = _launch(cfg_path, two, tmp_path / "logs_a", f"train.stop_at_step={STEPS // 2}")
     try:
         # The 1-process reference (this process: 8 devices, same global batch) while the job runs.
         cfg = tiny_config(steps=STEPS)
         assert jax.process_count() == 1 and jax.device_count() == 8
         ref = train_and_evaluate(cfg, str(one))
-        codes = job.wait(timeout=150)
     finally:
-        job.stop()
-    logs = [open(job.log_path(i)).read() for i in range(2)]
-    assert codes == [0, 0], "\n".join(f"--- process {i}:\n{t[-3000:]}" for i, t in enumerate(logs))
-    for t in logs:  # each process has 4 local devices; the mesh spans all 8
+        first = _finish(job)
+    for t in first:  # each process has 4 local devices; the mesh spans all 8
         assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in t
+    # Second invocation: every process restores the collective checkpoint of step 4
+    # (parameters, optimizer state and its own data-iterator position) and goes on.
+    second = _finish(_launch(cfg_path, two, tmp_path / "logs_b"))
+    assert f"resumed from step {STEPS // 2}" in second[0]
 
     l1, l2 = _train_losses(one), _train_losses(two)
     assert sorted(l1) == sorted(l2) == [4, 8]

@@ -12,7 +12,7 @@ GRID = [  # (d_model, seq_len, num_kv_pairs)
     (128, 128, 8),
 ]
 LEARNING_RATES = [3e-3]
-STEPS = 800
+STEPS = 1000
 
 
 def get_sweep(blocks=None, grid=None, learning_rates=None, steps=None):
@@ -22,7 +22,7 @@ def get_sweep(blocks=None, grid=None, learning_rates=None, steps=None):
             for lr in learning_rates or LEARNING_RATES:
                 name = f"{block}_d{d}_T{seq}_kv{kv}_lr{lr:g}"
                 entries.append((name, BASE, [
-                    f"model.pattern={block},{block}", f"model.d_model={d}", "model.vocab_size=512",
+                    f"model.pattern={block},{block}", f"model.d_model={d}", "model.vocab_size=256",
                     f"data.seq_len={seq}", f"data.options={{'num_kv_pairs': {kv}}}",
                     f"optim.learning_rate={lr}", f"train.steps={steps or STEPS}",
                     "train.eval_every=200", "train.target_accuracy=0.99", "train.progress=False",

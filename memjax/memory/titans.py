@@ -59,7 +59,9 @@ Chunk alignment: ``"chunked"`` starts its chunks at position 0 of the call and, 
 ``segment_ids``, at the first token of every document (chunks are document-relative, so a packed
 row gives the same result as its documents run one by one). ``T`` need not be a multiple of ``C``:
 the tail is padded and masked (padded tokens are excluded from every sum, the final state is the
-state after the last real token). The ``initial_state`` is taken to sit at a chunk boundary, so
+state after the last real token). With ``segment_ids`` a chunk may need gradients at up to three
+weight sets (the chunk carried in, a document-relative chunk starting mid-block, a new document
+starting from ``params0``); the extra passes run only in blocks that need them. The ``initial_state`` is taken to sit at a chunk boundary, so
 two calls chained through the final state equal one call when the first call's length is a
 multiple of ``C``; :func:`titans_decode` continues a chunked computation from any position
 (it keeps the unfinished chunk in a buffer) and is the decoding form of the chunked algorithm.
@@ -518,25 +520,34 @@ def _block(carry, inp, reset_w, act, c):
         zeros_m = tuple(jnp.zeros_like(w) for w in reset_w)
         sel = base[:, None, :, None]  # [B, 1, C, 1]
         a0, d0 = _key_grads(gbase, k, v, act)
-        a2, d2 = _key_grads(reset_w, k, v, act)
+        # Blocks without a document start (or without a chunk starting mid-block) skip the
+        # extra gradient passes at run time, so unpacked data costs about what it does
+        # without segment_ids.
+        grads_if = lambda pred, ws: jax.lax.cond(pred, lambda: _key_grads(ws, k, v, act),
+                                                 lambda: jax.tree.map(jnp.zeros_like, (a0, d0)))
+        a2, d2 = grads_if(jnp.any(base == 2), reset_w)
         a = [jnp.where(sel == 2, x2, x0) for x0, x2 in zip(a0, a2)]
         d = [jnp.where(sel == 2, x2, x0) for x0, x2 in zip(d0, d2)]
         # The group starting inside the block takes its gradients at the state reached after
         # the carried group's last token, which needs that group's gradients first.
         ws1, ms1 = state_at(part1_last, ws0, ms0, a, d)
-        a1, d1 = _key_grads(ws1, k, v, act)
+        a1, d1 = grads_if(jnp.any(base == 1), ws1)
         a = [jnp.where(sel == 1, x1, x) for x1, x in zip(a1, a)]
         d = [jnp.where(sel == 1, x1, x) for x1, x in zip(d1, d)]
         bases = [(ws0, ms0), (ws1, ms1), (reset_w, zeros_m)]
 
     # Read o_t = M_{W_t}(q_t) layer by layer without forming W_t.
     x = q
+    dense = lambda x, i, wb, mb: (a_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, wb[i])
+                                  + d_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, mb[i]))
     for i in range(len(ws0)):
-        dense = [a_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, wb[i])
-                 + d_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, mb[i]) for wb, mb in bases]
-        z = dense[0]
-        for j in range(1, len(dense)):
-            z = jnp.where(sel == j, dense[j], z)
+        z = dense(x, i, *bases[0])
+        if sel is not None:
+            def other_bases(z, x=x, i=i):
+                for j in (1, 2):
+                    z = jnp.where(sel == j, dense(x, i, *bases[j]), z)
+                return z
+            z = jax.lax.cond(jnp.any(base > 0), other_bases, lambda z: z, z)
         scores = jnp.einsum("bhtd,bhjd->bhtj", x, a[i]) * cw
         z = z - jnp.einsum("bhtj,bhje->bhte", scores, d[i])
         x = act(z) if i < len(ws0) - 1 else z

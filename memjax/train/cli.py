@@ -21,7 +21,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    initialize_distributed(args)  # no-op unless a multi-process flag or JAX_* variable is set
+    try:
+        initialize_distributed(args)  # no-op unless a multi-process flag or JAX_* variable is set
+    except ValueError as e:
+        print(f"distributed setup error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         return load_config(args.config, args.set)
     except ConfigError as e:

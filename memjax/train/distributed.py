@@ -12,9 +12,9 @@ Whatever is still unset is left to ``jax.distributed.initialize()``, which detec
 (``SLURM_*`` variables), Cloud TPU VMs (metadata server), Open MPI and Kubernetes by itself.
 With nothing set and ``auto=False`` this is a no-op, so single-process runs are unchanged.
 
-CPU processes talk through Gloo (``jax_cpu_collectives_implementation``, JAX's default for
-the CPU backend since 0.4.3x); we set it explicitly so a site config that turned it off
-cannot silently give every process its own disconnected world.
+CPU processes talk through Gloo (``jax_cpu_collectives_implementation``, the default of
+jax 0.10's CPU backend); if it was switched off (``"none"``) we switch it back on, since
+without it cross-process collectives on CPU fail. An explicit ``"mpi"`` is kept.
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         return False
     if args["num_processes"] == 1 and args["coordinator_address"] is None:
         return False  # a world of one needs no coordination service
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if (jax.config.jax_cpu_collectives_implementation or "none") == "none":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**{k: v for k, v in args.items() if v is not None})
     return True
 

@@ -95,8 +95,11 @@ def build(cfg: Config, devices=None) -> Setup:
 
     abs_state = jax.eval_shape(init_fn)
     replicated = P()
-    opt_specs = optax.tree_map_params(tx, lambda _, s: s, abs_state["opt_state"], p_specs,
-                                      transform_non_params=lambda _: replicated)
+    # optax.multi_transform (memory values in their own group) leaves MaskedNode placeholders
+    # where a group's state has no parameter: keep them (they hold no array).
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_specs = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abs_state["opt_state"], p_specs,
+                                      transform_non_params=lambda _: replicated, is_leaf=masked)
     specs = {"step": replicated, "bad_step": replicated, "params": p_specs, "opt_state": opt_specs,
              "rest": jax.tree.map(lambda _: replicated, abs_state["rest"])}
     state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
@@ -199,9 +202,15 @@ def evaluate(setup: Setup, state, *, num_batches: int | None = None, task=None) 
             for k in totals:
                 totals[k] += float(sums[k])
             if hasattr(task, "metrics"):
-                local = np.concatenate([np.asarray(s.data) for s in preds.addressable_shards], 0) \
-                    if jax.process_count() > 1 else np.asarray(preds)
-                for k, v in task.metrics(batch, local).items():
+                if jax.process_count() > 1:
+                    # Task metrics see the whole global batch: every process gathers all rows
+                    # (process order matches the global batch layout built by to_global).
+                    from jax.experimental import multihost_utils
+
+                    preds = multihost_utils.process_allgather(preds, tiled=True)
+                    batch = {k: multihost_utils.process_allgather(np.asarray(v), tiled=True)
+                             for k, v in batch.items()}
+                for k, v in task.metrics(batch, np.asarray(preds)).items():
                     extra.setdefault(k, []).append(v)
     n = max(totals["count"], 1.0)
     out = {"loss": totals["nll"] / n, "accuracy": totals["correct"] / n}
@@ -269,6 +278,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
         bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
     final: dict = {}
     last_eval: dict | None = None
+    eval_at = -1  # the step last_eval belongs to
     t_last, step_last = time.perf_counter(), step
     pending = None  # metrics of the last dispatched step (read lazily: no per-step host sync)
 
@@ -302,7 +312,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
                 if step % tcfg.eval_every == 0 or step == last:
                     check_finite(state)
-                    last_eval = evaluate(setup, state, task=eval_task)
+                    last_eval, eval_at = evaluate(setup, state, task=eval_task), step
                     writer.write(step, last_eval, prefix="eval/", echo=bar is None)
                     if bar is not None:
                         bar.write(f"[step {step}] eval " + " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
@@ -321,7 +331,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
             check_finite(state)
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, it.get_state(), force=True)
-            if last_eval is None or step % tcfg.eval_every != 0:
+            if eval_at != step:
                 last_eval = evaluate(setup, state, task=eval_task)
                 writer.write(step, last_eval, prefix="eval/", echo=False)
             final = {"step": step, **last_eval}
