@@ -1,7 +1,7 @@
 """Associative matrix memory: chunked vs token-by-token recurrent, forward + backward.
 
     python -m benchmarks.bench_associative            # T in {512, 2048, 4096, 8192}
-    python -m benchmarks.bench_associative --quick    # T in {512, 4096}, fewer repeats
+    python -m benchmarks.bench_associative --quick    # T in {512, 4096}
 
 For gated linear attention and the gated delta rule at each length: median wall time of one
 jitted ``value_and_grad`` (loss through the output and the final state, gradients w.r.t. q, k, v,
@@ -65,12 +65,12 @@ def measure(case, T, mode, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="T in {512, 4096}, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="T in {512, 4096}")
     ap.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
     ap.add_argument("--lengths", nargs="*", type=int, default=None, help="override the sequence lengths")
     args = ap.parse_args(argv)
     lengths = args.lengths or ((512, 4096) if args.quick else (512, 2048, 4096, 8192))
-    repeats = 3 if args.quick else 5
+    repeats = 5
     cols = ["op", "T", "chunked_ms", "recurrent_ms", "speedup", "chunked_temp_MiB", "recurrent_temp_MiB",
             "memory_ratio"]
     table = Table("associative_quick" if args.quick else "associative", cols)

@@ -59,20 +59,23 @@ def value_and_grads(fn, q, k, v, beta, g, s0, co, cs, jit=True):
     return o, s, grads
 
 
-# chunk 64 >= T is the single-chunk (quadratic) form; 10 divides none of the lengths.
-FORMS = [("recurrent", 64), ("chunked", 16), ("chunked", 10), ("chunked", 64)]
+# Chunk 7 divides T = 63 (no padding), 10 does not (padded tail); 64 >= T is the single-chunk
+# (quadratic) form.
+REC, C7, C10, C64 = ("recurrent", 64), ("chunked", 7), ("chunked", 10), ("chunked", 64)
 
 
-@pytest.mark.parametrize("T,decay,packed", [(63, True, False), (63, True, True), (1, True, False)])
-def test_forms_match_reference(x64, T, decay, packed):
-    q, k, v, beta, g, s0, co, cs = inputs(T=T, decay=decay)
+@pytest.mark.parametrize("T,packed,forms", [(63, False, [REC, C7, C10, C64]),
+                                            (63, True, [REC, C10]),
+                                            (1, False, [C10])])
+def test_forms_match_reference(x64, T, packed, forms):
+    q, k, v, beta, g, s0, co, cs = inputs(T=T)
     scale = 0.7
     seg = None
     if packed:
         seg = jnp.asarray(np.stack([np.repeat([1, 2, 3], [7, 20, T - 27]), np.repeat([4, 9], [T - 5, 5])]))
     ref = value_and_grads(lambda q, k, v, b, g, s0: naive(q, k, v, b, g, s0, seg, scale),
                           q, k, v, beta, g, s0, co, cs, jit=False)
-    for mode, c in FORMS:
+    for mode, c in forms:
         fn = lambda q, k, v, b, g, s0: delta_rule(q, k, v, b, g=g, scale=scale, initial_state=s0,
                                                   segment_ids=seg, mode=mode, chunk_size=c)
         o, s, grads = value_and_grads(fn, q, k, v, beta, g, s0, co, cs)
@@ -172,7 +175,7 @@ def test_no_per_token_state_in_chunked_graph():
 
 def test_unit_lower_inverse(x64):
     """Blocked forward substitution == (I + tril(L, -1))^{-1}, for power-of-two and other sizes."""
-    for c in (1, 5, 64):
+    for c in (1, 5, 17, 64):  # 17: one 16-block plus a padded one
         # Entries of size 0.3 (like beta k_i.k_j with unit keys) keep it well conditioned; the upper
         # part is random and must be ignored.
         L = 0.3 * np.random.default_rng(c).normal(size=(2, 3, c, c))

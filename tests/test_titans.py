@@ -266,7 +266,7 @@ def test_extreme_gates_stay_finite():
     """Tiny eta and 1 - alpha (log factors near the dtype's limit) over long chunks, with packed
     documents (all three gradient bases of a chunk in use): no NaN/inf in the output or in any
     gradient, including those of params0 and the initial state."""
-    x, params0, state = make_inputs(10, t=32, dtype=np.float32)
+    x, params0, state = make_inputs(10, t=32, hidden=(), dtype=np.float32)
     x["eta"] = x["eta"].at[:, ::3].set(1e-30)
     x["alpha"] = x["alpha"].at[:, 1::4].set(1.0 - 1e-7)
     seg = jnp.asarray(np.repeat([[1, 2, 3, 4]], 2, 0).repeat([5, 17, 3, 7], axis=1))

@@ -61,7 +61,10 @@ class TitansOptions:
     memory_expansion: int = 2  # hidden width of the memory MLP = head_dim * memory_expansion
     activation: str = "silu"  # between memory MLP layers: "silu" or "gelu"
     conv_width: int = 4  # causal depthwise short conv on the memory's q, k, v; 0: none
-    theta_max: float = 0.5  # upper bound of the memory learning rate theta
+    # Upper bound of the memory learning rate theta; 0: 0.5 for a linear memory (for a repeated
+    # unit key the momentum update is stable iff 2 theta < (1 + eta)(2 - alpha), true for any
+    # eta, alpha), 0.1 for an MLP memory (0.5 diverged within a few training steps on MQAR).
+    theta_max: float = 0.0
     eta_bias: float = 0.0  # initial momentum decay sigmoid(eta_bias)
     alpha_bias: float = -5.0  # initial weight decay sigmoid(alpha_bias)
 
@@ -74,8 +77,8 @@ class TitansOptions:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"config key '{where}.activation' must be one of {tuple(ACTIVATIONS)}, "
                               f"got {self.activation!r}")
-        if self.theta_max <= 0:
-            raise ConfigError(f"config key '{where}.theta_max' must be positive, got {self.theta_max}")
+        if self.theta_max < 0:
+            raise ConfigError(f"config key '{where}.theta_max' must be >= 0, got {self.theta_max}")
 
 
 def _const(value):
@@ -97,6 +100,7 @@ class NeuralMemory(nnx.Module):
         w = opts.conv_width
         self.convs = nnx.Dict({n: ShortConv(h * dk, w, rngs=rngs, axes=("heads",)) for n in ("q", "k", "v")}
                               ) if w > 0 else None
+        self.theta_max = opts.theta_max or (0.5 if opts.depth == 1 else 0.1)
         self.w_gates = Linear(d, 3 * h, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.b_theta = param(rngs, _const(0.0), (h,), ("heads",))
         self.b_eta = param(rngs, _const(opts.eta_bias), (h,), ("heads",))
@@ -134,7 +138,7 @@ class NeuralMemory(nnx.Module):
     def _gates(self, x):
         z = self.w_gates(x).astype(jnp.float32)
         zt, ze, za = jnp.split(z, 3, axis=-1)
-        theta = self.opts.theta_max * jax.nn.sigmoid(zt + self.b_theta[...])
+        theta = self.theta_max * jax.nn.sigmoid(zt + self.b_theta[...])
         eta = jax.nn.sigmoid(ze + self.b_eta[...])
         alpha = jax.nn.sigmoid(za + self.b_alpha[...])
         return theta, eta, alpha
