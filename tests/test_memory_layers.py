@@ -7,7 +7,6 @@ relative (max abs error / max abs output).
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -15,6 +14,7 @@ from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, v
 from memjax.model.lm import LM
 from memjax.nn.memory_layers import record_slots, slot_usage, summarize_slots
 from memjax.nn.registry import get_block
+from tiny import mqar_losses
 
 TOL = 1e-5
 SMALL = {"pkm": {"n_keys": 8, "knn": 4, "heads": 2}, "memory_plus": {"n_keys": 8, "knn": 4, "heads": 2},
@@ -202,30 +202,10 @@ def test_one_bucket_control_ignores_the_ngram():
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", ALIASES)
 def test_model_with_memory_layer_trains(alias):
-    from memjax.data.mqar import MQAR
-    from memjax.train.loop import masked_xent
 
     name = get_block(alias).name
     cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=f"A,{alias}", blocks={name: SMALL[name]})
-    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train", num_examples=4096, seed=0)
-    model = LM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, opt, inputs, targets, mask):
-        def loss_fn(model):
-            nll, _, n = masked_xent(model(inputs), targets, mask)
-            return nll / n
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = []
-    for i in range(60):
-        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
-        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
-        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    losses = mqar_losses(cfg, steps=60, lr=3e-3)
     assert np.all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.5, (first, last)

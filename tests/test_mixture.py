@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memjax.memory.mixture import mixture_of_memories
+from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 jmom = jax.jit(mixture_of_memories, static_argnames=("top_k", "memory", "shared_memory", "mode", "chunk_size"))
@@ -210,35 +211,11 @@ def _rel(x, ref):
 
 def _train_mqar(pattern, blocks, steps=60, lr=3e-3):
     """Loss of a 2-layer model trained with Adam on MQAR (first and last 5 steps averaged)."""
-    import optax
-    from flax import nnx
 
     from memjax.config import ModelConfig
-    from memjax.data.mqar import MQAR
-    from memjax.model.lm import LM
-    from memjax.train.loop import masked_xent
 
     cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
-    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
-                num_examples=4096, seed=0)
-    model = LM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, opt, inputs, targets, mask):
-        def loss_fn(model):
-            nll, _, n = masked_xent(model(inputs), targets, mask)
-            return nll / n
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = []
-    for i in range(steps):
-        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
-        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
-        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    losses = mqar_losses(cfg, steps=steps, lr=lr)
     assert np.all(np.isfinite(losses))
     return np.mean(losses[:5]), np.mean(losses[-5:])
 

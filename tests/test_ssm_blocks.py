@@ -6,12 +6,12 @@ Tolerances (float32): decoding and packed runs match the full-sequence call to 1
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, validate
 from memjax.nn.registry import get_block
+from tiny import mqar_losses
 
 TOL = 1e-4
 CASES = [
@@ -126,32 +126,10 @@ def test_options_are_validated():
 @pytest.mark.parametrize("alias,opts", [("S", {}), ("M2", {"chunk_size": 16, "d_state": 16}), ("R", {}),
                                         ("E", {"window": 8, "chunk_size": 16})])
 def test_two_layer_model_learns_mqar(alias, opts):
-    from memjax.data.mqar import MQAR
-    from memjax.model.lm import LM
-    from memjax.train.loop import masked_xent
 
     cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=f"{alias},{alias}",
                       blocks={get_block(alias).name: opts})
-    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
-                num_examples=4096, seed=0)
-    model = LM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, opt, inputs, targets, mask):
-        def loss_fn(model):
-            nll, _, n = masked_xent(model(inputs), targets, mask)
-            return nll / n
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = []
-    for i in range(60):
-        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
-        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
-        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    losses = mqar_losses(cfg, steps=60, lr=3e-3)
     assert np.all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.5, (first, last)

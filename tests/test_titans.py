@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memjax.memory.titans import TitansCache, TitansState, titans, titans_decode, titans_init_cache
+from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 # Jitted once per shape: far cheaper on CPU than op-by-op dispatch of the chunk bookkeeping.
@@ -395,37 +396,13 @@ def test_block_parameters_and_options():
 
 @pytest.mark.slow
 def test_two_layer_titans_model_learns_mqar():
-    from flax import nnx
-    import optax
 
     from memjax.config import ModelConfig
-    from memjax.data.mqar import MQAR
-    from memjax.model.lm import LM
-    from memjax.train.loop import masked_xent
 
     cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern="MAG,MAL",
                       blocks={"titans_mag": {"chunk_size": 8, "window": 8},
                               "titans_mal": {"chunk_size": 8, "window": 8}})
-    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=32, vocab_size=64, split="train",
-                num_examples=4096, seed=0)
-    model = LM(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, opt, inputs, targets, mask):
-        def loss_fn(model):
-            nll, _, n = masked_xent(model(inputs), targets, mask)
-            return nll / n
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = []
-    for i in range(60):
-        ex = [task[j] for j in range(16 * i, 16 * (i + 1))]
-        batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
-        losses.append(float(train_step(model, opt, batch["inputs"], batch["targets"], batch["mask"])))
+    losses = mqar_losses(cfg, steps=60, lr=3e-3)
     assert np.all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.5, (first, last)

@@ -24,3 +24,37 @@ def tiny_config(pattern: str = "A,A", **train) -> Config:
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
+
+
+def mqar_losses(model_cfg, *, steps: int, lr: float, batch: int = 16, seq_len: int = 32) -> list[float]:
+    """Train an LM of ``model_cfg`` with Adam on 4-pair MQAR; return the per-step masked losses."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from memjax.data.mqar import MQAR
+    from memjax.model.lm import LM
+    from memjax.train.loop import masked_xent
+
+    task = MQAR(MQAR.Options(num_kv_pairs=4), seq_len=seq_len, vocab_size=model_cfg.vocab_size,
+                split="train", num_examples=batch * steps, seed=0)
+    model = LM(model_cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, inputs, targets, mask):
+        def loss_fn(model):
+            nll, _, n = masked_xent(model(inputs), targets, mask)
+            return nll / n
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    for i in range(steps):
+        ex = [task[j] for j in range(batch * i, batch * (i + 1))]
+        b = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
+        losses.append(float(train_step(model, opt, b["inputs"], b["targets"], b["mask"])))
+    return losses
