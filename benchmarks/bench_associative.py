@@ -17,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.runner import Table, compiled_memory, time_fn
+from benchmarks.runner import Table, loss_and_grad, time_and_memory
 from memjax.memory.delta_rule import delta_rule
 from memjax.memory.linear_attention import linear_attention
 
@@ -34,33 +34,19 @@ def _inputs(T):
     return q, k, v, beta, g
 
 
-def _loss_grad(fn, argnums):
-    def loss(*args):
-        o, s = fn(*args)
-        return jnp.sum(o) + jnp.sum(jnp.abs(s))
-    return jax.jit(jax.value_and_grad(loss, argnums))
-
-
 def linear_attention_case(T, mode):
     q, k, v, _, g = _inputs(T)
     fn = lambda q, k, v, g: linear_attention(q, k, v, g=g, mode=mode, chunk_size=CHUNK)
-    return _loss_grad(fn, (0, 1, 2, 3)), (q, k, v, g)
+    return loss_and_grad(fn, (0, 1, 2, 3)), (q, k, v, g)
 
 
 def gated_delta_rule_case(T, mode):
     q, k, v, beta, g = _inputs(T)
     fn = lambda q, k, v, beta, g: delta_rule(q, k, v, beta, g=g, mode=mode, chunk_size=CHUNK)
-    return _loss_grad(fn, (0, 1, 2, 3, 4)), (q, k, v, beta, g)
+    return loss_and_grad(fn, (0, 1, 2, 3, 4)), (q, k, v, beta, g)
 
 
 OPS = {"gated_linear_attention": linear_attention_case, "gated_delta_rule": gated_delta_rule_case}
-
-
-def measure(case, T, mode, repeats):
-    fn, args = case(T, mode)
-    t = time_fn(fn, *args, warmup=1, repeats=repeats)
-    mem = compiled_memory(fn, *args)
-    return 1e3 * t["median_s"], mem.get("temp_bytes", 0) / 2 ** 20
 
 
 def main(argv=None):
@@ -76,8 +62,8 @@ def main(argv=None):
     table = Table("associative_quick" if args.quick else "associative", cols)
     for op in args.ops:
         for T in lengths:
-            c_ms, c_mem = measure(OPS[op], T, "chunked", repeats)
-            r_ms, r_mem = measure(OPS[op], T, "recurrent", repeats)
+            c_ms, c_mem = time_and_memory(OPS[op], T, "chunked", repeats)
+            r_ms, r_mem = time_and_memory(OPS[op], T, "recurrent", repeats)
             table.add({"op": op, "T": T, "chunked_ms": c_ms, "recurrent_ms": r_ms, "speedup": r_ms / c_ms,
                        "chunked_temp_MiB": c_mem, "recurrent_temp_MiB": r_mem,
                        "memory_ratio": r_mem / max(c_mem, 1e-9)})

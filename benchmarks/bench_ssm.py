@@ -18,16 +18,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.runner import Table, compiled_memory, time_fn
+from benchmarks.runner import Table, loss_and_grad, time_and_memory
 from memjax.memory.rglru import rglru
 from memjax.memory.ssm import diagonal_ssm, selective_scan
-
-
-def _loss_grad(fn, argnums):
-    def loss(*args):
-        y, s = fn(*args)
-        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(jnp.abs(s))
-    return jax.jit(jax.value_and_grad(loss, argnums))
 
 
 def selective_case(T, mode):
@@ -38,7 +31,7 @@ def selective_case(T, mode):
     A = -jnp.linspace(1.0, 4.0, h)
     Bm, Cm = jax.random.normal(ks[2], (2, b, T, g, n)) * n ** -0.5
     fn = lambda x, dt, Bm, Cm: selective_scan(x, dt, A, Bm, Cm, mode=mode, chunk_size=64)
-    return _loss_grad(fn, (0, 1, 2, 3)), (x, dt, Bm, Cm)
+    return loss_and_grad(fn, (0, 1, 2, 3)), (x, dt, Bm, Cm)
 
 
 def rglru_case(T, mode):
@@ -47,7 +40,7 @@ def rglru_case(T, mode):
     x, ga, gx = jax.random.normal(ks[0], (3, b, T, d))
     lam = jnp.full((d,), 4.0)
     fn = lambda x, ga, gx, lam: rglru(x, ga, gx, lam, mode=mode)
-    return _loss_grad(fn, (0, 1, 2, 3)), (x, ga, gx, lam)
+    return loss_and_grad(fn, (0, 1, 2, 3)), (x, ga, gx, lam)
 
 
 def diagonal_case(T, mode):
@@ -59,7 +52,7 @@ def diagonal_case(T, mode):
     C = (jax.random.normal(ks[1], (h, n)) + 1j * jax.random.normal(ks[2], (h, n))).astype(jnp.complex64)
     dt = jnp.full((h,), 0.01)
     fn = lambda x, B, C: diagonal_ssm(x, A, B, C, dt, mode=mode)
-    return _loss_grad(fn, (0, 1, 2)), (x, B, C)
+    return loss_and_grad(fn, (0, 1, 2)), (x, B, C)
 
 
 OPS = {
@@ -67,13 +60,6 @@ OPS = {
     "rglru": (rglru_case, "scan"),
     "diagonal_ssm": (diagonal_case, "conv"),
 }
-
-
-def measure(case, T, mode, repeats):
-    fn, args = case(T, mode)
-    t = time_fn(fn, *args, warmup=1, repeats=repeats)
-    mem = compiled_memory(fn, *args)
-    return 1e3 * t["median_s"], mem.get("temp_bytes", 0) / 2 ** 20
 
 
 def main(argv=None):
@@ -89,8 +75,8 @@ def main(argv=None):
     for op in args.ops:
         case, fast = OPS[op]
         for T in lengths:
-            f_ms, f_mem = measure(case, T, fast, repeats)
-            r_ms, r_mem = measure(case, T, "recurrent", repeats)
+            f_ms, f_mem = time_and_memory(case, T, fast, repeats)
+            r_ms, r_mem = time_and_memory(case, T, "recurrent", repeats)
             table.add({"op": op, "T": T, "fast_form": fast, "fast_ms": f_ms, "recurrent_ms": r_ms,
                        "speedup": r_ms / f_ms, "fast_temp_MiB": f_mem, "recurrent_temp_MiB": r_mem,
                        "memory_ratio": r_mem / max(f_mem, 1e-9)})

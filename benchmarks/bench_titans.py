@@ -18,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.runner import Table, compiled_memory, time_fn
+from benchmarks.runner import Table, loss_and_grad, time_and_memory
 from memjax.memory.mixture import mixture_of_memories
 from memjax.memory.titans import titans
 
@@ -28,13 +28,6 @@ TITANS_CHUNK, MOM_CHUNK, MEMORIES, HIDDEN = 16, 64, 4, 128
 
 def _unit(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True))
-
-
-def _loss_grad(fn, n_args):
-    def loss(*args):
-        o, s = fn(*args)
-        return jnp.sum(o) + sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(s))
-    return jax.jit(jax.value_and_grad(loss, tuple(range(n_args))))
 
 
 def titans_case(depth):
@@ -50,7 +43,7 @@ def titans_case(depth):
                         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])))
         fn = lambda q, k, v, th, et, al, p0: titans(q, k, v, th, et, al, params0=p0, mode=mode,
                                                     chunk_size=TITANS_CHUNK)
-        return _loss_grad(fn, 7), (q, k, v, theta, eta, alpha, params0)
+        return loss_and_grad(fn, tuple(range(7))), (q, k, v, theta, eta, alpha, params0)
     return case
 
 
@@ -65,17 +58,10 @@ def mom_case(T, mode):
     g = -jax.nn.softplus(jax.random.normal(ks[5], (B, T, mp, H)) - 3.0)
     fn = lambda q, k, v, r, b, g: mixture_of_memories(q, k, v, r, top_k=2, beta=b, g=g, memory="delta",
                                                       mode=mode, chunk_size=MOM_CHUNK)
-    return _loss_grad(fn, 6), (q, k, v, logits, beta, g)
+    return loss_and_grad(fn, tuple(range(6))), (q, k, v, logits, beta, g)
 
 
 OPS = {"titans_depth1": titans_case(1), "titans_depth2": titans_case(2), "mom_delta": mom_case}
-
-
-def measure(case, T, mode, repeats):
-    fn, args = case(T, mode)
-    t = time_fn(fn, *args, warmup=1, repeats=repeats)
-    mem = compiled_memory(fn, *args)
-    return 1e3 * t["median_s"], mem.get("temp_bytes", 0) / 2 ** 20
 
 
 def main(argv=None):
@@ -90,8 +76,8 @@ def main(argv=None):
     table = Table("titans_quick" if args.quick else "titans", cols)
     for op in args.ops:
         for T in lengths:
-            c_ms, c_mem = measure(OPS[op], T, "chunked", repeats)
-            r_ms, r_mem = measure(OPS[op], T, "recurrent", repeats)
+            c_ms, c_mem = time_and_memory(OPS[op], T, "chunked", repeats)
+            r_ms, r_mem = time_and_memory(OPS[op], T, "recurrent", repeats)
             table.add({"op": op, "T": T, "chunked_ms": c_ms, "recurrent_ms": r_ms, "speedup": r_ms / c_ms,
                        "chunked_temp_MiB": c_mem, "recurrent_temp_MiB": r_mem})
     table.finish({"what": "forward + backward (value_and_grad), median wall time; temp memory of the executable",

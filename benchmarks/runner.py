@@ -77,3 +77,23 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def loss_and_grad(fn, argnums):
+    """Jitted value-and-grad of ``sum(output) + sum|final state|`` for a memory ``fn -> (output, state)``:
+    a forward+backward workload that touches both results."""
+    import jax.numpy as jnp
+
+    def loss(*args):
+        out, state = fn(*args)
+        return jnp.sum(out.astype(jnp.float32)) + sum(jnp.sum(jnp.abs(s)) for s in jax.tree.leaves(state))
+
+    return jax.jit(jax.value_and_grad(loss, argnums))
+
+
+def time_and_memory(case, T, mode, repeats):
+    """``case(T, mode) -> (jitted fn, args)``; returns (median ms, planned temporary MiB)."""
+    fn, args = case(T, mode)
+    t = time_fn(fn, *args, warmup=1, repeats=repeats)
+    mem = compiled_memory(fn, *args)
+    return 1e3 * t["median_s"], mem.get("temp_bytes", 0) / 2 ** 20
