@@ -4,7 +4,7 @@
     python -m benchmarks.sweep ... --blocks A,D --grid 64,64,4      # a subset
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (best accuracy over learning rates per
-block / width / task size) and ``<out>/mqar_accuracy_vs_state.png`` (accuracy against the
+block / width / task size) and ``<out>/accuracy_vs_state.png`` (accuracy against the
 recurrent state size, Zoology's figure). Finished runs are skipped on rerun.
 """
 from __future__ import annotations
@@ -32,27 +32,43 @@ def state_size(cfg) -> int:
     return int(sum(x.size for x in jax.tree.leaves(jax.eval_shape(build))))
 
 
-def run_sweep(entries, out: str) -> list[dict]:
+def load_results(out: str) -> list[dict]:
+    """Every finished run under ``out``: one ``row.json`` per run directory (so several sweep
+    processes can share ``out``), plus the rows of an older combined ``results.json``."""
+    rows = {}
+    legacy = os.path.join(out, "results.json")
+    if os.path.exists(legacy):
+        rows.update((r["name"], r) for r in json.load(open(legacy)))
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        path = os.path.join(out, name, "row.json")
+        if os.path.exists(path):
+            rows[name] = json.load(open(path))
+    return list(rows.values())
+
+
+def run_sweep(entries, out: str, size_key: str = "num_kv_pairs") -> list[dict]:
+    """Train and evaluate each ``(name, base, overrides, label)`` entry not finished yet."""
     from memjax.train.loop import train_and_evaluate
 
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else []
-    done = {r["name"] for r in results}
-    for name, base, overrides in entries:
-        if name in done:
+    for name, base, overrides, label in entries:
+        if os.path.exists(os.path.join(out, name, "row.json")) or name in {r["name"] for r in load_results(out)}:
             continue
         cfg = load_config(base, overrides)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             final = train_and_evaluate(cfg, os.path.join(out, name))
-        row = {"name": name, "block": cfg.model.pattern.split(",")[0], "d_model": cfg.model.d_model,
-               "seq_len": cfg.data.seq_len, "num_kv_pairs": cfg.data.options.get("num_kv_pairs"),
+        row = {"name": name, "block": label, "d_model": cfg.model.d_model,
+               "seq_len": cfg.data.seq_len, "num_kv_pairs": cfg.data.options.get(size_key),
+               "task": cfg.data.task,
                "lr": cfg.optim.learning_rate, "steps": final["step"], "accuracy": final["accuracy"],
                "state_size": state_size(cfg), "wall_s": time.perf_counter() - t0}
         print(json.dumps(row), flush=True)
-        results.append(row)
-        json.dump(results, open(path, "w"), indent=2)
+        with open(os.path.join(out, name, "row.json"), "w") as f:
+            json.dump(row, f, indent=2)
+    results = load_results(out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
     return results
 
 
@@ -65,12 +81,13 @@ def best_over_lr(results):
     return best
 
 
-def write_table(results, out: str) -> str:
+def write_table(results, out: str, size_key: str = "num_kv_pairs") -> str:
     best = best_over_lr(results)
     tasks = sorted({(k[2], k[3]) for k in best})
     widths = sorted({k[1] for k in best})
     blocks = list(dict.fromkeys(r["block"] for r in results))
-    cols = [f"d={d}, T={t}, kv={kv}" for d in widths for (t, kv) in tasks]
+    short = {"num_kv_pairs": "kv", "num_tokens": "copy"}.get(size_key, size_key)
+    cols = [f"d={d}, T={t}, {short}={kv}" for d in widths for (t, kv) in tasks]
     lines = ["| block | " + " | ".join(cols) + " | state size (d=%d, T=%d) |" % (widths[0], tasks[0][0]),
              "|---|" + "---|" * (len(cols) + 1)]
     for b in blocks:
@@ -87,7 +104,7 @@ def write_table(results, out: str) -> str:
     return md
 
 
-def plot(results, out: str) -> str:
+def plot(results, out: str, size_key: str = "num_kv_pairs", metric: str = "MQAR accuracy") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,13 +120,13 @@ def plot(results, out: str) -> str:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=b)
         ax.set_xscale("log")
         ax.set_xlabel("decoding state size (elements)")
-        ax.set_ylabel("MQAR accuracy")
-        ax.set_title(f"T={t}, {kv} key-value pairs")
+        ax.set_ylabel(metric)
+        ax.set_title(f"T={t}, {size_key}={kv}")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = os.path.join(out, "mqar_accuracy_vs_state.png")
+    path = os.path.join(out, "accuracy_vs_state.png")
     fig.savefig(path, dpi=110)
     return path
 
@@ -121,17 +138,21 @@ def main(argv=None):
     ap.add_argument("--blocks", default="", help="comma-separated subset of the sweep's blocks")
     ap.add_argument("--grid", nargs="*", default=[], help="d_model,seq_len,kv triples")
     ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--lrs", default="", help="comma-separated learning rates (default: the sweep's)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild table and figure")
     args = ap.parse_args(argv)
     spec = importlib.util.spec_from_file_location("sweep", args.sweep)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     grid = [tuple(int(x) for x in g.split(",")) for g in args.grid] or None
     entries = mod.get_sweep(blocks=args.blocks.split(",") if args.blocks else None, grid=grid,
-                            steps=args.steps or None)
+                            steps=args.steps or None,
+                            learning_rates=[float(x) for x in args.lrs.split(",")] if args.lrs else None)
     t0 = time.perf_counter()
-    results = run_sweep(entries, args.out)
-    print(write_table(results, args.out))
-    print("figure:", plot(results, args.out))
+    size_key = getattr(mod, "SIZE_KEY", "num_kv_pairs")
+    results = load_results(args.out) if args.report_only else run_sweep(entries, args.out, size_key)
+    print(write_table(results, args.out, size_key))
+    print("figure:", plot(results, args.out, size_key, getattr(mod, "METRIC", "MQAR accuracy")))
     print(f"sweep wall time: {time.perf_counter() - t0:.0f} s on {jax.devices()[0].device_kind}")
 
 

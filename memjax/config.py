@@ -310,6 +310,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         raise ConfigError(
             f"config key 'train.microbatches' ({t.microbatches}) must divide train.batch_size ({t.batch_size})"
         )
+    if d.worker_count < 0:
+        raise ConfigError(f"config key 'data.worker_count' must be >= 0 (0: in-process), got {d.worker_count}")
     if not 0 <= t.target_accuracy <= 1:
         raise ConfigError(f"config key 'train.target_accuracy' must be in [0, 1], got {t.target_accuracy}")
 

@@ -23,6 +23,15 @@ def make_task(cfg: Config, split: str):
                num_examples=n, seed=d.seed)
 
 
+def _absl_flags_parsed() -> None:
+    """Grain's worker pool reads Abseil flags, which raise ``UnparsedFlagAccessError`` in a
+    program not started by ``absl.app`` (google/grain#1355): treat the defaults as parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def _stack(examples):
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -50,5 +59,6 @@ def make_dataset(cfg: Config, split: str, *, batch_size: int | None = None,
     ds = ds.batch(batch_size // pc, drop_remainder=True, batch_fn=_stack)
     it = ds.to_iter_dataset()
     if cfg.data.worker_count > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
     return it

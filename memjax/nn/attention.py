@@ -10,7 +10,7 @@ from flax import nnx
 from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm
+from memjax.nn.layers import Linear, RMSNorm, positions_in_segment
 from memjax.nn.registry import register_block
 
 
@@ -63,7 +63,7 @@ class Attention(Block):
         if segment_ids is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         else:  # RoPE positions restart at each packed document
-            positions = _positions_in_segment(segment_ids)
+            positions = positions_in_segment(segment_ids)
         q, k, v = self._qkv(x, positions)
         o = causal_attention(q, k, v, segment_ids=segment_ids, window=self.window)
         return self.wo(o.reshape(b, t, self.h * self.dk))
@@ -90,12 +90,3 @@ class Attention(Block):
     def step(self, x, state, *, token=None):
         y, state = self.prefill(x[:, None, :], state)
         return y[:, 0], state
-
-
-def _positions_in_segment(segment_ids):
-    """Index of each token within its packed document, ``[B, T]``."""
-    t = segment_ids.shape[1]
-    idx = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-    return idx - start_idx

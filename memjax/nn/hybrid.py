@@ -40,9 +40,8 @@ from flax import nnx
 from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.ssm import selective_scan
-from memjax.nn.attention import _positions_in_segment
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, param
+from memjax.nn.layers import Linear, RMSNorm, param, positions_in_segment
 from memjax.nn.registry import register_block
 from memjax.nn.ssm_blocks import dt_bias_init
 
@@ -134,7 +133,7 @@ class SlidingWindowSSM(Block):
         b, t, _ = x.shape
         w = self.window
         q, k, v, dt = self._project(x)
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None else _positions_in_segment(segment_ids)
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None else positions_in_segment(segment_ids)
         o_att = causal_attention(rope(q, pos, self.theta), rope(k, pos, self.theta), v,
                                  segment_ids=segment_ids, window=w)
         seg_d = None if segment_ids is None else _delay(segment_ids, w, fill_from_first=True)

@@ -104,3 +104,12 @@ class ShortConv(nnx.Module):
         """Decoding state after consuming ``x: [B, T, D]`` from a zero state."""
         pad = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
         return pad[:, pad.shape[1] - (self.width - 1):]
+
+
+def positions_in_segment(segment_ids):
+    """Index of each token within its packed document, ``[B, T]``."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx

@@ -22,6 +22,7 @@ BLOCK_MODULES = (
     "memjax.nn.mlp",
     "memjax.nn.associative",
     "memjax.nn.titans",
+    "memjax.nn.titans_mac",
     "memjax.nn.mixture",
     "memjax.nn.hopfield",
     "memjax.nn.ssm_blocks",

@@ -1,6 +1,7 @@
-"""Titans blocks: neural long-term memory with sliding-window attention (Behrouz et al. 2025).
+"""Titans MAG and MAL blocks: neural long-term memory with attention (Behrouz et al. 2025).
 
-Both blocks have two branches over the block input ``x`` (already RMS-normalised by the model):
+``titans_mag`` and ``titans_mal`` have two branches over the block input ``x`` (already
+RMS-normalised by the model):
 
 - neural memory (:class:`NeuralMemory`): ``q, k, v = SiLU(ShortConv(x W))`` per head, ``q, k``
   L2-normalised; data-dependent gates ``theta = theta_max * sigmoid(x w_theta + b)``,
@@ -23,10 +24,11 @@ each with its own residual::
 
     m = memory(x) W_m ;  h = x + m ;  y = m + W_o swa(RMSNorm(h))
 
-so the model's ``x + y`` equals ``h + swa(RMSNorm(h))``. Persistent-memory tokens and the MAC
-variant (memory as context) are not implemented.
+so the model's ``x + y`` equals ``h + swa(RMSNorm(h))``.
 
-Decoding: the state holds the short-conv windows, the attention ring buffer of the last
+``titans_mac`` (memory as context) lives in :mod:`memjax.nn.titans_mac`.
+
+Decoding (MAG, MAL): the state holds the short-conv windows, the attention ring buffer of the last
 ``window`` keys/values with the position counter, and a :class:`memjax.memory.titans.TitansCache`
 (memory weights and momentum at the last chunk boundary plus the tokens of the unfinished chunk).
 ``prefill`` and ``step`` both continue the chunked algorithm with
@@ -47,9 +49,8 @@ from flax import nnx
 from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.titans import ACTIVATIONS, titans, titans_decode, titans_init_cache
-from memjax.nn.attention import _positions_in_segment
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
+from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param, positions_in_segment
 from memjax.nn.registry import register_block
 
 
@@ -190,7 +191,7 @@ class SlidingWindowAttention(nnx.Module):
     def __call__(self, x, segment_ids=None):
         b, t, _ = x.shape
         positions = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
-                     else _positions_in_segment(segment_ids))
+                     else positions_in_segment(segment_ids))
         q, k, v = self._qkv(x, positions)
         return self.o_norm(causal_attention(q, k, v, segment_ids=segment_ids, window=self.window))
 
@@ -282,3 +283,6 @@ class TitansMAL(_TitansBlock):
         m = self._mem_out(ym, x)
         ya, sa = self.attn.prefill(self.norm(x + m), state["attn"])
         return m + self.wo(ya.reshape(*x.shape[:2], -1)), {"memory": sm, "attn": sa}
+
+
+# ----------------------------------------------------------------------------- MAC

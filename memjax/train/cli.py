@@ -51,9 +51,40 @@ def train_main(argv=None) -> None:
         print(json.dumps(final))
 
 
+def _numbers(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
 def eval_main(argv=None) -> None:
-    args = _parser("memjax-eval").parse_args(argv)
+    p = _parser("memjax-eval")
+    p.add_argument("--needle-grid", action="store_true",
+                   help="passkey checkpoints: accuracy by context length x needle depth instead of the "
+                        "standard eval; writes needle.json and needle_heatmap.png into the workdir")
+    p.add_argument("--lengths", type=_numbers(int), default=None,
+                   help="needle grid context lengths, e.g. 256,512,1024 (default: 1x,2x,4x data.seq_len)")
+    p.add_argument("--depths", type=_numbers(float), default=None,
+                   help="needle grid depths in [0, 1], e.g. 0,0.5,1 (default: 0,0.25,0.5,0.75,1)")
+    args = p.parse_args(argv)
     cfg = _load(args)
+    if args.needle_grid:
+        from memjax.eval.needle import needle_grid_with_step, save_needle_grid
+
+        try:
+            results, step = needle_grid_with_step(cfg, args.workdir, args.lengths, args.depths)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            sys.exit(2)
+        json_path, png_path = save_needle_grid(results, args.workdir, step=step)
+        for (n, d), acc in sorted(results.items()):
+            print(f"length {n:>6} depth {d:<5g} key_accuracy {acc:.4f}")
+        print(f"wrote {json_path} and {png_path}")
+        return
     from memjax.train.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(cfg, args.workdir), indent=2))

@@ -32,7 +32,10 @@ def restore_state(cfg: Config, workdir: str, step: int | None = None):
 
 def evaluate_checkpoint(cfg: Config, workdir: str, *, num_batches: int | None = None,
                         length_multiples: tuple[int, ...] = (1, 2, 4)) -> dict:
-    """Metrics of the latest checkpoint; ``len_x{m}/...`` entries at ``m`` times the training length."""
+    """Metrics of the latest checkpoint; ``len_x{m}/...`` entries at ``m`` times the training length.
+
+    Writes ``eval_metrics.json`` and the same numbers as a Markdown table, ``eval_metrics.md``.
+    """
     setup, state, step = restore_state(cfg, workdir)
     metrics: dict = {"step": step, **evaluate(setup, state, num_batches=num_batches)}
     for m in length_multiples:
@@ -51,4 +54,8 @@ def evaluate_checkpoint(cfg: Config, workdir: str, *, num_batches: int | None = 
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+        from memjax.eval.plots import metrics_table_markdown
+
+        with open(os.path.join(workdir, "eval_metrics.md"), "w") as f:
+            f.write(metrics_table_markdown(metrics))
     return metrics

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from memjax.config import Config, validate
+from memjax.config import Config, ConfigError, validate
 from memjax.data.pipeline import make_dataset, make_task
 from memjax.model.lm import LM
 from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
@@ -212,7 +212,12 @@ def evaluate(setup: Setup, state, *, num_batches: int | None = None, task=None) 
                              for k, v in batch.items()}
                 for k, v in task.metrics(batch, np.asarray(preds)).items():
                     extra.setdefault(k, []).append(v)
-    n = max(totals["count"], 1.0)
+    if totals["count"] == 0:  # no batch, or no scored position: a 0.0 accuracy would be a lie
+        raise ConfigError(
+            f"evaluation scored no position: config key 'data.num_eval_examples' "
+            f"({cfg.data.num_eval_examples}) must give at least one batch of 'train.batch_size' "
+            f"({cfg.train.batch_size}) with answer positions")
+    n = totals["count"]
     out = {"loss": totals["nll"] / n, "accuracy": totals["correct"] / n}
     out.update({k: float(np.mean(v)) for k, v in extra.items()})
     return out
