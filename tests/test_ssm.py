@@ -17,7 +17,7 @@ from memjax.memory.ssm import diagonal_ssm, linear_scan, selective_scan
 
 TOL64 = 1e-10
 sel = jax.jit(selective_scan, static_argnames=("mode", "chunk_size"))
-diag = jax.jit(diagonal_ssm, static_argnames=("mode",))
+diag = jax.jit(diagonal_ssm, static_argnames=("mode", "chunk_size"))
 
 
 def rel(x, ref):  # NumPy: eager jnp ops would each compile
@@ -96,6 +96,54 @@ def test_diagonal_forms_match_reference(x64, T, complex_):
         check_all(got, ref, mode)
 
 
+@pytest.mark.parametrize("T,packed,complex_", [(1, False, False), (63, False, False), (63, True, True),
+                                               (100, True, True)])
+def test_diagonal_chunked_matches_reference(x64, T, packed, complex_):
+    """Chunk sizes 16 and 64: T = 63 and 100 are multiples of neither (padded tail); T = 1 caps the chunk."""
+    args, co, cs = diag_inputs(T=T, complex_=complex_)
+    seg = packed_ids(T) if packed else None
+    ref = grads_of(lambda *a: diag_naive(*a, seg), args, co, cs)
+    for c in (16, 64):
+        got = grads_of(lambda x, A, B, C, dt, D, s0: diagonal_ssm(x, A, B, C, dt, D=D, initial_state=s0, segment_ids=seg,
+                                                                mode="chunked", chunk_size=c), args, co, cs)
+        assert got[0].dtype == jnp.float64 and got[1].dtype == (jnp.complex128 if complex_ else jnp.float64)
+        check_all(got, ref, ("chunked", c))
+
+
+def test_diagonal_chunked_packed_equals_separate_documents(x64):
+    """Chunk 8; documents start at 14 (mid-chunk), 16 and 32 (chunk edges): a 2-token document too."""
+    (x, A, B, C, dt, D, s0), _, _ = diag_inputs(B=1, T=48)
+    lengths = [16, 16, 16]  # equal lengths: one compile for the separate runs
+    seg = jnp.asarray(np.repeat([3, 5, 8], lengths))[None]
+    seg = seg.at[0, 14:16].set(4)  # a 2-token document inside chunk 1
+    y, s = diag(x, A, B, C, dt, D=D, initial_state=s0, segment_ids=seg, mode="chunked", chunk_size=8)
+    bounds = [0, 14, 16, 32, 48]
+    ys, ss = [], []
+    for i in range(4):
+        sl = slice(bounds[i], bounds[i + 1])
+        yi, si = diagonal_ssm(x[:, sl], A, B, C, dt, D=D, initial_state=s0 if i == 0 else None, mode="recurrent")
+        ys.append(yi)
+        ss.append(si)
+    assert rel(y, jnp.concatenate(ys, 1)) < TOL64 and rel(s, ss[-1]) < TOL64
+
+
+def test_diagonal_chunked_has_no_per_token_state():
+    """With chunk 8 < N = 16 the largest intermediate of the chunked gradient (packed input) is below
+    one [batch, T, H, N] state per token, which the associative scan does materialise."""
+    b, t, h, n = 2, 64, 4, 16
+    x = jnp.ones((b, t, h))
+    A = jnp.full((h, n), -0.5 + 1j)
+    Bm = jnp.ones((h, n), jnp.complex64)
+    seg = jnp.asarray(np.repeat([[1, 2]], [20, 44], axis=1).repeat(b, 0))
+
+    def loss(x, Bm, mode):
+        y, s = diagonal_ssm(x, A, Bm, Bm, jnp.ones(h), segment_ids=seg, mode=mode, chunk_size=8)
+        return jnp.sum(y) + jnp.sum(jnp.abs(s))
+
+    assert _largest_intermediate(jax.grad(lambda *a: loss(*a, "chunked"), (0, 1)), x, Bm) < b * t * h * n
+    assert _largest_intermediate(jax.grad(lambda *a: loss(*a, "scan"), (0, 1)), x, Bm) >= b * t * h * n
+
+
 def test_diagonal_packed_matches_reference_and_separate_documents(x64):
     args, co, cs = diag_inputs(T=37)
     seg = packed_ids(37)
@@ -116,12 +164,13 @@ def test_diagonal_packed_matches_reference_and_separate_documents(x64):
     assert rel(y, jnp.concatenate(parts, 1)) < TOL64
 
 
-@pytest.mark.parametrize("mode", ["conv", "scan"])
+@pytest.mark.parametrize("mode", ["conv", "scan", "chunked"])
 def test_diagonal_chaining_two_halves_equals_one_pass(x64, mode):
     (x, A, B, C, dt, D, s0), _, _ = diag_inputs(T=42)
-    y, s = diag(x, A, B, C, dt, D=D, initial_state=s0, mode=mode)
-    y1, s1 = diag(x[:, :21], A, B, C, dt, D=D, initial_state=s0, mode=mode)  # equal halves: one compile
-    y2, s2 = diag(x[:, 21:], A, B, C, dt, D=D, initial_state=s1, mode=mode)
+    kw = dict(D=D, mode=mode, chunk_size=16)  # halves of 21: a padded last chunk
+    y, s = diag(x, A, B, C, dt, initial_state=s0, **kw)
+    y1, s1 = diag(x[:, :21], A, B, C, dt, initial_state=s0, **kw)  # equal halves: one compile
+    y2, s2 = diag(x[:, 21:], A, B, C, dt, initial_state=s1, **kw)
     assert rel(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel(s2, s) < TOL64
 
 
@@ -130,10 +179,11 @@ def test_diagonal_bf16_matches_float32():
     f32 = lambda v: jnp.asarray(v, jnp.complex64 if np.iscomplexobj(v) else jnp.float32)
     A, B, C, dt, D, s0 = map(f32, (A, B, C, dt, D, s0))
     x32 = f32(x)
-    y32, s32 = diag(x32, A, B, C, dt, D=D, initial_state=s0, mode="conv")
-    y16, s16 = diag(x32.astype(jnp.bfloat16), A, B, C, dt, D=D, initial_state=s0, mode="conv")
-    assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.complex64
-    assert rmse(y16, y32) < 1e-2 and rmse(s16, s32) < 1e-2
+    for mode in ("conv", "chunked"):
+        y32, s32 = diag(x32, A, B, C, dt, D=D, initial_state=s0, mode=mode)
+        y16, s16 = diag(x32.astype(jnp.bfloat16), A, B, C, dt, D=D, initial_state=s0, mode=mode)
+        assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.complex64
+        assert rmse(y16, y32) < 1e-2 and rmse(s16, s32) < 1e-2, mode
 
 
 def test_diagonal_zero_eigenvalue_is_finite(x64):
@@ -159,7 +209,10 @@ def _diag_ok():
     (dict(initial_state=jnp.zeros((2, 3, 5))), "initial_state must be"),
     (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)), "segment_ids are not supported with mode='conv'"),
     (dict(segment_ids=jnp.zeros((2, 7), jnp.int32), mode="scan"), "segment_ids must be"),
-    (dict(mode="chunked"), "mode"),
+    (dict(mode="parallel"), "mode"),
+    (dict(mode="chunked", chunk_size=0), "chunk_size"),
+    (dict(mode="chunked", chunk_size=True), "chunk_size"),
+    (dict(mode="chunked", chunk_size=8.0), "chunk_size"),
 ])
 def test_diagonal_bad_inputs_raise(change, match):
     kw = {**_diag_ok(), **change}

@@ -16,6 +16,7 @@ from tiny import mqar_losses
 TOL = 1e-4
 CASES = [
     ("S", {}),
+    ("S", {"mode": "chunked", "chunk_size": 4}),  # prefill of 9 tokens: a padded last chunk
     ("M2", {"chunk_size": 8, "d_state": 16, "n_groups": 2}),
     ("R", {}),
     ("E", {"window": 5, "chunk_size": 8}),
@@ -108,6 +109,7 @@ def test_options_are_validated():
     cfg = Config()
     cfg.model.pattern = "S,M2,R,E"
     bad = [({"s4d": {"init": "hippo"}}, "s4d.init"), ({"s4d": {"reparam": "tanh"}}, "s4d.reparam"),
+           ({"s4d": {"mode": "fft"}}, "s4d.mode"), ({"s4d": {"chunk_size": 0}}, "s4d.chunk_size"),
            ({"mamba2": {"n_groups": 3}}, "mamba2.n_groups"), ({"mamba2": {"expand": 0}}, "mamba2.expand"),
            ({"mamba2": {"reparam": "best"}}, "mamba2.a_init_max"), ({"rglru": {"max_rad": 1.0}}, "rglru.min_rad"),
            ({"rglru": {"expand": 0.3}}, "rglru.expand"), ({"swa_ssm": {"window": 0}}, "swa_ssm.window"),
@@ -116,8 +118,8 @@ def test_options_are_validated():
         cfg.model.blocks = blocks
         with pytest.raises(ConfigError, match=match):
             validate(cfg)
-    cfg.model.blocks = {"s4d": {"init": "lin", "mode": "scan"}, "mamba2": {"d_state": 16, "reparam": "best",
-                                                                          "a_init_max": 2.0},
+    cfg.model.blocks = {"s4d": {"init": "lin", "mode": "chunked"}, "mamba2": {"d_state": 16, "reparam": "best",
+                                                                            "a_init_max": 2.0},
                         "rglru": {"expand": 1.5}, "swa_ssm": {"window": 8, "combine": "sum"}}
     validate(cfg)
 

@@ -22,9 +22,6 @@ LEARNING_RATES = [1e-2, 3e-3]
 STEPS = 1000
 WINDOW = 8
 BLOCK_OVERRIDES = {  # (label, extra overrides)
-    # S4D: packed batches (the loop always passes segment ids) cannot use the FFT convolution;
-    # the per-token loop is ~5x faster than the complex associative scan on CPU (same result).
-    "S": ("S", ["model.blocks={'s4d': {'mode': 'recurrent'}}"]),
     "titans_mag": (f"titans_mag_w{WINDOW}", [f"model.blocks={{'titans_mag': {{'window': {WINDOW}}}}}"]),
     "E": (f"E_w{WINDOW}", [f"model.blocks={{'swa_ssm': {{'window': {WINDOW}}}}}"]),
 }

@@ -16,8 +16,7 @@ STEPS = 1000
 SIZE_KEY = "num_tokens"
 METRIC = "selective-copying token accuracy"
 WINDOW = 8
-BLOCK_OVERRIDES = {  # (label, extra overrides); S: see configs/sweeps/mqar_blocks.py
-    "S": ("S", ["model.blocks={'s4d': {'mode': 'recurrent'}}"]),
+BLOCK_OVERRIDES = {  # (label, extra overrides)
     "E": (f"E_w{WINDOW}", [f"model.blocks={{'swa_ssm': {{'window': {WINDOW}}}}}"]),
 }
 

@@ -7,8 +7,10 @@ with ``N`` diagonal modes (complex or real)::
     s_t = Abar * s_{t-1} + Bbar x_t,   y_t = Re(sum_n C_n s_{t,n}) + D x_t
 
 Forms: ``"conv"`` (the kernel ``K_l = Re(sum_n C_n Abar_n^l Bbar_n)`` is built once and applied
-with an FFT: O(T log T)), ``"scan"`` (``jax.lax.associative_scan``: O(log T) depth, one state per
-token) and ``"recurrent"`` (``lax.scan``; the decoding form).
+with an FFT: O(T log T)), ``"chunked"`` (the same kernel as a masked ``[C, C]`` Toeplitz matmul per
+chunk plus one state-passing step per chunk; takes ``segment_ids``), ``"scan"``
+(``jax.lax.associative_scan``: O(log T) depth, one state per token) and ``"recurrent"``
+(``lax.scan``; the decoding form).
 
 **Selective SSM, Mamba-2 SSD** (Dao & Gu 2024, "Transformers are SSMs"). Per head ``h`` (scalar
 ``A_h < 0``), ``P`` channels, ``N`` state dims; ``B``, ``C`` shared by ``H / G`` heads of a group::
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
 
-DIAG_MODES = ("conv", "scan", "recurrent")
+DIAG_MODES = ("conv", "chunked", "scan", "recurrent")
 SELECTIVE_MODES = ("chunked", "recurrent")
 
 
@@ -85,7 +87,8 @@ def _phi1(z):
 
 def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, *,
                  D: jax.Array | None = None, initial_state: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, mode: str = "conv") -> tuple[jax.Array, jax.Array]:
+                 segment_ids: jax.Array | None = None, mode: str = "conv",
+                 chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Diagonal linear time-invariant SSM (S4D / S5), ZOH-discretised, per channel.
 
     Args:
@@ -96,15 +99,32 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
       dt: ``[H]`` positive step sizes.
       D: ``[H]`` skip connection or None.
       initial_state: ``[batch, H, N]`` state before ``t = 0`` (zeros if None).
-      segment_ids: ``[batch, T]`` int (``"scan"`` and ``"recurrent"`` only): the state is reset to
-        zero before the first token of each new segment. ``"conv"`` rejects it (a reset breaks time
-        invariance, so the output is no longer one convolution); use ``"scan"`` for packed data.
-      mode: ``"conv"``, ``"scan"`` or ``"recurrent"``; all give the same result.
+      segment_ids: ``[batch, T]`` int (all forms but ``"conv"``): the state is reset to zero before
+        the first token of each new segment. ``"conv"`` rejects it (a reset breaks time invariance,
+        so the output is no longer one convolution); use ``"chunked"`` for packed data.
+      mode: ``"conv"``, ``"chunked"``, ``"scan"`` or ``"recurrent"``; all give the same result.
+      chunk_size: ``C`` for ``"chunked"`` (capped at ``T``). ``T`` need not be a multiple: the tail
+        is padded with ``x = 0`` (and the last segment id), the output sliced, and the final state
+        read at position ``T - 1``, not at the padded end (the padding still decays the state).
 
     ``"conv"``: ``y = K * x + Re(sum_n C_n Abar_n^{t+1} s_{-1,n})`` with the kernel from the
     Vandermonde matrix ``Abar^l = exp(l dt A)`` (no repeated powers); the final state is the
     contraction ``s_{T-1} = Abar^T s_{-1} + sum_l Abar^{T-1-l} Bbar x_l``, so the conv form also
     chains and decodes. The FFT has length ``2T`` (no wrap-around).
+
+    ``"chunked"``: within a chunk of ``C`` tokens with carried-in state ``S`` and ``r_i`` the number
+    of resets in ``[0, i]`` (chunk positions)::
+
+        y_i   = sum_{j <= i, r_j = r_i} K_{i-j} x_j + [r_i = 0] Re(sum_n C_n Abar_n^(i+1) S_n)
+        S'    = [r_{C-1} = 0] Abar^C S + Bbar sum_{j: r_j = r_{C-1}} Abar^(C-1-j) x_j
+
+    i.e. a ``[C, C]`` Toeplitz matrix ``K_{i-j}`` (kernel ``[H, C]`` computed once, indexed, masked
+    by causality and segment), one matmul for the state's read-out and one for the chunk's write,
+    and a ``lax.scan`` over chunks for ``S``. Powers are ``Abar^l = exp(l dt A)`` with
+    ``0 <= l <= C``, so nothing grows (``|Abar| <= 1``) and no per-token state is formed. Without
+    ``segment_ids`` the Toeplitz matrix is shared by the batch (one dense matmul; ``C = 64`` is
+    fast); with them the masked matrix is ``[batch, T/C, H, C, C]``, i.e. ``C`` numbers per token
+    and channel, so smaller chunks (``C = 16``) are faster for packed data.
 
     Returns:
       ``(y [batch, T, H]`` in x's dtype, ``final_state [batch, H, N]``): the state is complex when
@@ -114,6 +134,8 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     fn = "diagonal_ssm"
     if mode not in DIAG_MODES:
         raise ValueError(f"{fn}: mode must be one of {DIAG_MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if getattr(x, "ndim", None) != 3:
         raise ValueError(f"{fn}: x must be [batch, T, H], got shape {_shape(x)}")
     if jnp.iscomplexobj(x):
@@ -136,7 +158,7 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     _check_segments(fn, segment_ids, b, t)
     if segment_ids is not None and mode == "conv":
         raise ValueError(f"{fn}: segment_ids are not supported with mode='conv' (resets break time "
-                         "invariance); use mode='scan' or 'recurrent'")
+                         "invariance); use mode='chunked', 'scan' or 'recurrent'")
 
     rd = real_dtype(x, A, B, C, dt, initial_state)
     is_complex = any(v is not None and jnp.iscomplexobj(v) for v in (A, B, C, initial_state))
@@ -149,6 +171,9 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     Bbar = B * dt.astype(rd)[:, None] * _phi1(dtA)
     if mode == "conv":
         y, s = _diag_conv(xf, dtA, Abar, Bbar, C, None if initial_state is None else initial_state.astype(sd))
+    elif mode == "chunked":
+        s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
+        y, s = _diag_chunked(xf, dtA, Bbar, C, s0, segment_ids, chunk_size)
     else:
         s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
         resets = segment_resets(segment_ids)
@@ -195,6 +220,63 @@ def _diag_conv(x, dtA, Abar, Bbar, C, s0):
         y = y + _real(jnp.einsum("hn,hnl,bhn->blh", C * Abar, powers, s0))
         s = s + jnp.exp(dtA * t) * s0
     return y, s
+
+
+def _re_dot(spec, a, b):
+    """``Re(einsum(spec, a, b))`` as real matmuls (half the work of a complex product)."""
+    if jnp.iscomplexobj(a) and jnp.iscomplexobj(b):
+        return jnp.einsum(spec, a.real, b.real) - jnp.einsum(spec, a.imag, b.imag)
+    return _real(jnp.einsum(spec, a, b))
+
+
+def _real_dot(spec, x, w):
+    """``einsum(spec, x, w)`` for real ``x`` and real or complex ``w``, without casting ``x`` to complex."""
+    if jnp.iscomplexobj(w):
+        return jax.lax.complex(jnp.einsum(spec, x, w.real), jnp.einsum(spec, x, w.imag))
+    return jnp.einsum(spec, x, w)
+
+
+def _diag_chunked(x, dtA, Bbar, C, s0, segment_ids, chunk_size):
+    b, t, h = x.shape
+    c = min(chunk_size, t)  # a chunk longer than the sequence would only be padding
+    nz = -(-t // c)
+    last = t - (nz - 1) * c  # real positions in the last chunk, 1..c
+    powers = jnp.exp(jnp.arange(c + 1, dtype=x.dtype)[:, None, None] * dtA)  # [c+1, H, N]: Abar^l
+    K = _re_dot("hn,lhn->hl", C * Bbar, powers[:c])  # [H, c]
+    lag = jnp.arange(c)[:, None] - jnp.arange(c)[None, :]
+    toeplitz = jnp.where(lag >= 0, K[:, jnp.maximum(lag, 0)], 0)  # [H, c, c]: K_{i-j}, causal
+    xc = to_chunks(pad_time(x, c), c)  # [b, nz, c, H]; padded x = 0 writes nothing
+    if segment_ids is None:
+        y = jnp.einsum("hij,bzjh->bzih", toeplitz, xc)
+        first = tail = keep = None
+    else:
+        # Edge padding starts no segment, so the padded tail shares the last real position's r.
+        r = jnp.cumsum(to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c), axis=2)
+        same = r[..., :, None] == r[..., None, :]  # [b, nz, c, c]
+        y = jnp.einsum("bzhij,bzjh->bzih", jnp.where(same[:, :, None], toeplitz, 0), xc)
+        first = r == 0  # no reset in [0, i]: the carried-in state is still visible at i
+        tail = r == r[..., -1:]  # in the chunk's last segment: part of the state it hands on
+        keep = r[..., -1] == 0  # no reset in the chunk: the carried-in state survives it
+        xc = jnp.where(tail[..., None], xc, 0)  # only the last segment writes the outgoing state
+
+    def write(xs, length):  # Bbar sum_j Abar^(length-1-j) x_j over the first `length` positions
+        return Bbar * _real_dot("...jh,jhn->...hn", xs[..., :length, :], powers[:length][::-1])
+
+    def carry(s, inp):
+        ds, kz = inp
+        s = powers[c] * (s if kz is None else jnp.where(kz[:, None, None], s, 0))
+        return s + ds, s + ds
+
+    tm = lambda v: None if v is None else jnp.moveaxis(v, 1, 0)
+    # Over all chunks but the last: the last one's write is cut at t - 1 below.
+    s_last, s_mid = jax.lax.scan(carry, s0, (tm(write(xc[:, :-1], c)), tm(None if keep is None else keep[:, :-1])))
+    s_in = jnp.concatenate([s0[:, None], jnp.moveaxis(s_mid, 0, 1)], axis=1)  # [b, nz, H, N] entering each chunk
+    y_state = _re_dot("ihn,bzhn->bzih", C * powers[1:], s_in)
+    y = y + (y_state if first is None else jnp.where(first[..., None], y_state, 0))
+    # The final state is read at t - 1, which need not be the padded chunk's end.
+    s_keep = s_last if keep is None else jnp.where(keep[:, -1, None, None], s_last, 0)
+    s = powers[last] * s_keep + write(xc[:, -1], last)
+    return from_chunks(y)[:, :t], s
 
 
 # ----------------------------------------------------------------------------- selective SSM (SSD)

@@ -12,9 +12,8 @@ import contextvars
 import math
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
 
