@@ -9,7 +9,8 @@ executable (``compiled.memory_analysis().temp_size_in_bytes``, a peak-memory pro
 form and the recurrent form, with their ratios. Writes ``benchmarks/results/ssm[_quick].json``.
 
 Shapes: selective_scan batch 2, H 4, P 32, G 1, N 32, chunk 64; rglru batch 2, D 256;
-diagonal_ssm batch 2, H 64, N 16 (complex).
+diagonal_ssm batch 2, H 64, N 16 (complex); diagonal_ssm_packed the same with 4 packed documents
+per row, chunked form (chunk 16) vs recurrent.
 """
 from __future__ import annotations
 
@@ -55,10 +56,25 @@ def diagonal_case(T, mode):
     return loss_and_grad(fn, (0, 1, 2)), (x, B, C)
 
 
+def diagonal_packed_case(T, mode):
+    """Four packed documents per row (resets at T/4, T/2, 3T/4): the FFT conv cannot take them."""
+    b, h, n = 2, 64, 16
+    ks = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(ks[0], (b, T, h))
+    A = jnp.broadcast_to(-0.5 + 1j * jnp.pi * jnp.arange(n), (h, n)).astype(jnp.complex64)
+    B = jnp.ones((h, n), jnp.complex64)
+    C = (jax.random.normal(ks[1], (h, n)) + 1j * jax.random.normal(ks[2], (h, n))).astype(jnp.complex64)
+    dt = jnp.full((h,), 0.01)
+    seg = jnp.broadcast_to(jnp.arange(T) * 4 // T, (b, T))
+    fn = lambda x, B, C: diagonal_ssm(x, A, B, C, dt, segment_ids=seg, mode=mode, chunk_size=16)
+    return loss_and_grad(fn, (0, 1, 2)), (x, B, C)
+
+
 OPS = {
     "selective_scan": (selective_case, "chunked"),
     "rglru": (rglru_case, "scan"),
     "diagonal_ssm": (diagonal_case, "conv"),
+    "diagonal_ssm_packed": (diagonal_packed_case, "chunked"),
 }
 
 
