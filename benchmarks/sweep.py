@@ -82,21 +82,21 @@ def best_over_lr(results):
 
 
 def write_table(results, out: str, size_key: str = "num_kv_pairs") -> str:
+    """One row per block, one column per (width, length, task size) that was run: the best
+    accuracy over learning rates, with that run's learning rate; then the decoding state size."""
     best = best_over_lr(results)
-    tasks = sorted({(k[2], k[3]) for k in best})
-    widths = sorted({k[1] for k in best})
+    points = sorted({k[1:] for k in best})  # (d_model, seq_len, size)
     blocks = list(dict.fromkeys(r["block"] for r in results))
     short = {"num_kv_pairs": "kv", "num_tokens": "copy"}.get(size_key, size_key)
-    cols = [f"d={d}, T={t}, {short}={kv}" for d in widths for (t, kv) in tasks]
-    lines = ["| block | " + " | ".join(cols) + " | state size (d=%d, T=%d) |" % (widths[0], tasks[0][0]),
+    cols = [f"d={d}, T={t}, {short}={kv}" for d, t, kv in points]
+    lines = ["| block | " + " | ".join(cols) + " | state size (d=%d, T=%d) |" % points[0][:2],
              "|---|" + "---|" * (len(cols) + 1)]
     for b in blocks:
         cells = []
-        for d in widths:
-            for (t, kv) in tasks:
-                r = best.get((b, d, t, kv))
-                cells.append(f"{r['accuracy']:.3f}" if r else "")
-        first = best.get((b, widths[0], tasks[0][0], tasks[0][1]))
+        for p in points:
+            r = best.get((b, *p))
+            cells.append(f"{r['accuracy']:.3f} ({r['lr']:g})" if r else "")
+        first = best.get((b, *points[0]))
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {first['state_size'] if first else ''} |")
     md = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -124,7 +124,8 @@ def plot(results, out: str, size_key: str = "num_kv_pairs", metric: str = "MQAR 
         ax.set_title(f"T={t}, {size_key}={kv}")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    for ax in axes[0]:
+        ax.legend(fontsize=7, ncol=2, loc="center right")
     fig.tight_layout()
     path = os.path.join(out, "accuracy_vs_state.png")
     fig.savefig(path, dpi=110)
