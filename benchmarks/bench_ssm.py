@@ -15,6 +15,7 @@ per row, chunked form (chunk 16) vs recurrent.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,9 @@ def rglru_case(T, mode):
     return loss_and_grad(fn, (0, 1, 2, 3)), (x, ga, gx, lam)
 
 
-def diagonal_case(T, mode):
+def diagonal_case(T, mode, *, packed=False):
+    """``packed``: four documents per row (resets at T/4, T/2, 3T/4), which the FFT conv cannot
+    take; the chunked form (chunk 16, the S4D block's default) handles them."""
     b, h, n = 2, 64, 16
     ks = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(ks[0], (b, T, h))
@@ -52,21 +55,8 @@ def diagonal_case(T, mode):
     B = jnp.ones((h, n), jnp.complex64)
     C = (jax.random.normal(ks[1], (h, n)) + 1j * jax.random.normal(ks[2], (h, n))).astype(jnp.complex64)
     dt = jnp.full((h,), 0.01)
-    fn = lambda x, B, C: diagonal_ssm(x, A, B, C, dt, mode=mode)
-    return loss_and_grad(fn, (0, 1, 2)), (x, B, C)
-
-
-def diagonal_packed_case(T, mode):
-    """Four packed documents per row (resets at T/4, T/2, 3T/4): the FFT conv cannot take them."""
-    b, h, n = 2, 64, 16
-    ks = jax.random.split(jax.random.key(3), 3)
-    x = jax.random.normal(ks[0], (b, T, h))
-    A = jnp.broadcast_to(-0.5 + 1j * jnp.pi * jnp.arange(n), (h, n)).astype(jnp.complex64)
-    B = jnp.ones((h, n), jnp.complex64)
-    C = (jax.random.normal(ks[1], (h, n)) + 1j * jax.random.normal(ks[2], (h, n))).astype(jnp.complex64)
-    dt = jnp.full((h,), 0.01)
-    seg = jnp.broadcast_to(jnp.arange(T) * 4 // T, (b, T))
-    fn = lambda x, B, C: diagonal_ssm(x, A, B, C, dt, segment_ids=seg, mode=mode, chunk_size=16)
+    kw = dict(segment_ids=jnp.broadcast_to(jnp.arange(T) * 4 // T, (b, T)), chunk_size=16) if packed else {}
+    fn = lambda x, B, C: diagonal_ssm(x, A, B, C, dt, mode=mode, **kw)
     return loss_and_grad(fn, (0, 1, 2)), (x, B, C)
 
 
@@ -74,7 +64,7 @@ OPS = {
     "selective_scan": (selective_case, "chunked"),
     "rglru": (rglru_case, "scan"),
     "diagonal_ssm": (diagonal_case, "conv"),
-    "diagonal_ssm_packed": (diagonal_packed_case, "chunked"),
+    "diagonal_ssm_packed": (functools.partial(diagonal_case, packed=True), "chunked"),
 }
 
 

@@ -24,6 +24,25 @@ from memjax.config import load_config
 from memjax.model.lm import LM
 
 
+def grid_entries(*, base, blocks, grid, learning_rates, steps, block_overrides, size_tag, task_overrides):
+    """Sweep entries ``(name, base, overrides, label)`` for every learning rate x grid point
+    ``(d_model, seq_len, size)`` x block: 2 layers of the block, early stop at 0.99, no
+    checkpoints. ``task_overrides(seq_len, size)`` gives the task's own keys;
+    ``block_overrides[block] = (label, extra overrides)``."""
+    entries = []
+    for lr in learning_rates:
+        for d, seq, size in grid:
+            for block in blocks:
+                label, extra = block_overrides.get(block, (block, []))
+                entries.append((f"{label}_d{d}_T{seq}_{size_tag}{size}_lr{lr:g}", base, [
+                    f"model.pattern={block},{block}", f"model.d_model={d}", *task_overrides(seq, size),
+                    f"optim.learning_rate={lr}", f"train.steps={steps}",
+                    "train.eval_every=200", "train.target_accuracy=0.99", "train.progress=False",
+                    "train.log_every=100", "train.checkpoint_every=100000", *extra,
+                ], label))
+    return entries
+
+
 def state_size(cfg) -> int:
     """Elements of the decoding state at the training length (KV cache for attention)."""
     def build():
@@ -51,8 +70,10 @@ def run_sweep(entries, out: str, size_key: str = "num_kv_pairs") -> list[dict]:
     from memjax.train.loop import train_and_evaluate
 
     os.makedirs(out, exist_ok=True)
+    finished = {r["name"] for r in load_results(out)}
     for name, base, overrides, label in entries:
-        if os.path.exists(os.path.join(out, name, "row.json")) or name in {r["name"] for r in load_results(out)}:
+        # row.json is re-checked: another sweep process sharing ``out`` may have finished it.
+        if name in finished or os.path.exists(os.path.join(out, name, "row.json")):
             continue
         cfg = load_config(base, overrides)
         t0 = time.perf_counter()

@@ -11,6 +11,8 @@ The two hybrids get a sliding window of 8 tokens, shorter than the 8-32 tokens o
 context, so recall must come from their recurrent memory rather than from exact attention.
 """
 
+from benchmarks.sweep import grid_entries
+
 BASE = "configs/mqar_tiny.py"
 BLOCKS = ["A", "L", "G", "DN", "D", "titans_mag", "mom", "S", "M2", "R", "E"]
 GRID = [  # (d_model, seq_len, num_kv_pairs): two task sizes at d=64, two widths at 8 pairs
@@ -28,17 +30,8 @@ BLOCK_OVERRIDES = {  # (label, extra overrides)
 
 
 def get_sweep(blocks=None, grid=None, learning_rates=None, steps=None):
-    entries = []
-    for lr in learning_rates or LEARNING_RATES:
-        for d, seq, kv in grid or GRID:
-            for block in blocks or BLOCKS:
-                label, extra = BLOCK_OVERRIDES.get(block, (block, []))
-                name = f"{label}_d{d}_T{seq}_kv{kv}_lr{lr:g}"
-                entries.append((name, BASE, [
-                    f"model.pattern={block},{block}", f"model.d_model={d}", "model.vocab_size=256",
-                    f"data.seq_len={seq}", f"data.options={{'num_kv_pairs': {kv}}}",
-                    f"optim.learning_rate={lr}", f"train.steps={steps or STEPS}",
-                    "train.eval_every=200", "train.target_accuracy=0.99", "train.progress=False",
-                    "train.log_every=100", "train.checkpoint_every=100000",
-                ] + extra, label))
-    return entries
+    return grid_entries(
+        base=BASE, blocks=blocks or BLOCKS, grid=grid or GRID, learning_rates=learning_rates or LEARNING_RATES,
+        steps=steps or STEPS, block_overrides=BLOCK_OVERRIDES, size_tag="kv",
+        task_overrides=lambda seq, kv: ["model.vocab_size=256", f"data.seq_len={seq}",
+                                        f"data.options={{'num_kv_pairs': {kv}}}"])

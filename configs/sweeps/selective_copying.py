@@ -8,6 +8,8 @@ cannot select by content, which is what the task isolates; input-dependent ones 
 Accuracy is per answer token (``sequence_accuracy`` in the run's metrics is whole-sequence).
 """
 
+from benchmarks.sweep import grid_entries
+
 BASE = "configs/mqar_tiny.py"
 BLOCKS = ["A", "D", "S", "M2", "R", "E"]
 GRID = [(64, 128, 8)]  # (d_model, seq_len, num_tokens)
@@ -22,18 +24,8 @@ BLOCK_OVERRIDES = {  # (label, extra overrides)
 
 
 def get_sweep(blocks=None, grid=None, learning_rates=None, steps=None):
-    entries = []
-    for lr in learning_rates or LEARNING_RATES:
-        for d, seq, n in grid or GRID:
-            for block in blocks or BLOCKS:
-                label, extra = BLOCK_OVERRIDES.get(block, (block, []))
-                name = f"{label}_d{d}_T{seq}_copy{n}_lr{lr:g}"
-                entries.append((name, BASE, [
-                    f"model.pattern={block},{block}", f"model.d_model={d}", "model.vocab_size=32",
-                    "data.task='selective_copying'", f"data.seq_len={seq}",
-                    f"data.options={{'num_tokens': {n}, 'num_symbols': 16}}",
-                    f"optim.learning_rate={lr}", f"train.steps={steps or STEPS}",
-                    "train.eval_every=200", "train.target_accuracy=0.99", "train.progress=False",
-                    "train.log_every=100", "train.checkpoint_every=100000",
-                ] + extra, label))
-    return entries
+    return grid_entries(
+        base=BASE, blocks=blocks or BLOCKS, grid=grid or GRID, learning_rates=learning_rates or LEARNING_RATES,
+        steps=steps or STEPS, block_overrides=BLOCK_OVERRIDES, size_tag="copy",
+        task_overrides=lambda seq, n: ["model.vocab_size=32", "data.task='selective_copying'", f"data.seq_len={seq}",
+                                       f"data.options={{'num_tokens': {n}, 'num_symbols': 16}}"])

@@ -41,18 +41,21 @@ class TitansMACOptions:
     eta_bias: float = 0.0  # initial momentum decay sigmoid(eta_bias)
     alpha_bias: float = -5.0  # initial weight decay sigmoid(alpha_bias)
 
+    def memory_options(self) -> TitansOptions:
+        """The neural memory's options: chunk = segment; no short conv of its own (y already
+        mixes its segment; the retrieval query has its own conv)."""
+        return TitansOptions(chunk_size=self.segment, window=self.segment, depth=self.depth,
+                             memory_expansion=self.memory_expansion, activation=self.activation,
+                             conv_width=0, theta_max=self.theta_max, eta_bias=self.eta_bias,
+                             alpha_bias=self.alpha_bias)
+
     def validate(self, m, where):
-        for key in ("segment", "depth", "memory_expansion"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{where}.{key}' must be >= 1, got {getattr(self, key)}")
+        if self.segment < 1:
+            raise ConfigError(f"config key '{where}.segment' must be >= 1, got {self.segment}")
         for key in ("num_persistent", "conv_width"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{where}.{key}' must be >= 0, got {getattr(self, key)}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"config key '{where}.activation' must be one of {tuple(ACTIVATIONS)}, "
-                              f"got {self.activation!r}")
-        if self.theta_max < 0:
-            raise ConfigError(f"config key '{where}.theta_max' must be >= 0, got {self.theta_max}")
+        self.memory_options().validate(m, where)  # depth, memory_expansion, activation, theta_max
 
 
 _NO_GROUP = -(2 ** 30)  # group id of empty key slots: equal to no query's group
@@ -141,11 +144,7 @@ class TitansMAC(Block):
         self.h, self.dk = cfg.num_heads, cfg.resolved_head_dim
         h, dk, d, dt = self.h, self.dk, cfg.d_model, jnp.dtype(cfg.compute_dtype)
         self.dtype = dt
-        mem_opts = TitansOptions(chunk_size=opts.segment, window=opts.segment, depth=opts.depth,
-                                 memory_expansion=opts.memory_expansion, activation=opts.activation,
-                                 conv_width=0, theta_max=opts.theta_max, eta_bias=opts.eta_bias,
-                                 alpha_bias=opts.alpha_bias)
-        self.memory = NeuralMemory(cfg, mem_opts, rngs=rngs)
+        self.memory = NeuralMemory(cfg, opts.memory_options(), rngs=rngs)
         w = opts.conv_width
         self.q_conv = ShortConv(h * dk, w, rngs=rngs, axes=("heads",)) if w > 0 else None
         self.attn = SlidingWindowAttention(cfg, opts.segment, rngs=rngs)  # projections, RoPE, o_norm
