@@ -4,12 +4,14 @@ Tolerances: float64 (x64 fixture) 1e-12 relative (max abs error / max abs refere
 bfloat16 tables with float32 accumulation: exact float32 sums up to 1e-6 relative, and the
 bfloat16 output within one bfloat16 rounding (2^-8 relative) of the float32 result.
 """
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from memjax.kernels import embedding_bag_pallas as ebp
 from memjax.kernels.embedding_bag import VERIFIED_BACKENDS, embedding_bag, resolve_impl, supports
@@ -156,6 +158,64 @@ def test_dispatch_is_fail_closed():
         resolve_impl("pallas_gpu", (1024, 100), jnp.float32, None, backend="gpu")
 
 
+@pytest.mark.parametrize("tiles", [(ebp.Tile(4, 8), ebp.Tile(4, 8)),
+                                   (ebp.Tile(2, 32), ebp.Tile(16, 32)),
+                                   (ebp.Tile(16, 16), ebp.Tile(1, 16))])
+def test_gpu_kernel_tiles_and_poisoned_outputs(x64, tiles):
+    """Every GPU tile shape computes the naive result, and writes every output element: the
+    outputs (and the backward's d_weights partials) start as NaN, aliased into the kernels, so
+    a skipped row, column block or pair shows up. n = 64 rows so that several rows share a
+    backward program; many repeats per row, most rows read once or never."""
+    values, idx, weights, d_out = problem(n=64, d=32, bt=40, k=6)
+    idx = idx.at[:, :3].set(idx[:, :3] % 5)
+    ref_out, ref_dv, ref_dw = naive(values, idx, weights, d_out)
+    fwd_tile, bwd_tile = tiles
+    out = ebp.gpu_forward(values, idx, weights, out_dtype=values.dtype, interpret=True, tile=fwd_tile, poison=True)
+    dv, dw = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
+                              interpret=True, tile=bwd_tile, poison=True)
+    assert not np.isnan(np.asarray(out)).any() and not np.isnan(np.asarray(dv)).any()
+    assert not np.isnan(np.asarray(dw)).any()
+    assert rel(out, ref_out) < 1e-12 and rel(dv, ref_dv) < 1e-12 and rel(dw, ref_dw) < 1e-12
+    assert np.all(np.asarray(dv)[np.setdiff1d(np.arange(64), np.asarray(idx))] == 0)
+
+
+def test_poisoned_outputs_detect_unwritten_elements(x64):
+    """The poison check itself can fail: a forward that skips its last column block leaves NaNs,
+    and a backward that drops the d_weights partials of one column block leaves NaN in every
+    d_weights (each pair misses one partial sum)."""
+    values, idx, weights, d_out = problem(n=64, d=32, bt=8, k=3)
+    fwd_kernel, bwd_kernel = ebp._gpu_fwd_kernel, ebp._gpu_backward_kernel
+
+    def fwd_skipping_last_block(*refs, k):
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            fwd_kernel(*refs, k=k)
+
+    def bwd_dropping_partials_of_block_1(*refs, **kw):
+        *inputs, dv_ref, dwp_ref = refs
+        skip = pl.program_id(1) == 1  # read here: interpret mode cannot read it inside the loop
+
+        class DroppingRef:
+            shape = dwp_ref.shape
+
+            def __setitem__(self, idx, val):
+                @pl.when(jnp.logical_not(skip))
+                def _():
+                    dwp_ref[idx] = val
+
+        bwd_kernel(*inputs, dv_ref, DroppingRef(), **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ebp, "_gpu_fwd_kernel", fwd_skipping_last_block)
+        mp.setattr(ebp, "_gpu_backward_kernel", bwd_dropping_partials_of_block_1)
+        out = ebp.gpu_forward(values, idx, weights, out_dtype=values.dtype, interpret=True, tile=ebp.Tile(8, 16),
+                              poison=True)
+        dv, dw = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
+                                  interpret=True, tile=ebp.Tile(8, 16), poison=True)
+    assert np.isnan(np.asarray(out)[:, 16:]).all() and not np.isnan(np.asarray(out)[:, :16]).any()
+    assert np.isnan(np.asarray(dw)).all() and not np.isnan(np.asarray(dv)).any()  # every pair lost a partial
+
+
 @pytest.mark.parametrize("impl,platform,target,d,bt", [
     ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton", 96, 40),
     ("pallas_tpu", "tpu", "tpu_custom_call", 256, 40),
@@ -171,9 +231,21 @@ def test_kernels_lower_for_their_hardware(monkeypatch, impl, platform, target, d
 
     args = (jax.ShapeDtypeStruct((1000, d), jnp.bfloat16), jax.ShapeDtypeStruct((bt, 7), jnp.int32),
             jax.ShapeDtypeStruct((bt, 7), jnp.float32), jax.ShapeDtypeStruct((bt, d), jnp.float32))
-    exp = jax.export.export(jax.jit(f), platforms=[platform],
-                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
-    assert exp.mlir_module().count(target) == 3  # forward, d_values, d_weights
+    with _abstract_target(platform):
+        exp = jax.export.export(jax.jit(f), platforms=[platform],
+                                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
+    # GPU: forward and the fused backward; TPU: forward, d_values, d_weights
+    assert exp.mlir_module().count(target) == (2 if platform == "cuda" else 3)
+
+
+def _abstract_target(platform):
+    """JAX >= 0.11 lowers Triton kernels for the GPU it reads off the device; with none present,
+    an abstract H100 names the target (older JAX lowers without one)."""
+    if platform != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 @pytest.mark.gpu

@@ -104,9 +104,8 @@ def _bag_bwd(impl, interpret, out_dtype, res, d_out):
         d_values = xla_backward_values(d_out, indices, w, n, values.dtype)
         d_weights = xla_backward_weights(d_out, values, indices, acc)
     else:
-        kernel = KERNELS[impl]
-        d_values = kernel.backward_values(d_out, indices, w, n, out_dtype=values.dtype, interpret=interpret)
-        d_weights = kernel.backward_weights(d_out, values, indices, acc_dtype=acc, interpret=interpret)
+        d_values, d_weights = KERNELS[impl].backward(d_out, values, indices, w, n, out_dtype=values.dtype,
+                                                     acc_dtype=acc, interpret=interpret)
     return d_values, None, d_weights.astype(weights.dtype)
 
 

@@ -5,16 +5,19 @@ Two kernel families, one per hardware memory model; both run in interpret mode o
 install (the tests export them for ``cuda`` / ``tpu`` to catch lowering errors):
 
 ``GPU`` (Triton lowering)
-    Forward: a program per (block of ``block_bags`` bags, block of ``BD`` columns); the
+    Forward: a program per (``Tile.rows`` bags, ``Tile.cols`` columns); the
     bag's indices and weights are one block, the rows are gathered inside the kernel
     (``values_ref[rows, :]``, a pointer gather) and accumulated in float32 registers.
     Triton has no scalar prefetch, so indices travel as an ordinary blocked input.
-    d_values: one program per (value row, column block): the (index, weight) pairs are
-    sorted by row outside the kernel (stable argsort), ``row_start`` comes from a
-    ``searchsorted``, and each program sums its own contiguous run: deterministic, no
-    atomics, and rows nobody read get exact zeros (Memory Layers at Scale's count /
-    cumsum / reverse-index scheme, with the sort standing in for the counting pass).
-    d_weights: a program per block of bags, ``<d_out[b], values[idx[b, j]]>``.
+    Backward (one kernel, ``gpu_backward``): the (index, weight) pairs are sorted by row
+    outside the kernel (stable argsort; ``row_start`` from a ``searchsorted``); a program owns
+    ``rows`` consecutive table rows x a column block, reads those table rows once
+    (contiguously), and step ``s`` of its loop gathers the ``s``-th pair of each of its rows
+    at once: the ``d_out`` row times the weight accumulates into ``d_values``, and its dot
+    product with the table row is that pair's ``d_weights`` partial for the column block (XLA
+    adds the partials and un-sorts them). Deterministic, no atomics, rows nobody read get exact
+    zeros (Memory Layers at Scale's count / cumsum / reverse-index scheme, with the sort
+    standing in for the counting pass), and the table is read once instead of once per pair.
 
 ``TPU`` (Mosaic lowering)
     Indices (and weights) are scalar-prefetched into SMEM (``PrefetchScalarGridSpec``,
@@ -62,20 +65,22 @@ def _pow2_divisor(d: int, cap: int) -> int:
 
 
 def _pallas_call(kernel, *, out_shape, **kwargs):
-    """``pl.pallas_call`` whose output declares how it varies over manual mesh axes.
+    """``pl.pallas_call`` whose outputs declare how they vary over manual mesh axes.
 
-    Inside ``jax.shard_map`` (``check_vma``) Pallas needs the output's manual-axis type: it is
-    the union of the inputs' varying axes, and inputs that vary over fewer axes are cast.
+    ``out_shape``: one ``(shape, dtype)`` or a list of them. Inside ``jax.shard_map``
+    (``check_vma``) Pallas needs each output's manual-axis type: it is the union of the inputs'
+    varying axes, and inputs that vary over fewer axes are cast.
     """
-    shape, dtype = out_shape
+    several = isinstance(out_shape, list)
 
     def call(*inputs):
         axes = frozenset().union(*(jax.typeof(a).mat.varying for a in inputs))
         inputs = [a if axes <= jax.typeof(a).mat.varying
                   else jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
                   for a in inputs]
-        struct = jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
-        return pl.pallas_call(kernel, out_shape=struct, **kwargs)(*inputs)
+        structs = [jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+                   for shape, dtype in (out_shape if several else [out_shape])]
+        return pl.pallas_call(kernel, out_shape=structs if several else structs[0], **kwargs)(*inputs)
 
     return call
 
@@ -83,9 +88,10 @@ def _pallas_call(kernel, *, out_shape, **kwargs):
 def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
     """Group the flattened (index, weight) pairs by value row, for the deterministic backward.
 
-    Returns ``rows [P]`` (ascending), ``bags [P]`` (bag of each pair), ``w [P]`` and
-    ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``.
-    The sort is stable, so the summation order within a row is fixed (bag-major).
+    Returns ``rows [P]`` (ascending), ``bags [P]`` (bag of each pair), ``w [P]``,
+    ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``, and
+    ``order [P]``: sorted pair ``p`` is flattened pair ``order[p]``. The sort is stable, so the
+    summation order within a row is fixed (bag-major).
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)
@@ -94,19 +100,36 @@ def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
     bags = (order // k).astype(jnp.int32)
     w = weights.reshape(-1)[order]
     row_start = jnp.searchsorted(rows, jnp.arange(num_rows + 1, dtype=rows.dtype), side="left")
-    return rows, bags, w, row_start.astype(jnp.int32)
+    return rows, bags, w, row_start.astype(jnp.int32), order
 
 
 # ============================================================================ GPU (Triton)
 
 
-def _triton_params():
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One GPU kernel's launch shape: a program handles ``rows`` bags (forward, d_weights) or
+    table rows (d_values) times ``cols`` columns with ``num_warps`` warps. Powers of two;
+    each is capped by the largest power of two dividing the matching dimension."""
+
+    rows: int
+    cols: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Per-kernel tiles; ``benchmarks/gpu_embedding_bag.py`` sweeps them on a GPU and prints the best.
+GPU_TILES = {"forward": Tile(8, 256, 8), "backward": Tile(8, 256)}
+
+
+def _triton_params(tile: Tile):
     from jax.experimental.pallas import triton as pltr
 
-    return pltr.CompilerParams(num_warps=4, num_stages=2)
+    return pltr.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
-def _gpu_fwd_kernel(idx_ref, w_ref, v_ref, o_ref, *, k: int):
+def _gpu_fwd_kernel(idx_ref, w_ref, v_ref, *refs, k: int):
+    o_ref = refs[-1]  # refs = (o_ref,) or (out_init_ref, o_ref) when poisoned
     bb, bd = o_ref.shape
 
     def body(j, acc):
@@ -118,94 +141,113 @@ def _gpu_fwd_kernel(idx_ref, w_ref, v_ref, o_ref, *, k: int):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def gpu_forward(values, indices, weights, *, out_dtype, interpret: bool, block_bags: int = 16):
+def gpu_forward(values, indices, weights, *, out_dtype, interpret: bool, tile: Tile | None = None,
+                poison: bool = False):
+    """``out [Bt, D]``: a program per ``tile.rows`` bags x ``tile.cols`` columns gathers its rows.
+    ``poison`` (tests): the output starts as NaN, so an unwritten element survives."""
+    tile = tile or GPU_TILES["forward"]
     n, d = values.shape
     bt, k = indices.shape
-    bd = _pow2_divisor(d, 128)
-    idx = _pad_rows(indices, block_bags)
-    w = _pad_rows(weights, block_bags)  # padded bags: index 0, weight 0
+    bb = tile.rows
+    bd = _pow2_divisor(d, tile.cols)
+    idx = _pad_rows(indices, bb)
+    w = _pad_rows(weights, bb)  # padded bags: index 0, weight 0
+    specs = [pl.BlockSpec((bb, k), lambda i, c: (i, 0)), pl.BlockSpec((bb, k), lambda i, c: (i, 0)),
+             pl.BlockSpec((n, bd), lambda i, c: (0, c))]
+    out_spec = pl.BlockSpec((bb, bd), lambda i, c: (i, c))
+    inputs, extra = [idx, w, values], {}
+    if poison:
+        specs.append(out_spec)
+        inputs.append(jnp.full((idx.shape[0], d), jnp.nan, out_dtype))
+        extra["input_output_aliases"] = {3: 0}
     out = _pallas_call(
         functools.partial(_gpu_fwd_kernel, k=k),
-        grid=(idx.shape[0] // block_bags, d // bd),
-        in_specs=[pl.BlockSpec((block_bags, k), lambda i, c: (i, 0)),
-                  pl.BlockSpec((block_bags, k), lambda i, c: (i, 0)),
-                  pl.BlockSpec((n, bd), lambda i, c: (0, c))],
-        out_specs=pl.BlockSpec((block_bags, bd), lambda i, c: (i, c)),
+        grid=(idx.shape[0] // bb, d // bd),
+        in_specs=specs,
+        out_specs=out_spec,
         out_shape=((idx.shape[0], d), out_dtype),
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
+        compiler_params=None if interpret else _triton_params(tile),
         name="embedding_bag_fwd",
-    )(idx, w, values)
+        **extra,
+    )(*inputs)
     return out[:bt]
 
 
-def _gpu_dvalues_kernel(start_ref, bag_ref, w_ref, dout_ref, o_ref):
-    r = pl.program_id(0)
-    bd = o_ref.shape[1]
+def _gpu_backward_kernel(start_ref, bag_ref, w_ref, dout_ref, v_ref, *refs, block_rows: int, num_col_blocks: int):
+    """Rows ``r0 .. r0 + R`` x one column block of ``d_values``, and the matching column-block
+    partial sums of ``d_weights``. Step ``s`` gathers, for each of the R rows at once, its
+    ``s``-th (bag, weight) pair's ``d_out`` row; rows with fewer pairs re-read their last pair
+    with weight 0 and send their partial dot product to the spare slot ``P``."""
+    dv_ref, dwp_ref = refs[-2], refs[-1]  # after the aliased NaN inputs when poisoned
+    r0 = pl.program_id(0) * block_rows
+    col = pl.program_id(1)
+    spare = dwp_ref.shape[0] // num_col_blocks - 1
+    starts = start_ref[pl.ds(r0, block_rows)]
+    ends = start_ref[pl.ds(r0 + 1, block_rows)]
+    last = jnp.maximum(ends - 1, 0)
+    rows = v_ref[...].astype(w_ref.dtype)  # this program's table rows, read once, contiguously
 
-    def body(p, acc):
-        return acc + w_ref[p] * dout_ref[bag_ref[p], :].astype(w_ref.dtype)
+    def body(s, acc):
+        p = starts + s
+        valid = p < ends
+        p = jnp.where(valid, p, last)
+        w = jnp.where(valid, w_ref[p], 0)
+        g = dout_ref[bag_ref[p], :].astype(w.dtype)  # [R, BD] gathered cotangent rows
+        dwp_ref[jnp.where(valid, p, spare) * num_col_blocks + col] = jnp.sum(g * rows, axis=1)
+        return acc + w[:, None] * g
 
-    acc = jax.lax.fori_loop(start_ref[r], start_ref[r + 1], body, jnp.zeros((bd,), w_ref.dtype))
-    o_ref[0, :] = acc.astype(o_ref.dtype)
+    acc = jax.lax.fori_loop(0, jnp.max(ends - starts), body, jnp.zeros(dv_ref.shape, w_ref.dtype))
+    dv_ref[...] = acc.astype(dv_ref.dtype)
 
 
-def gpu_backward_values(d_out, indices, weights, num_rows: int, *, out_dtype, interpret: bool):
+def gpu_backward(d_out, values, indices, weights, num_rows: int, *, out_dtype, acc_dtype, interpret: bool,
+                 tile: Tile | None = None, poison: bool = False):
+    """``(d_values [N, D], d_weights [Bt, k])`` in one pass over the table, from the pairs sorted
+    by row: deterministic, no atomics, every row written (rows nobody read get exact zeros).
+
+    A program owns ``tile.rows`` table rows x ``tile.cols`` columns: it writes that tile of
+    ``d_values`` and, since it reads its own table rows contiguously anyway, the column-block
+    partial sums of ``<d_out[b], values[row]>`` for every pair of its rows; XLA adds the
+    ``D / cols`` partials and un-sorts them. (A separate ``d_weights`` kernel would gather
+    ``Bt k`` table rows a second time.) ``poison`` (tests): outputs start as NaN, so an
+    unwritten element survives into the result.
+    """
+    tile = tile or GPU_TILES["backward"]
     bt, d = d_out.shape
-    _, bags, w, row_start = sort_by_row(indices, weights, num_rows)
+    k = indices.shape[1]
+    _, bags, w, row_start, order = sort_by_row(indices, weights.astype(acc_dtype), num_rows)
     p = bags.shape[0]
-    bd = _pow2_divisor(d, 128)
-    return _pallas_call(
-        _gpu_dvalues_kernel,
-        grid=(num_rows, d // bd),
-        in_specs=[pl.BlockSpec((num_rows + 1,), lambda r, c: (0,)),
-                  pl.BlockSpec((p,), lambda r, c: (0,)),
-                  pl.BlockSpec((p,), lambda r, c: (0,)),
-                  pl.BlockSpec((bt, bd), lambda r, c: (0, c))],
-        out_specs=pl.BlockSpec((1, bd), lambda r, c: (r, c)),
-        out_shape=((num_rows, d), out_dtype),
+    bd = _pow2_divisor(d, tile.cols)
+    br = _pow2_divisor(num_rows, tile.rows)
+    ncb = d // bd
+    dv_spec = pl.BlockSpec((br, bd), lambda r, c: (r, c))
+    dwp_spec = pl.BlockSpec(((p + 1) * ncb,), lambda r, c: (0,))
+    specs = [pl.BlockSpec((num_rows + 1,), lambda r, c: (0,)),
+             pl.BlockSpec((p,), lambda r, c: (0,)),
+             pl.BlockSpec((p,), lambda r, c: (0,)),
+             pl.BlockSpec((bt, bd), lambda r, c: (0, c)),
+             pl.BlockSpec((br, bd), lambda r, c: (r, c))]
+    inputs = [row_start, bags, w, d_out, values]
+    extra = {}
+    if poison:
+        specs += [dv_spec, dwp_spec]
+        inputs += [jnp.full((num_rows, d), jnp.nan, out_dtype), jnp.full(((p + 1) * ncb,), jnp.nan, acc_dtype)]
+        extra["input_output_aliases"] = {5: 0, 6: 1}
+    d_values, partials = _pallas_call(
+        functools.partial(_gpu_backward_kernel, block_rows=br, num_col_blocks=ncb),
+        grid=(num_rows // br, ncb),
+        in_specs=specs,
+        out_specs=[dv_spec, dwp_spec],
+        out_shape=[((num_rows, d), out_dtype), (((p + 1) * ncb,), acc_dtype)],
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
-        name="embedding_bag_bwd_values",
-    )(row_start, bags, w, d_out)
-
-
-def _gpu_dweights_kernel(idx_ref, dout_ref, v_ref, o_ref, *, k: int, d: int, bd: int):
-    bb = idx_ref.shape[0]
-
-    def over_bag(j, carry):
-        rows = idx_ref[:, j]
-
-        def over_cols(c, s):
-            cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
-            prod = v_ref[rows, cols].astype(o_ref.dtype) * dout_ref[:, cols].astype(o_ref.dtype)
-            return s + jnp.sum(prod, axis=1)
-
-        o_ref[:, j] = jax.lax.fori_loop(0, d // bd, over_cols, jnp.zeros((bb,), o_ref.dtype))
-        return carry
-
-    jax.lax.fori_loop(0, k, over_bag, 0)
-
-
-def gpu_backward_weights(d_out, values, indices, *, acc_dtype, interpret: bool, block_bags: int = 16):
-    n, d = values.shape
-    bt, k = indices.shape
-    bd = _pow2_divisor(d, 128)
-    idx = _pad_rows(indices, block_bags)
-    dout = _pad_rows(d_out, block_bags)
-    out = _pallas_call(
-        functools.partial(_gpu_dweights_kernel, k=k, d=d, bd=bd),
-        grid=(idx.shape[0] // block_bags,),
-        in_specs=[pl.BlockSpec((block_bags, k), lambda i: (i, 0)),
-                  pl.BlockSpec((block_bags, d), lambda i: (i, 0)),
-                  pl.BlockSpec((n, d), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((block_bags, k), lambda i: (i, 0)),
-        out_shape=((idx.shape[0], k), acc_dtype),
-        interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
-        name="embedding_bag_bwd_weights",
-    )(idx, dout, values)
-    return out[:bt]
+        compiler_params=None if interpret else _triton_params(tile),
+        name="embedding_bag_bwd",
+        **extra,
+    )(*inputs)
+    d_w_sorted = partials.reshape(p + 1, ncb)[:p].sum(axis=1)
+    d_weights = jnp.zeros((p,), acc_dtype).at[order].set(d_w_sorted).reshape(bt, k)
+    return d_values, d_weights
 
 
 def gpu_supports(shape, dtype, backend: str) -> bool:
@@ -380,18 +422,23 @@ def tpu_supports(shape, dtype, backend: str) -> bool:
 # ============================================================================ registry
 
 
+def tpu_backward(d_out, values, indices, weights, num_rows: int, *, out_dtype, acc_dtype, interpret: bool):
+    """``(d_values, d_weights)`` from the two TPU kernels."""
+    return (tpu_backward_values(d_out, indices, weights, num_rows, out_dtype=out_dtype, interpret=interpret),
+            tpu_backward_weights(d_out, values, indices, acc_dtype=acc_dtype, interpret=interpret))
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One Pallas implementation: forward, the two backward halves and where it applies."""
+    """One Pallas implementation: forward, backward (both gradients) and where it applies."""
 
     name: str
     supports: Callable[..., bool]  # supports(values_shape, dtype, backend) -> bool
-    forward: Callable
-    backward_values: Callable
-    backward_weights: Callable
+    forward: Callable  # (values, indices, weights, *, out_dtype, interpret) -> out
+    backward: Callable  # (d_out, values, indices, weights, N, *, out_dtype, acc_dtype, interpret) -> (dv, dw)
 
 
 KERNELS = {
-    "pallas_gpu": Kernel("pallas_gpu", gpu_supports, gpu_forward, gpu_backward_values, gpu_backward_weights),
-    "pallas_tpu": Kernel("pallas_tpu", tpu_supports, tpu_forward, tpu_backward_values, tpu_backward_weights),
+    "pallas_gpu": Kernel("pallas_gpu", gpu_supports, gpu_forward, gpu_backward),
+    "pallas_tpu": Kernel("pallas_tpu", tpu_supports, tpu_forward, tpu_backward),
 }

@@ -1,0 +1,200 @@
+"""Chunked gated delta rule, gated linear attention and Mamba-2 SSD on a GPU: memjax vs jax-linear-attention.
+
+    python -m benchmarks.gpu_linear_attention [--out DIR] [--smoke]
+
+Sizes (the issue's): ``B = 8, T = 4096, H = 16, K = V = 128``, bf16 q/k/v (and beta), float32
+log decays, chunk 64; memjax accumulates states in float32. SSD uses the same sizes as the
+scalar-decay family it belongs to (``P = V = 128`` channels per head, ``N = K = 128`` state,
+one B/C group per head so every library does the same work): ``q = C, k = B, v = dt x,
+g = dt A, scale = 1``.
+
+Timed (median ms, see ``gpu_common``): forward (output only) and forward + backward
+(``value_and_grad`` of ``sum(o * do)`` w.r.t. every input) for
+
+- memjax's chunked XLA path under each matmul precision (``jax.default_matmul_precision``:
+  XLA's default and ``BF16_BF16_F32``: bf16 operands with float32 accumulation);
+- jax-linear-attention (``jla.ops.linear_attention``) ``impl="mosaic_gpu"`` (its Pallas Mosaic
+  GPU kernels) and ``impl="chunked"`` (its plain-JAX path), when the package is importable.
+
+FLA's Triton kernels are timed by ``benchmarks/gpu_torch.py`` (a separate process). Checks:
+memjax vs the float64 token-by-token recurrence on a small problem, memjax vs FLA's outputs
+(``fla_check.npz`` from gpu_torch.py, when present) and memjax vs jla at the full size.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.gpu_common import environment, jax_time_ms, markdown_table, out_dir, rel_err, write_json
+
+MAIN = {"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128}
+SMOKE = {"B": 1, "T": 128, "H": 2, "K": 16, "V": 16}
+CHECK = {"B": 2, "T": 256, "H": 4, "K": 64, "V": 64}
+CHUNK = 64
+PRECISIONS = ("default", "BF16_BF16_F32")
+
+
+def la_inputs_np(size, seed):
+    """float32 NumPy inputs in FLA's layout: q, k (L2-normalised), v, g (log decay), beta."""
+    rng = np.random.default_rng(seed)
+    b, t, h, k, v = size["B"], size["T"], size["H"], size["K"], size["V"]
+    q = rng.standard_normal((b, t, h, k), np.float32)
+    kk = rng.standard_normal((b, t, h, k), np.float32)
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    vv = rng.standard_normal((b, t, h, v), np.float32)
+    g = -np.log1p(np.exp(rng.standard_normal((b, t, h), np.float32) - 3.0)).astype(np.float32)  # -softplus
+    beta = (1 / (1 + np.exp(-rng.standard_normal((b, t, h), np.float32)))).astype(np.float32)
+    return {"q": q, "k": kk, "v": vv, "g": g, "beta": beta}
+
+
+def memjax_ops(chunk=CHUNK):
+    from memjax.memory.delta_rule import delta_rule
+    from memjax.memory.linear_attention import linear_attention
+    from memjax.memory.ssm import selective_scan
+
+    def ssd(q, k, v, g):
+        # SSD with x = v, dt = 1, A = 1 per head and log decay g: y = C h, h_t = exp(g_t) h + x_t B_t^T.
+        # selective_scan takes dt and A separately (log decay dt * A); dt = -g, A = -1 gives g.
+        h = v.shape[2]
+        return selective_scan(v, -g, -jnp.ones((h,), jnp.float32), k, q, chunk_size=chunk)
+
+    return {
+        "gated_delta_rule": (lambda q, k, v, g, beta: delta_rule(q, k, v, beta, g=g, chunk_size=chunk),
+                             ("q", "k", "v", "g", "beta")),
+        "gated_linear_attention": (lambda q, k, v, g: linear_attention(q, k, v, g=g, chunk_size=chunk),
+                                   ("q", "k", "v", "g")),
+        "ssd": (ssd, ("q", "k", "v", "g")),
+    }
+
+
+def jla_ops(impl):
+    from jla.ops import linear_attention as jla_la
+
+    return {
+        "gated_delta_rule": (lambda q, k, v, g, beta: jla_la("gated_deltanet", q, k, v, g=g, beta=beta, impl=impl),
+                             ("q", "k", "v", "g", "beta")),
+        "gated_linear_attention": (lambda q, k, v, g: jla_la("simple_gla", q, k, v, g=g, impl=impl),
+                                   ("q", "k", "v", "g")),
+        "ssd": (lambda q, k, v, g: jla_la("simple_gla", q, k, v, g=g, scale=1.0, impl=impl),
+                ("q", "k", "v", "g")),
+    }
+
+
+def device_inputs(x_np, dtype):
+    return {k: jnp.asarray(v, jnp.float32 if k == "g" else dtype) for k, v in x_np.items()}
+
+
+def timings(fn, names, x, iters):
+    args = [x[n] for n in names]
+    fwd = jax.jit(lambda *a: fn(*a)[0])
+    do = jax.random.normal(jax.random.key(3), fwd.eval_shape(*args).shape, jnp.float32)
+
+    def loss(*a):
+        return jnp.sum(fn(*a)[0].astype(jnp.float32) * do)
+
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
+    return {"fwd_ms": jax_time_ms(fwd, *args, iters=iters), "fwd_bwd_ms": jax_time_ms(fwd_bwd, *args, iters=iters)}
+
+
+def precision_scope(name):
+    return contextlib.nullcontext() if name == "default" else jax.default_matmul_precision(name)
+
+
+def checks(smoke, out, precisions=PRECISIONS):
+    """Relative errors of memjax's chunked forms (float32 inputs) vs float64 recurrence and vs FLA."""
+    rows = []
+    size = SMOKE if smoke else CHECK
+    x_np = la_inputs_np(size, seed=7)
+    ops = memjax_ops()
+    fla_path = os.path.join(out_dir(out), "fla_check.npz")
+    fla = dict(np.load(fla_path)) if os.path.exists(fla_path) else None
+    if fla is not None:
+        x_np = {k: fla[k] for k in ("q", "k", "v", "g", "beta")}  # exactly the inputs FLA saw
+    for op, (fn, names) in ops.items():
+        for prec in precisions:
+            with precision_scope(prec):
+                o, s = jax.jit(fn)(*[jnp.asarray(x_np[n]) for n in names])
+            with jax.enable_x64(True):
+                o64, s64 = jax.jit(_recurrent(op))(*[jnp.asarray(x_np[n], jnp.float64) for n in names])
+            row = {"op": op, "precision": prec, "vs_float64_o": rel_err(o, o64), "vs_float64_state": rel_err(s, s64)}
+            fla_op = {"gated_delta_rule": "gated_delta_rule", "gated_linear_attention": "simple_gla"}.get(op)
+            if fla is not None and fla_op:
+                row["vs_fla_o"] = rel_err(o, fla[f"{fla_op}_o"])
+                row["vs_fla_state"] = rel_err(s, fla[f"{fla_op}_state"])
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def _recurrent(op):
+    from memjax.memory.delta_rule import delta_rule
+    from memjax.memory.linear_attention import linear_attention
+    from memjax.memory.ssm import selective_scan
+
+    if op == "gated_delta_rule":
+        return lambda q, k, v, g, beta: delta_rule(q, k, v, beta, g=g, mode="recurrent")
+    if op == "gated_linear_attention":
+        return lambda q, k, v, g: linear_attention(q, k, v, g=g, mode="recurrent")
+    return lambda q, k, v, g: selective_scan(v, -g, -jnp.ones((v.shape[2],), g.dtype), k, q, mode="recurrent")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
+    ap.add_argument("--jla-impls", nargs="*", default=["mosaic_gpu"], choices=["mosaic_gpu", "chunked"])
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    size = SMOKE if args.smoke else MAIN
+    result = {"environment": environment(), "size": size, "chunk": CHUNK, "timings": [], "agreement": []}
+    try:
+        result["checks"] = checks(args.smoke, args.out, args.precisions)
+    except Exception:  # noqa: BLE001
+        result["checks"] = {"error": traceback.format_exc()[-2000:]}
+        print(result["checks"]["error"], flush=True)
+    x = device_inputs(la_inputs_np(size, seed=0), jnp.bfloat16)
+    impls = [(f"memjax chunked XLA ({p})", memjax_ops, p) for p in args.precisions]
+    impls += [(f"jla {i}", lambda i=i: jla_ops(i), "default") for i in args.jla_impls]
+    outputs = {}
+    for label, make, prec in impls:
+        try:
+            ops = make()
+        except Exception as err:  # noqa: BLE001 - jla not installed: say so
+            result["timings"].append({"impl": label, "error": repr(err)[:300]})
+            print(label, "unavailable:", err, flush=True)
+            continue
+        for op, (fn, names) in ops.items():
+            row = {"impl": label, "op": op, **size}
+            try:
+                with precision_scope(prec):
+                    row.update(timings(fn, names, x, args.iters))
+                    if not args.smoke or label.startswith("memjax"):
+                        outputs[(label, op)] = np.asarray(jax.jit(lambda *a: fn(*a)[0])(*[x[n] for n in names]),
+                                                          np.float32)
+            except Exception as err:  # noqa: BLE001 - e.g. a kernel that does not support the shape
+                row["error"] = repr(err)[:300]
+            result["timings"].append(row)
+            print(row, flush=True)
+            write_json("gpu_linear_attention", result, args.out)  # keep what is done if time runs out
+    ref_label = "memjax chunked XLA (default)"
+    for (label, op), o in outputs.items():
+        if label != ref_label and (ref_label, op) in outputs:
+            result["agreement"].append({"impl": label, "op": op, "rel_err_vs_memjax_default": rel_err(o, outputs[(ref_label, op)])})
+    result["seconds"] = time.perf_counter() - t0
+    write_json("gpu_linear_attention", result, args.out)
+    print(markdown_table([r for r in result["timings"] if "fwd_ms" in r], ["impl", "op", "fwd_ms", "fwd_bwd_ms"]))
+    print(markdown_table(result["agreement"], ["impl", "op", "rel_err_vs_memjax_default"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
