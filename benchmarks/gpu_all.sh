@@ -17,22 +17,22 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STEPS=${STEPS:-"versions tests embedding_bag torch linear_attention train"}
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+STEPS=${STEPS:-"versions tests embedding_bag torch linear_attention train"}  # run in this order
+run_step() {  # run_step NAME: one benchmark under its own time limit
+  local name=$1 t0=$SECONDS limit
+  case $name in
+    versions) limit=60; set -- bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
+      $PY -c 'import jax, flax, sys; print(sys.version); print(\"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'; \
+      $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|jax|jaxlib|flax|optax|orbax-checkpoint|grain|fla-core|flash-linear-attention|jax-linear-attention|equinox) '" ;;
+    tests) limit=60; set -- env JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider tests/test_embedding_bag.py ;;
+    embedding_bag) limit=${EB_LIMIT:-150}; set -- $PY -m benchmarks.gpu_embedding_bag ${EB_ARGS:-} ;;
+    torch) limit=${TORCH_LIMIT:-200}; set -- $PY -m benchmarks.gpu_torch ${TORCH_ARGS:-} ;;
+    linear_attention) limit=${LA_LIMIT:-235}; set -- $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-} ;;
+    train) limit=${TRAIN_LIMIT:-300}; set -- $PY -m benchmarks.gpu_train --budget-s $((limit - 10)) ${TRAIN_ARGS:-} ;;
+    *) echo "unknown step $name"; return 1 ;;
+  esac
   echo "=== $name (limit ${limit}s) $(date -u +%T)"
-  local t0=$SECONDS
   timeout "$limit" "$@"
   echo "=== $name rc=$? in $((SECONDS - t0))s"
 }
-{
-  step versions 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
-    $PY -c 'import jax, flax, sys; print(sys.version); print(\"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'; \
-    $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|jax|jaxlib|flax|optax|orbax-checkpoint|grain|fla-core|flash-linear-attention|jax-linear-attention|equinox) '"
-  step tests 60 env JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider tests/test_embedding_bag.py
-  step embedding_bag "${EB_LIMIT:-150}" $PY -m benchmarks.gpu_embedding_bag
-  step torch "${TORCH_LIMIT:-80}" $PY -m benchmarks.gpu_torch
-  step linear_attention "${LA_LIMIT:-140}" $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-}
-  step train "${TRAIN_LIMIT:-130}" $PY -m benchmarks.gpu_train --budget-s $((${TRAIN_LIMIT:-130} - 10)) ${TRAIN_ARGS:-}
-} 2>&1 | tee "$OUT/log.txt"
+for name in $STEPS; do run_step "$name"; done 2>&1 | tee "$OUT/log.txt"

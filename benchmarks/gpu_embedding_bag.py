@@ -8,7 +8,7 @@
 2. Correctness of the compiled kernels against a float64 NumPy reference on fresh random
    inputs (float32 and bfloat16 tables), with every output first filled with NaN (the
    kernels' outputs alias a NaN buffer) so an unwritten element fails the check.
-3. A tile sweep per kernel (forward; the fused backward) at the main size.
+3. A tile sweep per kernel (forward, d_values, d_weights) at the main size.
 4. Forward, backward (d_values + d_weights from ``jax.vjp``; the forward is dead code there
    and XLA drops it) and both, for ``impl="xla"`` and the tuned Pallas tiles, bf16 and float32
    tables; and the backward's sort of the pairs alone.
@@ -37,9 +37,10 @@ MAIN = {"N": 2 ** 20, "D": 1024, "Bt": 8192 * 4, "k": 32}  # 8192 tokens x 4 hea
 SMOKE = {"N": 256, "D": 64, "Bt": 64, "k": 8}
 CHECKS = [(4096, 256, 512, 32), (2 ** 16, 1024, 1024, 32), (1000, 96, 77, 7)]
 SMOKE_CHECKS = [(64, 32, 24, 4)]
-SWEEP = {
-    "forward": [ebp.Tile(r, c, w) for r, c, w in itertools.product((8, 16), (256, 512), (4, 8))],
-    "backward": [ebp.Tile(r, c, w) for r, c, w in itertools.product((4, 8, 16), (128, 256, 512), (4, 8))],
+SWEEP = {  # around the best tiles of the first H100 sweep (benchmarks/GPU_NOTES.md)
+    "forward": [ebp.Tile(r, c, w) for r, c, w in itertools.product((8, 16), (256, 512), (8,))],
+    "d_values": [ebp.Tile(r, c, w) for r, c, w in itertools.product((4, 8, 16), (256, 512), (4,))],
+    "d_weights": [ebp.Tile(r, c, w) for r, c, w in itertools.product((8, 16), (256, 512), (4, 8))],
 }
 
 
@@ -69,7 +70,7 @@ def kernel_calls(n, interpret, tiles):
     fwd = jax.jit(lambda v, i, w: ebp.gpu_forward(v, i, w, out_dtype=v.dtype, interpret=interpret,
                                                   tile=tiles["forward"], poison=True))
     bwd = jax.jit(lambda g, v, i, w: ebp.gpu_backward(g, v, i, w, n, out_dtype=v.dtype, acc_dtype=jnp.float32,
-                                                      interpret=interpret, tile=tiles["backward"], poison=True))
+                                                      interpret=interpret, tiles=tiles, poison=True))
     return fwd, bwd
 
 
@@ -112,9 +113,10 @@ def sweep(size, dtype, interpret, iters):
                     f = jax.jit(lambda v, i, w, t=tile: ebp.gpu_forward(v, i, w, out_dtype=v.dtype,
                                                                          interpret=interpret, tile=t))
                     ms = jax_time_ms(f, values, idx, w, iters=iters)
-                else:
-                    f = jax.jit(lambda g, v, i, w, t=tile: ebp.gpu_backward(
-                        g, v, i, w, n, out_dtype=v.dtype, acc_dtype=jnp.float32, interpret=interpret, tile=t))
+                else:  # the whole backward (sort + both kernels) with this tile for one kernel
+                    f = jax.jit(lambda g, v, i, w, t=tile, name=name: ebp.gpu_backward(
+                        g, v, i, w, n, out_dtype=v.dtype, acc_dtype=jnp.float32, interpret=interpret,
+                        tiles={name: t}))
                     ms = jax_time_ms(f, d_out, values, idx, w, iters=iters)
             except Exception as err:  # noqa: BLE001 - a tile Triton rejects (e.g. registers) is skipped
                 print(f"{name} {tile}: failed: {str(err)[:200]}", flush=True)
@@ -129,12 +131,26 @@ def sweep(size, dtype, interpret, iters):
     return results, best
 
 
+def _sort_by_row_signed(indices, weights, num_rows):
+    """The previous sort: ``jnp.argsort`` of int32 keys (XLA's own sort kernel, not CUB) and a
+    ``searchsorted`` per row; timed beside :func:`ebp.sort_by_row` for the notes."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = flat[order]
+    row_start = jnp.searchsorted(rows, jnp.arange(num_rows + 1, dtype=rows.dtype), side="left")
+    return rows, order // k, weights.reshape(-1)[order], row_start, order
+
+
 def time_sort(size, iters):
-    """The backward's sort of the (index, weight) pairs by row, alone (part of every backward)."""
+    """The backward's sort of the (index, weight) pairs by row, alone: current and previous."""
     n, bt, k = size["N"], size["Bt"], size["k"]
     _, idx, w, _ = problem(n, 8, bt, k, jnp.float32, 2)
-    f = jax.jit(lambda i, w: ebp.sort_by_row(i, w, n))
-    return jax_time_ms(f, idx, w, iters=iters)
+    new = jax.jit(lambda i, w: ebp.sort_by_row(i, w, n))
+    old = jax.jit(lambda i, w: _sort_by_row_signed(i, w, n))
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(new(idx, w), old(idx, w)))
+    return {"sort_by_row_ms": jax_time_ms(new, idx, w, iters=iters),
+            "previous_argsort_searchsorted_ms": jax_time_ms(old, idx, w, iters=iters), "same_result": same}
 
 
 def time_impls(size, dtype, interpret, iters, copy_gbps):
@@ -199,14 +215,14 @@ def main(argv=None):
         # The tuned tiles must pass the same checks as the defaults.
         result["checks_best_tiles"] = check(SMOKE_CHECKS if args.smoke else CHECKS[:2], interpret, ebp.GPU_TILES)
     result["timings"], result["bytes"] = time_impls(size, dtype, interpret, args.iters, ceil["copy_GBps"])
-    result["sort_ms"] = time_sort(size, args.iters)
+    result["sort"] = time_sort(size, args.iters)
     if not args.smoke:  # float32 tables (PyTorch's per-sample-weight gradient needs them)
         rows, result["bytes_float32"] = time_impls(size, jnp.float32, interpret, args.iters, ceil["copy_GBps"])
         result["timings"] += rows
     result["seconds"] = time.perf_counter() - t0
     write_json("gpu_embedding_bag", result, args.out)
     print(markdown_table(result["checks"], ["N", "D", "Bt", "k", "dtype", "out", "d_values", "d_weights", "ok"]))
-    print("sort_by_row ms", result["sort_ms"])
+    print("sort", result["sort"])
     print(markdown_table(result["timings"], ["impl", "dtype", "fwd_ms", "fwd_GBps", "fwd_pct_copy", "bwd_ms", "bwd_GBps",
                                              "bwd_pct_copy", "fwd_bwd_ms"]))
     return result

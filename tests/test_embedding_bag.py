@@ -158,62 +158,81 @@ def test_dispatch_is_fail_closed():
         resolve_impl("pallas_gpu", (1024, 100), jnp.float32, None, backend="gpu")
 
 
-@pytest.mark.parametrize("tiles", [(ebp.Tile(4, 8), ebp.Tile(4, 8)),
-                                   (ebp.Tile(2, 32), ebp.Tile(16, 32)),
-                                   (ebp.Tile(16, 16), ebp.Tile(1, 16))])
+@pytest.mark.parametrize("tiles", [(ebp.Tile(4, 8), ebp.Tile(4, 8), ebp.Tile(4, 16)),
+                                   (ebp.Tile(2, 32), ebp.Tile(16, 32), ebp.Tile(2, 8)),
+                                   (ebp.Tile(16, 16), ebp.Tile(1, 16), ebp.Tile(16, 32))])
 def test_gpu_kernel_tiles_and_poisoned_outputs(x64, tiles):
     """Every GPU tile shape computes the naive result, and writes every output element: the
-    outputs (and the backward's d_weights partials) start as NaN, aliased into the kernels, so
-    a skipped row, column block or pair shows up. n = 64 rows so that several rows share a
-    backward program; many repeats per row, most rows read once or never."""
+    outputs start as NaN, aliased into the kernels, so a skipped row or column block shows
+    up. n = 64 rows so that several rows share a d_values program; many repeats per row, most
+    rows read once or never."""
     values, idx, weights, d_out = problem(n=64, d=32, bt=40, k=6)
     idx = idx.at[:, :3].set(idx[:, :3] % 5)
     ref_out, ref_dv, ref_dw = naive(values, idx, weights, d_out)
-    fwd_tile, bwd_tile = tiles
+    fwd_tile, dv_tile, dw_tile = tiles
     out = ebp.gpu_forward(values, idx, weights, out_dtype=values.dtype, interpret=True, tile=fwd_tile, poison=True)
     dv, dw = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
-                              interpret=True, tile=bwd_tile, poison=True)
-    assert not np.isnan(np.asarray(out)).any() and not np.isnan(np.asarray(dv)).any()
-    assert not np.isnan(np.asarray(dw)).any()
+                              interpret=True, tiles={"d_values": dv_tile, "d_weights": dw_tile}, poison=True)
+    for x in (out, dv, dw):
+        assert not np.isnan(np.asarray(x)).any()
     assert rel(out, ref_out) < 1e-12 and rel(dv, ref_dv) < 1e-12 and rel(dw, ref_dw) < 1e-12
     assert np.all(np.asarray(dv)[np.setdiff1d(np.arange(64), np.asarray(idx))] == 0)
 
 
+def test_sort_by_row_groups_pairs_stably():
+    """Rows ascending, ties in flattened (bag-major) order, row_start the run boundaries."""
+    idx = jnp.asarray([[3, 1, 3], [0, 3, 1]], jnp.int32)
+    w = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
+    rows, bags, ws, row_start, order = ebp.sort_by_row(idx, w, 5)
+    np.testing.assert_array_equal(rows, [0, 1, 1, 3, 3, 3])
+    np.testing.assert_array_equal(order, [3, 1, 5, 0, 2, 4])
+    np.testing.assert_array_equal(bags, [1, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(ws, [3, 1, 5, 0, 2, 4])
+    np.testing.assert_array_equal(row_start, [0, 1, 3, 3, 6, 6])
+
+
 def test_poisoned_outputs_detect_unwritten_elements(x64):
-    """The poison check itself can fail: a forward that skips its last column block leaves NaNs,
-    and a backward that drops the d_weights partials of one column block leaves NaN in every
-    d_weights (each pair misses one partial sum)."""
-    values, idx, weights, d_out = problem(n=64, d=32, bt=8, k=3)
-    fwd_kernel, bwd_kernel = ebp._gpu_fwd_kernel, ebp._gpu_backward_kernel
+    """The poison check itself can fail: kernels that skip their last grid block leave NaNs."""
+    values, idx, weights, d_out = problem(n=64, d=32, bt=16, k=3)
+    kernels = {name: getattr(ebp, name) for name in ("_gpu_fwd_kernel", "_gpu_dvalues_kernel", "_gpu_dweights_kernel")}
 
-    def fwd_skipping_last_block(*refs, k):
-        @pl.when(pl.program_id(1) == 0)
-        def _():
-            fwd_kernel(*refs, k=k)
+    def first_block_only(name, axis):
+        def kernel(*refs, **kw):
+            @pl.when(pl.program_id(axis) == 0)
+            def _():
+                kernels[name](*refs, **kw)
+        return kernel
 
-    def bwd_dropping_partials_of_block_1(*refs, **kw):
-        *inputs, dv_ref, dwp_ref = refs
-        skip = pl.program_id(1) == 1  # read here: interpret mode cannot read it inside the loop
-
-        class DroppingRef:
-            shape = dwp_ref.shape
-
-            def __setitem__(self, idx, val):
-                @pl.when(jnp.logical_not(skip))
-                def _():
-                    dwp_ref[idx] = val
-
-        bwd_kernel(*inputs, dv_ref, DroppingRef(), **kw)
-
+    tiles = {"d_values": ebp.Tile(8, 16), "d_weights": ebp.Tile(8, 32)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ebp, "_gpu_fwd_kernel", fwd_skipping_last_block)
-        mp.setattr(ebp, "_gpu_backward_kernel", bwd_dropping_partials_of_block_1)
+        mp.setattr(ebp, "_gpu_fwd_kernel", first_block_only("_gpu_fwd_kernel", 1))  # column blocks
+        mp.setattr(ebp, "_gpu_dweights_kernel", first_block_only("_gpu_dweights_kernel", 0))  # bag blocks
         out = ebp.gpu_forward(values, idx, weights, out_dtype=values.dtype, interpret=True, tile=ebp.Tile(8, 16),
                               poison=True)
-        dv, dw = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
-                                  interpret=True, tile=ebp.Tile(8, 16), poison=True)
+        _, dw = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
+                                 interpret=True, tiles=tiles, poison=True)
     assert np.isnan(np.asarray(out)[:, 16:]).all() and not np.isnan(np.asarray(out)[:, :16]).any()
-    assert np.isnan(np.asarray(dw)).all() and not np.isnan(np.asarray(dv)).any()  # every pair lost a partial
+    assert np.isnan(np.asarray(dw)[8:]).all() and not np.isnan(np.asarray(dw)[:8]).any()
+
+    def dvalues_skipping_column_block_1(*refs, **kw):
+        *inputs, o_ref = refs
+        skip = pl.program_id(1) == 1  # read out here: interpret mode cannot read it inside a branch
+
+        class SkippingRef:
+            shape, dtype = o_ref.shape, o_ref.dtype
+
+            def __setitem__(self, index, value):
+                @pl.when(jnp.logical_not(skip))
+                def _():
+                    o_ref[index] = value
+
+        kernels["_gpu_dvalues_kernel"](*inputs, SkippingRef(), **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ebp, "_gpu_dvalues_kernel", dvalues_skipping_column_block_1)
+        dv, _ = ebp.gpu_backward(d_out, values, idx, weights, 64, out_dtype=values.dtype, acc_dtype=values.dtype,
+                                 interpret=True, tiles=tiles, poison=True)
+    assert np.isnan(np.asarray(dv)[:, 16:]).all() and not np.isnan(np.asarray(dv)[:, :16]).any()
 
 
 @pytest.mark.parametrize("impl,platform,target,d,bt", [
@@ -234,8 +253,7 @@ def test_kernels_lower_for_their_hardware(monkeypatch, impl, platform, target, d
     with _abstract_target(platform):
         exp = jax.export.export(jax.jit(f), platforms=[platform],
                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
-    # GPU: forward and the fused backward; TPU: forward, d_values, d_weights
-    assert exp.mlir_module().count(target) == (2 if platform == "cuda" else 3)
+    assert exp.mlir_module().count(target) == 3  # forward, d_values, d_weights
 
 
 def _abstract_target(platform):

@@ -9,15 +9,14 @@ install (the tests export them for ``cuda`` / ``tpu`` to catch lowering errors):
     bag's indices and weights are one block, the rows are gathered inside the kernel
     (``values_ref[rows, :]``, a pointer gather) and accumulated in float32 registers.
     Triton has no scalar prefetch, so indices travel as an ordinary blocked input.
-    Backward (one kernel, ``gpu_backward``): the (index, weight) pairs are sorted by row
-    outside the kernel (stable argsort; ``row_start`` from a ``searchsorted``); a program owns
-    ``rows`` consecutive table rows x a column block, reads those table rows once
-    (contiguously), and step ``s`` of its loop gathers the ``s``-th pair of each of its rows
-    at once: the ``d_out`` row times the weight accumulates into ``d_values``, and its dot
-    product with the table row is that pair's ``d_weights`` partial for the column block (XLA
-    adds the partials and un-sorts them). Deterministic, no atomics, rows nobody read get exact
+    d_values: the (index, weight) pairs are sorted by row outside the kernel (a stable CUB
+    radix sort; ``row_start`` from per-row counts); a program owns ``rows`` consecutive table
+    rows x a column block, and step ``s`` of its loop gathers the ``s``-th pair of each of its
+    rows at once (a ``[rows, cols]`` gather of ``d_out`` rows; rows with fewer pairs re-read
+    their last pair with weight 0). Deterministic, no atomics, and rows nobody read get exact
     zeros (Memory Layers at Scale's count / cumsum / reverse-index scheme, with the sort
-    standing in for the counting pass), and the table is read once instead of once per pair.
+    standing in for the counting pass).
+    d_weights: a program per block of bags, ``<d_out[b], values[idx[b, j]]>``.
 
 ``TPU`` (Mosaic lowering)
     Indices (and weights) are scalar-prefetched into SMEM (``PrefetchScalarGridSpec``,
@@ -92,15 +91,22 @@ def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
     ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``, and
     ``order [P]``: sorted pair ``p`` is flattened pair ``order[p]``. The sort is stable, so the
     summation order within a row is fixed (bag-major).
+
+    Keys and payload are sorted as *unsigned* 32-bit integers (indices are in ``[0, N)``, so
+    the order is the same): XLA:GPU hands only unsigned-key pair sorts to CUB's radix sort,
+    and sorts anything else with its own much slower kernel. ``row_start`` is the running
+    sum of per-row counts (a scatter-add), not a binary search per row.
     """
     k = indices.shape[1]
-    flat = indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    rows = flat[order]
-    bags = (order // k).astype(jnp.int32)
+    flat = indices.reshape(-1).astype(jnp.uint32)
+    iota = jnp.arange(flat.shape[0], dtype=jnp.uint32)
+    rows, order = jax.lax.sort((flat, iota), num_keys=1, is_stable=True)
+    rows, order = rows.astype(jnp.int32), order.astype(jnp.int32)
+    bags = order // k
     w = weights.reshape(-1)[order]
-    row_start = jnp.searchsorted(rows, jnp.arange(num_rows + 1, dtype=rows.dtype), side="left")
-    return rows, bags, w, row_start.astype(jnp.int32), order
+    counts = jnp.zeros((num_rows,), jnp.int32).at[rows].add(1)
+    row_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+    return rows, bags, w, row_start, order
 
 
 # ============================================================================ GPU (Triton)
@@ -119,7 +125,7 @@ class Tile:
 
 
 # Per-kernel tiles; ``benchmarks/gpu_embedding_bag.py`` sweeps them on a GPU and prints the best.
-GPU_TILES = {"forward": Tile(8, 256, 8), "backward": Tile(8, 256)}
+GPU_TILES = {"forward": Tile(8, 256, 8), "d_values": Tile(8, 256, 4), "d_weights": Tile(8, 512, 8)}
 
 
 def _triton_params(tile: Tile):
@@ -174,80 +180,103 @@ def gpu_forward(values, indices, weights, *, out_dtype, interpret: bool, tile: T
     return out[:bt]
 
 
-def _gpu_backward_kernel(start_ref, bag_ref, w_ref, dout_ref, v_ref, *refs, block_rows: int, num_col_blocks: int):
-    """Rows ``r0 .. r0 + R`` x one column block of ``d_values``, and the matching column-block
-    partial sums of ``d_weights``. Step ``s`` gathers, for each of the R rows at once, its
-    ``s``-th (bag, weight) pair's ``d_out`` row; rows with fewer pairs re-read their last pair
-    with weight 0 and send their partial dot product to the spare slot ``P``."""
-    dv_ref, dwp_ref = refs[-2], refs[-1]  # after the aliased NaN inputs when poisoned
+def _gpu_dvalues_kernel(start_ref, bag_ref, w_ref, dout_ref, *refs, block_rows: int):
+    """Rows ``r0 .. r0 + R`` x one column block of ``d_values``: step ``s`` gathers, for each of
+    the R rows at once, its ``s``-th pair's ``d_out`` row; rows with fewer pairs re-read their
+    last pair with weight 0."""
+    o_ref = refs[-1]  # after the aliased NaN input when poisoned
     r0 = pl.program_id(0) * block_rows
-    col = pl.program_id(1)
-    spare = dwp_ref.shape[0] // num_col_blocks - 1
     starts = start_ref[pl.ds(r0, block_rows)]
     ends = start_ref[pl.ds(r0 + 1, block_rows)]
     last = jnp.maximum(ends - 1, 0)
-    rows = v_ref[...].astype(w_ref.dtype)  # this program's table rows, read once, contiguously
 
     def body(s, acc):
         p = starts + s
         valid = p < ends
         p = jnp.where(valid, p, last)
         w = jnp.where(valid, w_ref[p], 0)
-        g = dout_ref[bag_ref[p], :].astype(w.dtype)  # [R, BD] gathered cotangent rows
-        dwp_ref[jnp.where(valid, p, spare) * num_col_blocks + col] = jnp.sum(g * rows, axis=1)
-        return acc + w[:, None] * g
+        return acc + w[:, None] * dout_ref[bag_ref[p], :].astype(w.dtype)
 
-    acc = jax.lax.fori_loop(0, jnp.max(ends - starts), body, jnp.zeros(dv_ref.shape, w_ref.dtype))
-    dv_ref[...] = acc.astype(dv_ref.dtype)
+    acc = jax.lax.fori_loop(0, jnp.max(ends - starts), body, jnp.zeros(o_ref.shape, w_ref.dtype))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gpu_dweights_kernel(idx_ref, dout_ref, v_ref, *refs, k: int, d: int, bd: int):
+    o_ref = refs[-1]
+    bb = idx_ref.shape[0]
+
+    def over_bag(j, carry):
+        rows = idx_ref[:, j]
+
+        def over_cols(c, s):
+            cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
+            prod = v_ref[rows, cols].astype(o_ref.dtype) * dout_ref[:, cols].astype(o_ref.dtype)
+            return s + jnp.sum(prod, axis=1)
+
+        o_ref[:, j] = jax.lax.fori_loop(0, d // bd, over_cols, jnp.zeros((bb,), o_ref.dtype))
+        return carry
+
+    jax.lax.fori_loop(0, k, over_bag, 0)
 
 
 def gpu_backward(d_out, values, indices, weights, num_rows: int, *, out_dtype, acc_dtype, interpret: bool,
-                 tile: Tile | None = None, poison: bool = False):
-    """``(d_values [N, D], d_weights [Bt, k])`` in one pass over the table, from the pairs sorted
-    by row: deterministic, no atomics, every row written (rows nobody read get exact zeros).
+                 tiles: dict | None = None, poison: bool = False):
+    """``(d_values [N, D], d_weights [Bt, k])`` with two kernels.
 
-    A program owns ``tile.rows`` table rows x ``tile.cols`` columns: it writes that tile of
-    ``d_values`` and, since it reads its own table rows contiguously anyway, the column-block
-    partial sums of ``<d_out[b], values[row]>`` for every pair of its rows; XLA adds the
-    ``D / cols`` partials and un-sorts them. (A separate ``d_weights`` kernel would gather
-    ``Bt k`` table rows a second time.) ``poison`` (tests): outputs start as NaN, so an
+    ``d_values``: from the pairs sorted by row (:func:`sort_by_row`), a program per
+    ``tiles["d_values"]`` block of table rows x columns: deterministic, no atomics, every row
+    written (rows nobody read get exact zeros). ``d_weights``: a program per block of bags,
+    ``<d_out[b], values[idx[b, j]]>``. ``poison`` (tests): outputs start as NaN, so an
     unwritten element survives into the result.
+
+    (A single fused kernel that also forms the ``d_weights`` partial sums while it holds each
+    table row was measured 1.4x slower on an H100: see benchmarks/GPU_NOTES.md.)
     """
-    tile = tile or GPU_TILES["backward"]
-    bt, d = d_out.shape
-    k = indices.shape[1]
-    _, bags, w, row_start, order = sort_by_row(indices, weights.astype(acc_dtype), num_rows)
+    tiles = {**GPU_TILES, **(tiles or {})}
+    tv, tw = tiles["d_values"], tiles["d_weights"]
+    n, d = values.shape
+    bt, k = indices.shape
+    _, bags, w, row_start, _ = sort_by_row(indices, weights.astype(acc_dtype), num_rows)
     p = bags.shape[0]
-    bd = _pow2_divisor(d, tile.cols)
-    br = _pow2_divisor(num_rows, tile.rows)
-    ncb = d // bd
+
+    bd = _pow2_divisor(d, tv.cols)
+    br = _pow2_divisor(num_rows, tv.rows)
     dv_spec = pl.BlockSpec((br, bd), lambda r, c: (r, c))
-    dwp_spec = pl.BlockSpec(((p + 1) * ncb,), lambda r, c: (0,))
-    specs = [pl.BlockSpec((num_rows + 1,), lambda r, c: (0,)),
-             pl.BlockSpec((p,), lambda r, c: (0,)),
-             pl.BlockSpec((p,), lambda r, c: (0,)),
-             pl.BlockSpec((bt, bd), lambda r, c: (0, c)),
-             pl.BlockSpec((br, bd), lambda r, c: (r, c))]
-    inputs = [row_start, bags, w, d_out, values]
-    extra = {}
+    specs = [pl.BlockSpec((num_rows + 1,), lambda r, c: (0,)), pl.BlockSpec((p,), lambda r, c: (0,)),
+             pl.BlockSpec((p,), lambda r, c: (0,)), pl.BlockSpec((bt, bd), lambda r, c: (0, c))]
+    inputs, extra = [row_start, bags, w, d_out], {}
     if poison:
-        specs += [dv_spec, dwp_spec]
-        inputs += [jnp.full((num_rows, d), jnp.nan, out_dtype), jnp.full(((p + 1) * ncb,), jnp.nan, acc_dtype)]
-        extra["input_output_aliases"] = {5: 0, 6: 1}
-    d_values, partials = _pallas_call(
-        functools.partial(_gpu_backward_kernel, block_rows=br, num_col_blocks=ncb),
-        grid=(num_rows // br, ncb),
-        in_specs=specs,
-        out_specs=[dv_spec, dwp_spec],
-        out_shape=[((num_rows, d), out_dtype), (((p + 1) * ncb,), acc_dtype)],
-        interpret=interpret,
-        compiler_params=None if interpret else _triton_params(tile),
-        name="embedding_bag_bwd",
-        **extra,
+        specs.append(dv_spec)
+        inputs.append(jnp.full((num_rows, d), jnp.nan, out_dtype))
+        extra["input_output_aliases"] = {4: 0}
+    d_values = _pallas_call(
+        functools.partial(_gpu_dvalues_kernel, block_rows=br),
+        grid=(num_rows // br, d // bd),
+        in_specs=specs, out_specs=dv_spec, out_shape=((num_rows, d), out_dtype),
+        interpret=interpret, compiler_params=None if interpret else _triton_params(tv),
+        name="embedding_bag_bwd_values", **extra,
     )(*inputs)
-    d_w_sorted = partials.reshape(p + 1, ncb)[:p].sum(axis=1)
-    d_weights = jnp.zeros((p,), acc_dtype).at[order].set(d_w_sorted).reshape(bt, k)
-    return d_values, d_weights
+
+    bb = tw.rows
+    bd = _pow2_divisor(d, tw.cols)
+    idx = _pad_rows(indices, bb)
+    dout = _pad_rows(d_out, bb)
+    dw_spec = pl.BlockSpec((bb, k), lambda i: (i, 0))
+    specs = [pl.BlockSpec((bb, k), lambda i: (i, 0)), pl.BlockSpec((bb, d), lambda i: (i, 0)),
+             pl.BlockSpec((n, d), lambda i: (0, 0))]
+    inputs, extra = [idx, dout, values], {}
+    if poison:
+        specs.append(dw_spec)
+        inputs.append(jnp.full((idx.shape[0], k), jnp.nan, acc_dtype))
+        extra["input_output_aliases"] = {3: 0}
+    d_weights = _pallas_call(
+        functools.partial(_gpu_dweights_kernel, k=k, d=d, bd=bd),
+        grid=(idx.shape[0] // bb,),
+        in_specs=specs, out_specs=dw_spec, out_shape=((idx.shape[0], k), acc_dtype),
+        interpret=interpret, compiler_params=None if interpret else _triton_params(tw),
+        name="embedding_bag_bwd_weights", **extra,
+    )(*inputs)
+    return d_values, d_weights[:bt]
 
 
 def gpu_supports(shape, dtype, backend: str) -> bool:
