@@ -60,8 +60,9 @@ def memjax_ops(chunk=CHUNK):
     from memjax.memory.ssm import selective_scan
 
     def ssd(q, k, v, g):
-        # SSD with x = v, dt = 1, A = 1 per head and log decay g: y = C h, h_t = exp(g_t) h + x_t B_t^T.
-        # selective_scan takes dt and A separately (log decay dt * A); dt = -g, A = -1 gives g.
+        # Mamba-2's SSD with x = v, B = k, C = q, dt = -g, A = -1 per head:
+        # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T = exp(g_t) h_{t-1} - g_t v_t k_t^T, y_t = h_t C_t,
+        # i.e. simple_gla with v' = -g v and scale 1 (what jla_ops passes to jla).
         h = v.shape[2]
         return selective_scan(v, -g, -jnp.ones((h,), jnp.float32), k, q, chunk_size=chunk)
 
@@ -82,8 +83,9 @@ def jla_ops(impl):
                              ("q", "k", "v", "g", "beta")),
         "gated_linear_attention": (lambda q, k, v, g: jla_la("simple_gla", q, k, v, g=g, impl=impl),
                                    ("q", "k", "v", "g")),
-        "ssd": (lambda q, k, v, g: jla_la("simple_gla", q, k, v, g=g, scale=1.0, impl=impl),
-                ("q", "k", "v", "g")),
+        # SSD as simple_gla: v = dt x with dt = -g (memjax's ssd below takes x = v, dt = -g, A = -1).
+        "ssd": (lambda q, k, v, g: jla_la("simple_gla", q, k, (v * -g[..., None]).astype(v.dtype), g=g, scale=1.0,
+                                          impl=impl), ("q", "k", "v", "g")),
     }
 
 
@@ -177,9 +179,8 @@ def main(argv=None):
             try:
                 with precision_scope(prec):
                     row.update(timings(fn, names, x, args.iters))
-                    if not args.smoke or label.startswith("memjax"):
-                        outputs[(label, op)] = np.asarray(jax.jit(lambda *a: fn(*a)[0])(*[x[n] for n in names]),
-                                                          np.float32)
+                    outputs[(label, op)] = np.asarray(jax.jit(lambda *a: fn(*a)[0])(*[x[n] for n in names]),
+                                                      np.float32)
             except Exception as err:  # noqa: BLE001 - e.g. a kernel that does not support the shape
                 row["error"] = repr(err)[:300]
             result["timings"].append(row)

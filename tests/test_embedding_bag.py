@@ -14,7 +14,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from memjax.kernels import embedding_bag_pallas as ebp
-from memjax.kernels.embedding_bag import VERIFIED_BACKENDS, embedding_bag, resolve_impl, supports
+from memjax.kernels.embedding_bag import embedding_bag, resolve_impl, supports, verified
 
 PALLAS = ["pallas_gpu", "pallas_tpu"]
 IMPLS = ["xla", *PALLAS]
@@ -140,11 +140,15 @@ def test_input_validation():
 def test_dispatch_is_fail_closed():
     shape = (1024, 128)
     assert resolve_impl("auto", shape, jnp.float32, None, backend="cpu") == ("xla", False)
-    # Supported on GPU, but not yet verified on hardware: auto stays on XLA there too.
+    # auto takes the kernel only on a device where its hardware tests passed (an H100 so far).
     assert supports(shape, jnp.bfloat16, "gpu") == "pallas_gpu"
     assert supports(shape, jnp.float32, "tpu") == "pallas_tpu"
-    assert resolve_impl("auto", shape, jnp.float32, None, backend="gpu")[0] == (
-        "pallas_gpu" if "gpu" in VERIFIED_BACKENDS else "xla")
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+    assert verified("gpu", h100) and not verified("gpu", a100) and not verified("tpu", "TPU v5 lite")
+    assert resolve_impl("auto", shape, jnp.float32, None, backend="gpu", device_kind=h100) == ("pallas_gpu", False)
+    assert resolve_impl("auto", shape, jnp.bfloat16, None, backend="gpu", device_kind=a100) == ("xla", False)
+    assert resolve_impl("auto", shape, jnp.float32, None, backend="tpu", device_kind="TPU v5 lite") == ("xla", False)
+    assert resolve_impl("auto", shape, jnp.float16, None, backend="gpu", device_kind=h100) == ("xla", False)
     assert supports((1024, 100), jnp.float32, "gpu") is None  # D not a multiple of 16
     assert supports((1024, 64), jnp.float32, "tpu") is None  # D not lane-dense
     assert supports(shape, jnp.float32, "cpu") is None
@@ -270,7 +274,7 @@ def _abstract_target(platform):
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"), reason="needs a GPU or TPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_hardware_kernel_matches_xla(dtype):
-    """Compiled (not interpreted) kernel vs XLA; add the backend to VERIFIED_BACKENDS once green."""
+    """Compiled (not interpreted) kernel vs XLA; add the device to VERIFIED_DEVICES once green."""
     values, idx, weights, d_out = problem(n=4096, d=256, bt=512, k=32, dtype=jnp.float32)
     values = values.astype(dtype)
     ref = run("xla", values, idx, weights, d_out)

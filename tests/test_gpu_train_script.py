@@ -96,6 +96,9 @@ def test_smoke_run_writes_json(tmp_path):
     assert d["mfu"] == pytest.approx(achieved / 989e12)
     assert d["nonfinite_step"] == 0 and d["loss"] == d["loss"]  # finite: not NaN
     assert d["rows"][0]["tokens_per_s"] == pytest.approx(d["tokens_per_s"])
+    # Initialising on the host CPU and copying over (the GPU default) trains the same model.
+    host = gpu_train.main(["--smoke", "--host-init", "--out", str(tmp_path / "host")])
+    assert host["status"] == "ok" and host["loss"] == pytest.approx(d["loss"], rel=1e-6)
 
 
 def test_oom_retries_with_more_microbatches(tmp_path, monkeypatch):

@@ -18,9 +18,9 @@ Implementations (``impl``):
                    ``"pallas_tpu"`` on TPU); on CPU only with ``interpret=True``.
   ``"pallas_gpu"`` / ``"pallas_tpu"``  a kernel family by name (tests run both interpreted).
   ``"auto"``       a Pallas kernel only where ``kernel.supports(shape, dtype, backend)`` holds
-                   *and* the backend is in ``VERIFIED_BACKENDS`` (hardware tests passed);
-                   XLA otherwise. On CPU ``auto`` is always XLA: interpret mode is never
-                   chosen implicitly.
+                   *and* the device is in ``VERIFIED_DEVICES`` (hardware tests passed: so far
+                   the GPU kernel on an H100); XLA otherwise. On CPU ``auto`` is always XLA:
+                   interpret mode is never chosen implicitly.
 
 Out-of-range indices (outside ``[0, N)``, including negative ones): when ``indices`` is a
 concrete array a ``ValueError`` is raised; under ``jit`` the check is impossible and indices
@@ -38,9 +38,17 @@ from memjax.kernels.embedding_bag_pallas import KERNELS
 
 F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas", *KERNELS)
-# Backends on which the Pallas kernels have passed the hardware tests; ``auto`` uses Pallas
-# only there. Empty: no GPU/TPU has run tests/test_embedding_bag.py's hardware tests yet.
-VERIFIED_BACKENDS: frozenset[str] = frozenset()
+# Devices on which the compiled Pallas kernels have passed the hardware tests
+# (tests/test_embedding_bag.py on the device, and benchmarks/gpu_embedding_bag.py's checks:
+# float64 references, NaN-poisoned outputs, float32 and bfloat16 tables): backend ->
+# device-kind prefixes. ``auto`` uses a kernel only there. The GPU kernels passed on an
+# NVIDIA H100 80GB HBM3 with JAX 0.11.2 / Triton lowering (2026-11-24); no TPU has run them.
+VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {"gpu": ("NVIDIA H100",)}
+
+
+def verified(backend: str, device_kind: str) -> bool:
+    """Whether the Pallas kernels passed their hardware tests on this backend and device kind."""
+    return any(device_kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get(backend, ()))
 
 
 def supports(shape, dtype, backend: str) -> str | None:
@@ -146,7 +154,8 @@ def _check_or_clamp(indices, num_rows: int):
     return jnp.clip(indices.astype(jnp.int32), 0, num_rows - 1)
 
 
-def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None) -> tuple[str, bool]:
+def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
+                 device_kind: str | None = None) -> tuple[str, bool]:
     """``(kernel name or "xla", interpret flag)`` for a call; see the module docstring."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -157,7 +166,9 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
         if interpret:
             raise ValueError("interpret=True needs an explicit Pallas impl ('pallas', 'pallas_gpu', 'pallas_tpu')")
         name = supports(shape, dtype, backend)
-        return (name, False) if name is not None and backend in VERIFIED_BACKENDS else ("xla", False)
+        if device_kind is None and name is not None:
+            device_kind = jax.devices(backend)[0].device_kind
+        return (name, False) if name is not None and verified(backend, device_kind) else ("xla", False)
     interpret = bool(interpret)
     if impl == "pallas":
         impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
