@@ -20,12 +20,14 @@ def test_prefill_then_step_equals_full_forward(block):
     cfg = ModelConfig(vocab_size=48, d_model=32, num_heads=2, pattern=f"{block},F", max_seq_len=64)
     model = LM(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, 48)
-    full = model(tokens)
+    # Jitted: one compile per entry point instead of op-by-op dispatch of every decoding step.
+    full = nnx.jit(lambda m, x: m(x))(model, tokens)
     state = model.init_state(2, 32)
-    logits, state = model.prefill(tokens[:, :13], state)
+    logits, state = nnx.jit(lambda m, x, s: m.prefill(x, s))(model, tokens[:, :13], state)
+    step = nnx.jit(lambda m, x, s: m.step(x, s))
     outs = [logits]
     for t in range(13, 21):
-        lt, state = model.step(tokens[:, t], state)
+        lt, state = step(model, tokens[:, t], state)
         outs.append(lt[:, None])
     dec = jnp.concatenate(outs, axis=1)
     scale = float(jnp.abs(full).max())
@@ -40,8 +42,9 @@ def test_generate_greedy_matches_argmax_of_forward():
     out = generate(model, prompt, 6)
     assert out.shape == (2, 6)
     seq = prompt
+    forward = nnx.jit(lambda m, x: m(x))
     for i in range(6):  # greedy by repeated full forward passes
-        nxt = jnp.argmax(model(seq)[:, -1], -1)
+        nxt = jnp.argmax(forward(model, seq)[:, -1], -1)
         assert (nxt == out[:, i]).all()
         seq = jnp.concatenate([seq, nxt[:, None]], 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
