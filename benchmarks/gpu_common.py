@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -28,11 +26,14 @@ def out_dir(explicit: str | None = None) -> str:
     return path
 
 
-def write_json(name: str, payload: dict, directory: str | None = None) -> str:
+def write_json(name: str, payload: dict, directory: str | None = None, quiet: bool = False) -> str:
+    """``<directory>/<name>.json``, written atomically: a kill mid-write leaves the previous file."""
     path = os.path.join(out_dir(directory), f"{name}.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2, default=str)
-    print(f"wrote {path}", flush=True)
+    os.replace(path + ".tmp", path)
+    if not quiet:
+        print(f"wrote {path}", flush=True)
     return path
 
 
@@ -84,23 +85,15 @@ def jax_ceilings(copy_gib: float = 1.0, n_matmul: int = 8192) -> dict:
 
 
 def environment() -> dict:
-    info = {"python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    try:
-        import jax
+    """``benchmarks.runner.machine()``: backend, device, versions, date."""
+    from benchmarks.runner import machine
 
-        dev = jax.devices()[0]
-        info.update(jax=jax.__version__, backend=jax.default_backend(), device=getattr(dev, "device_kind", str(dev)))
-    except Exception as err:  # noqa: BLE001 - a report, not control flow
-        info["jax_error"] = repr(err)
-    return info
+    return machine()
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return "" if v is None else str(v)
+    from benchmarks.runner import _fmt
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -120,11 +120,12 @@ def checks(smoke, out, precisions=PRECISIONS):
     if fla is not None:
         x_np = {k: fla[k] for k in ("q", "k", "v", "g", "beta")}  # exactly the inputs FLA saw
     for op, (fn, names) in ops.items():
+        with jax.enable_x64(True):  # the float64 reference once per op, not per precision
+            o64, s64 = jax.jit(_recurrent(op))(*[jnp.asarray(x_np[n], jnp.float64) for n in names])
+            o64, s64 = np.asarray(o64), np.asarray(s64)
         for prec in precisions:
             with precision_scope(prec):
                 o, s = jax.jit(fn)(*[jnp.asarray(x_np[n]) for n in names])
-            with jax.enable_x64(True):
-                o64, s64 = jax.jit(_recurrent(op))(*[jnp.asarray(x_np[n], jnp.float64) for n in names])
             row = {"op": op, "precision": prec, "vs_float64_o": rel_err(o, o64), "vs_float64_state": rel_err(s, s64)}
             fla_op = {"gated_delta_rule": "gated_delta_rule", "gated_linear_attention": "simple_gla"}.get(op)
             if fla is not None and fla_op:

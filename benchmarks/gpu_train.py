@@ -57,7 +57,6 @@ if __name__ == "__main__":
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import time
@@ -67,7 +66,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.runner import Table
+from benchmarks.gpu_common import write_json
+from benchmarks.runner import Table, memory_of
 from memjax.config import ModelConfig, apply_overrides, load_config, options_from_dict, set_by_path, validate
 from memjax.data.pipeline import make_dataset
 from memjax.model.lm import LM
@@ -277,21 +277,6 @@ def host_batches(cfg, n: int) -> list[dict]:
     return [{k: np.asarray(b[k]) for k in BATCH_KEYS} for b, _ in zip(it, range(n))]
 
 
-def memory_analysis(compiled) -> dict:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - optional on some backends
-        return {}
-    if ma is None:
-        return {}
-    out = {}
-    for key in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                "alias_size_in_bytes", "generated_code_size_in_bytes"):
-        if hasattr(ma, key):
-            out[key.replace("_size_in_bytes", "_bytes")] = int(getattr(ma, key))
-    return out
-
-
 def xla_flops(compiled) -> float | None:
     try:
         ca = compiled.cost_analysis()
@@ -359,7 +344,7 @@ def run_once(cfg, args, devices, report=None, deadline=None) -> dict:
             t0 = time.perf_counter()
             compiled = setup.train_step.lower(abs_state, abs_batch).compile()
             out["compile_s"] = time.perf_counter() - t0
-            out["xla_memory"] = memory_analysis(compiled)
+            out["xla_memory"] = memory_of(compiled)
             out["xla_flops_per_step"] = xla_flops(compiled)
             return out
         n_batches = max(1, min(args.num_batches, args.steps))
@@ -376,7 +361,7 @@ def run_once(cfg, args, devices, report=None, deadline=None) -> dict:
         t0 = time.perf_counter()
         compiled = setup.train_step.lower(state, batches[0]).compile()
         out["compile_s"] = time.perf_counter() - t0
-        out["xla_memory"] = memory_analysis(compiled)
+        out["xla_memory"] = memory_of(compiled)
         out["xla_flops_per_step"] = xla_flops(compiled)
         print(f"compiled in {out['compile_s']:.1f} s", flush=True)
         report(out)
@@ -573,14 +558,7 @@ def main(argv=None) -> dict:
 
 
 def _write(result: dict, out_dir: str, quiet: bool = False) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{RESULT_NAME}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous complete file
-    if not quiet:
-        print(f"wrote {path}", flush=True)
+    write_json(RESULT_NAME, result, out_dir, quiet=quiet)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,21 @@ def time_fn(fn, *args, warmup: int = 2, repeats: int = 5, min_time: float = 0.0)
 def compiled_memory(fn, *args) -> dict:
     """Peak-memory proxy from the compiled executable: temporaries, arguments and outputs in bytes."""
     lowered = fn.lower(*args) if hasattr(fn, "lower") else jax.jit(fn).lower(*args)
-    ma = lowered.compile().memory_analysis()
+    return memory_of(lowered.compile())
+
+
+def memory_of(compiled) -> dict:
+    """XLA's memory plan of a compiled executable (``temp_bytes``, ``argument_bytes``, ...); {} where
+    the backend does not report one."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        return {}
     if ma is None:
         return {}
-    return {"temp_bytes": int(ma.temp_size_in_bytes), "argument_bytes": int(ma.argument_size_in_bytes),
-            "output_bytes": int(ma.output_size_in_bytes)}
+    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+    return {k.replace("_size_in_bytes", "_bytes"): int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
 
 
 def machine() -> dict:

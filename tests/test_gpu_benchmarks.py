@@ -3,10 +3,13 @@ so that a lent GPU's short time is not lost to a script error; their checks must
 import json
 
 from benchmarks import gpu_embedding_bag, gpu_linear_attention
+from memjax.kernels import embedding_bag_pallas as ebp
 
 
 def test_embedding_bag_script_smoke(tmp_path):
+    defaults = dict(ebp.GPU_TILES)
     gpu_embedding_bag.main(["--smoke", "--iters", "2", "--out", str(tmp_path)])
+    assert ebp.GPU_TILES == defaults  # the sweep's tiles do not leak into the library
     result = json.loads((tmp_path / "gpu_embedding_bag.json").read_text())
     assert result["checks"] and all(row["ok"] for row in result["checks"] + result["checks_best_tiles"])
     assert {row["impl"] for row in result["timings"]} == {"xla", "pallas_gpu"}

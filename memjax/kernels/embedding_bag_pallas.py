@@ -65,22 +65,20 @@ def _pow2_divisor(d: int, cap: int) -> int:
 
 
 def _pallas_call(kernel, *, out_shape, **kwargs):
-    """``pl.pallas_call`` whose outputs declare how they vary over manual mesh axes.
+    """``pl.pallas_call`` whose output declares how it varies over manual mesh axes.
 
-    ``out_shape``: one ``(shape, dtype)`` or a list of them. Inside ``jax.shard_map``
-    (``check_vma``) Pallas needs each output's manual-axis type: it is the union of the inputs'
-    varying axes, and inputs that vary over fewer axes are cast.
+    Inside ``jax.shard_map`` (``check_vma``) Pallas needs the output's manual-axis type: it is
+    the union of the inputs' varying axes, and inputs that vary over fewer axes are cast.
     """
-    several = isinstance(out_shape, list)
+    shape, dtype = out_shape
 
     def call(*inputs):
         axes = frozenset().union(*(jax.typeof(a).mat.varying for a in inputs))
         inputs = [a if axes <= jax.typeof(a).mat.varying
                   else jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
                   for a in inputs]
-        structs = [jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
-                   for shape, dtype in (out_shape if several else [out_shape])]
-        return pl.pallas_call(kernel, out_shape=structs if several else structs[0], **kwargs)(*inputs)
+        struct = jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+        return pl.pallas_call(kernel, out_shape=struct, **kwargs)(*inputs)
 
     return call
 
@@ -88,10 +86,9 @@ def _pallas_call(kernel, *, out_shape, **kwargs):
 def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
     """Group the flattened (index, weight) pairs by value row, for the deterministic backward.
 
-    Returns ``rows [P]`` (ascending), ``bags [P]`` (bag of each pair), ``w [P]``,
-    ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``, and
-    ``order [P]``: sorted pair ``p`` is flattened pair ``order[p]``. The sort is stable, so the
-    summation order within a row is fixed (bag-major).
+    Returns ``rows [P]`` (ascending), ``bags [P]`` (bag of each pair), ``w [P]`` and
+    ``row_start [N + 1]`` with the pairs of row ``n`` at ``row_start[n]:row_start[n+1]``.
+    The sort is stable, so the summation order within a row is fixed (bag-major).
 
     Keys and payload are sorted as *unsigned* 32-bit integers (indices are in ``[0, N)``, so
     the order is the same): XLA:GPU hands only unsigned-key pair sorts to CUB's radix sort,
@@ -107,7 +104,7 @@ def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
     w = weights.reshape(-1)[order]
     counts = jnp.zeros((num_rows,), jnp.int32).at[rows].add(1)
     row_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
-    return rows, bags, w, row_start, order
+    return rows, bags, w, row_start
 
 
 # ============================================================================ GPU (Triton)
@@ -244,7 +241,7 @@ def gpu_backward(d_out, values, indices, weights, num_rows: int, *, out_dtype, a
     tv, tw = tiles["d_values"], tiles["d_weights"]
     n, d = values.shape
     bt, k = indices.shape
-    _, bags, w, row_start, _ = sort_by_row(indices, weights.astype(acc_dtype), num_rows)
+    _, bags, w, row_start = sort_by_row(indices, weights.astype(acc_dtype), num_rows)
     p = bags.shape[0]
 
     bd = _pow2_divisor(d, tv.cols)
