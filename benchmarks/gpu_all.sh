@@ -24,7 +24,8 @@ run_step() {  # run_step NAME: one benchmark under its own time limit
     versions) limit=60; set -- bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
       $PY -c 'import jax, flax, sys; print(sys.version); print(\"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'; \
       $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|jax|jaxlib|flax|optax|orbax-checkpoint|grain|fla-core|flash-linear-attention|jax-linear-attention|equinox) '" ;;
-    tests) limit=60; set -- env JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider tests/test_embedding_bag.py ;;
+    tests) limit=${TESTS_LIMIT:-150}; set -- env JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider \
+      tests/test_embedding_bag.py tests/test_chunk_recurrence.py::test_hardware_kernel_matches_xla ;;
     embedding_bag) limit=${EB_LIMIT:-150}; set -- $PY -m benchmarks.gpu_embedding_bag ${EB_ARGS:-} ;;
     torch) limit=${TORCH_LIMIT:-200}; set -- $PY -m benchmarks.gpu_torch ${TORCH_ARGS:-} ;;
     linear_attention) limit=${LA_LIMIT:-235}; set -- $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-} ;;

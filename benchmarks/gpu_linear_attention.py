@@ -13,6 +13,9 @@ Timed (median ms, see ``gpu_common``): forward (output only) and forward + backw
 
 - memjax's chunked XLA path under each matmul precision (``jax.default_matmul_precision``:
   XLA's default and ``BF16_BF16_F32``: bf16 operands with float32 accumulation);
+- memjax's chunked path with the chunk-to-chunk state pass as Pallas (Triton) kernels
+  (``impl="pallas"``, :mod:`memjax.kernels.chunk_recurrence`), once per launch tile in
+  ``--tiles`` (``bv,num_warps,num_stages``); a tile that fails to compile is recorded as an error;
 - jax-linear-attention (``jla.ops.linear_attention``) ``impl="mosaic_gpu"`` (its Pallas Mosaic
   GPU kernels) and ``impl="chunked"`` (its plain-JAX path), when the package is importable.
 
@@ -54,7 +57,7 @@ def la_inputs_np(size, seed):
     return {"q": q, "k": kk, "v": vv, "g": g, "beta": beta}
 
 
-def memjax_ops(chunk=CHUNK):
+def memjax_ops(chunk=CHUNK, impl="xla", interpret=None):
     from memjax.memory.delta_rule import delta_rule
     from memjax.memory.linear_attention import linear_attention
     from memjax.memory.ssm import selective_scan
@@ -64,12 +67,13 @@ def memjax_ops(chunk=CHUNK):
         # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T = exp(g_t) h_{t-1} - g_t v_t k_t^T, y_t = h_t C_t,
         # i.e. simple_gla with v' = -g v and scale 1 (what jla_ops passes to jla).
         h = v.shape[2]
-        return selective_scan(v, -g, -jnp.ones((h,), jnp.float32), k, q, chunk_size=chunk)
+        return selective_scan(v, -g, -jnp.ones((h,), jnp.float32), k, q, chunk_size=chunk, **kw)
 
+    kw = dict(impl=impl, interpret=interpret)
     return {
-        "gated_delta_rule": (lambda q, k, v, g, beta: delta_rule(q, k, v, beta, g=g, chunk_size=chunk),
+        "gated_delta_rule": (lambda q, k, v, g, beta: delta_rule(q, k, v, beta, g=g, chunk_size=chunk, **kw),
                              ("q", "k", "v", "g", "beta")),
-        "gated_linear_attention": (lambda q, k, v, g: linear_attention(q, k, v, g=g, chunk_size=chunk),
+        "gated_linear_attention": (lambda q, k, v, g: linear_attention(q, k, v, g=g, chunk_size=chunk, **kw),
                                    ("q", "k", "v", "g")),
         "ssd": (ssd, ("q", "k", "v", "g")),
     }
@@ -105,26 +109,52 @@ def timings(fn, names, x, iters):
     return {"fwd_ms": jax_time_ms(fwd, *args, iters=iters), "fwd_bwd_ms": jax_time_ms(fwd_bwd, *args, iters=iters)}
 
 
+@contextlib.contextmanager
+def chunk_tile(tile):
+    """Run with ``tile`` as the chunk-recurrence kernels' default launch shape (restored after)."""
+    from memjax.kernels import chunk_recurrence_pallas as crp
+
+    saved = crp.GPU_TILE
+    crp.GPU_TILE = tile or saved
+    try:
+        yield
+    finally:
+        crp.GPU_TILE = saved
+
+
+def parse_tile(text):
+    from memjax.kernels.chunk_recurrence_pallas import Tile
+
+    bv, warps, stages = (int(x) for x in text.split(","))
+    return Tile(bv=bv, num_warps=warps, num_stages=stages)
+
+
 def precision_scope(name):
     return contextlib.nullcontext() if name == "default" else jax.default_matmul_precision(name)
 
 
-def checks(smoke, out, precisions=PRECISIONS):
-    """Relative errors of memjax's chunked forms (float32 inputs) vs float64 recurrence and vs FLA."""
+def checks(smoke, out, precisions=PRECISIONS, pallas=True):
+    """Relative errors of memjax's chunked forms (float32 inputs) vs float64 recurrence and vs FLA:
+    the XLA path under each precision and (``pallas``) the Pallas state pass; on a CPU (smoke
+    runs) the kernels run in interpret mode."""
     rows = []
     size = SMOKE if smoke else CHECK
     x_np = la_inputs_np(size, seed=7)
-    ops = memjax_ops()
+    variants = [(prec, memjax_ops()) for prec in precisions]
+    if pallas:
+        interpret = True if jax.default_backend() == "cpu" else None
+        variants.append(("pallas", memjax_ops(impl="pallas", interpret=interpret)))
     fla_path = os.path.join(out_dir(out), "fla_check.npz")
     fla = dict(np.load(fla_path)) if os.path.exists(fla_path) else None
     if fla is not None:
         x_np = {k: fla[k] for k in ("q", "k", "v", "g", "beta")}  # exactly the inputs FLA saw
-    for op, (fn, names) in ops.items():
-        with jax.enable_x64(True):  # the float64 reference once per op, not per precision
+    for op, names in ((op, names) for op, (_, names) in variants[0][1].items()):
+        with jax.enable_x64(True):  # the float64 reference once per op, not per variant
             o64, s64 = jax.jit(_recurrent(op))(*[jnp.asarray(x_np[n], jnp.float64) for n in names])
             o64, s64 = np.asarray(o64), np.asarray(s64)
-        for prec in precisions:
-            with precision_scope(prec):
+        for prec, ops in variants:
+            fn = ops[op][0]
+            with precision_scope("default" if prec == "pallas" else prec):
                 o, s = jax.jit(fn)(*[jnp.asarray(x_np[n]) for n in names])
             row = {"op": op, "precision": prec, "vs_float64_o": rel_err(o, o64), "vs_float64_state": rel_err(s, s64)}
             fla_op = {"gated_delta_rule": "gated_delta_rule", "gated_linear_attention": "simple_gla"}.get(op)
@@ -155,20 +185,26 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--jla-impls", nargs="*", default=["mosaic_gpu"], choices=["mosaic_gpu", "chunked"])
+    ap.add_argument("--tiles", nargs="*", default=["64,8,1", "32,8,1", "32,4,1", "128,8,1"],
+                    help="chunk-recurrence Pallas tiles 'bv,num_warps,num_stages' to time; none: skip the kernels")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     size = SMOKE if args.smoke else MAIN
     result = {"environment": environment(), "size": size, "chunk": CHUNK, "timings": [], "agreement": []}
     try:
-        result["checks"] = checks(args.smoke, args.out, args.precisions)
+        result["checks"] = checks(args.smoke, args.out, args.precisions, pallas=bool(args.tiles))
     except Exception:  # noqa: BLE001
         result["checks"] = {"error": traceback.format_exc()[-2000:]}
         print(result["checks"]["error"], flush=True)
     x = device_inputs(la_inputs_np(size, seed=0), jnp.bfloat16)
-    impls = [(f"memjax chunked XLA ({p})", memjax_ops, p) for p in args.precisions]
-    impls += [(f"jla {i}", lambda i=i: jla_ops(i), "default") for i in args.jla_impls]
+    impls = [(f"memjax chunked XLA ({p})", memjax_ops, p, None) for p in args.precisions]
+    interpret = True if jax.default_backend() == "cpu" else None  # smoke runs on a CPU
+    impls += [(f"memjax Pallas bv{t.bv} w{t.num_warps} s{t.num_stages}",
+               lambda: memjax_ops(impl="pallas", interpret=interpret), "default", t)
+              for t in map(parse_tile, args.tiles)]
+    impls += [(f"jla {i}", lambda i=i: jla_ops(i), "default", None) for i in args.jla_impls]
     outputs = {}
-    for label, make, prec in impls:
+    for label, make, prec, tile in impls:
         try:
             ops = make()
         except Exception as err:  # noqa: BLE001 - jla not installed: say so
@@ -178,7 +214,7 @@ def main(argv=None):
         for op, (fn, names) in ops.items():
             row = {"impl": label, "op": op, **size}
             try:
-                with precision_scope(prec):
+                with precision_scope(prec), chunk_tile(tile):
                     row.update(timings(fn, names, x, args.iters))
                     outputs[(label, op)] = np.asarray(jax.jit(lambda *a: fn(*a)[0])(*[x[n] for n in names]),
                                                       np.float32)

@@ -47,40 +47,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from memjax.kernels.pallas_common import pad_rows as _pad_rows, pallas_call as _pallas_call
+from memjax.kernels.pallas_common import poison_output as _poison_output, pow2_divisor as _pow2_divisor
+from memjax.kernels.pallas_common import triton_params
+
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 TPU_SMEM_ENTRIES = 8192  # (index, weight) pairs scalar-prefetched per TPU kernel call
-
-
-def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
-    pad = (-x.shape[0]) % multiple
-    return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-
-
-def _pow2_divisor(d: int, cap: int) -> int:
-    """Largest power of two dividing ``d``, at most ``cap`` (Triton tensors are powers of two)."""
-    b = 1
-    while b * 2 <= cap and d % (b * 2) == 0:
-        b *= 2
-    return b
-
-
-def _pallas_call(kernel, *, out_shape, **kwargs):
-    """``pl.pallas_call`` whose output declares how it varies over manual mesh axes.
-
-    Inside ``jax.shard_map`` (``check_vma``) Pallas needs the output's manual-axis type: it is
-    the union of the inputs' varying axes, and inputs that vary over fewer axes are cast.
-    """
-    shape, dtype = out_shape
-
-    def call(*inputs):
-        axes = frozenset().union(*(jax.typeof(a).mat.varying for a in inputs))
-        inputs = [a if axes <= jax.typeof(a).mat.varying
-                  else jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
-                  for a in inputs]
-        struct = jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
-        return pl.pallas_call(kernel, out_shape=struct, **kwargs)(*inputs)
-
-    return call
 
 
 def sort_by_row(indices: jax.Array, weights: jax.Array, num_rows: int):
@@ -127,19 +99,7 @@ GPU_TILES = {"forward": Tile(8, 256, 8), "d_values": Tile(4, 256, 4), "d_weights
 
 
 def _triton_params(tile: Tile):
-    from jax.experimental.pallas import triton as pltr
-
-    return pltr.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
-
-
-def _poison_output(poison: bool, specs: list, inputs: list, out_spec, shape, dtype) -> dict:
-    """With ``poison`` (tests), append a NaN buffer aliased to the (single) output, so elements
-    the kernel never writes stay NaN; returns the extra ``pallas_call`` arguments."""
-    if not poison:
-        return {}
-    specs.append(out_spec)
-    inputs.append(jnp.full(shape, jnp.nan, dtype))
-    return {"input_output_aliases": {len(inputs) - 1: 0}}
+    return triton_params(tile.num_warps, tile.num_stages)
 
 
 def _gpu_fwd_kernel(idx_ref, w_ref, v_ref, *refs, k: int):

@@ -49,13 +49,25 @@ def from_chunks(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def to_head_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """``[B, T, H, ...] -> [B, H, N, C, ...]``, padding ``T`` with zeros to a multiple of ``C``
+    (the heads-major chunk stacks of :func:`memjax.kernels.chunk_recurrence`)."""
+    return jnp.moveaxis(to_chunks(pad_time(x, chunk_size), chunk_size), 3, 1)
+
+
+def from_head_chunks(x: jax.Array, length: int) -> jax.Array:
+    """``[B, H, N, C, ...] -> [B, T, H, ...]`` with the padding beyond ``length`` dropped."""
+    return from_chunks(jnp.moveaxis(x, 1, 3))[:, :length]
+
+
 def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
     """``[B, T]`` bool, True where a new segment starts at ``t > 0`` (never at ``t = 0``,
     where ``initial_state`` applies). ``None`` in, ``None`` out."""
     if segment_ids is None:
         return None
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+    # (zeros of an explicit width 1: slicing `change` would give width 0 when T = 1)
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
 
 
 class ChunkDecays(NamedTuple):
@@ -80,6 +92,12 @@ class ChunkDecays(NamedTuple):
     from_start: jax.Array
     to_end: jax.Array
     chunk: jax.Array
+
+    def heads_major(self) -> "ChunkDecays":
+        """The same factors with heads before chunks: ``matrix [B, H, N, C, C]``,
+        ``from_start`` / ``to_end [B, H, N, C]``, ``chunk [B, H, N]``."""
+        return ChunkDecays(jnp.swapaxes(self.matrix, 1, 2), jnp.moveaxis(self.from_start, 3, 1),
+                           jnp.moveaxis(self.to_end, 3, 1), jnp.swapaxes(self.chunk, 1, 2))
 
 
 def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -27,9 +27,10 @@ Forms:
         O      = scale * (diag(gamma) Q S + (Q K^T * D) delta)
         S_next = gamma_{C-1} S + (K * D_{C-1, :})^T delta
 
-    Everything except ``delta = U - W S`` and the state update is computed for all chunks at
-    once; ``lax.scan`` carries only the ``[B, H, K, V]`` state from chunk to chunk, and no
-    per-token state is ever formed.
+    Everything except ``delta = U - W S``, the ``Q S`` read and the state update is computed for
+    all chunks at once; :func:`memjax.kernels.chunk_recurrence` carries only the ``[B, H, K, V]``
+    state from chunk to chunk (a ``lax.scan``, or one Pallas kernel with ``impl="pallas"``), and
+    no per-token state is ever formed.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - There is no ``"parallel"`` form: the quadratic form of the delta rule *is* the chunked form
     with one chunk, i.e. ``mode="chunked", chunk_size >= T``.
@@ -39,7 +40,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
+from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
 from memjax.memory.linear_attention import check_inputs, compute_dtype
 
 MODES = ("chunked", "recurrent")
@@ -48,7 +50,8 @@ MODES = ("chunked", "recurrent")
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: jax.Array | None = None,
                scale: float | None = None, initial_state: jax.Array | None = None,
                segment_ids: jax.Array | None = None, mode: str = "chunked",
-               chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+               chunk_size: int = 64, impl: str = "auto",
+               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) delta rule; see the module docstring for the equations.
 
     Args:
@@ -63,6 +66,9 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C``; ``T`` need not be a multiple: the tail is padded with
         ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
+      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
+        (:mod:`memjax.kernels.chunk_recurrence`).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
 
     Returns:
       ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, H, K, V]`` float32, or float64
@@ -70,7 +76,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     """
     b, t, h, dk, dv = check_inputs("delta_rule", q, k, v, beta=beta, g=g, initial_state=initial_state,
                                    segment_ids=segment_ids, mode=mode, modes=MODES,
-                                   chunk_size=chunk_size, scale=scale)
+                                   chunk_size=chunk_size, scale=scale, impl=impl)
     if beta is None:
         raise ValueError("delta_rule: beta must be [B, T, H], got None")
     out_dtype = jnp.result_type(q, k, v)
@@ -82,7 +88,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale)
     else:
-        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size)
+        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret)
     return o.astype(out_dtype), s
 
 
@@ -102,42 +108,30 @@ def _recurrent(q, k, v, beta, g, s0, resets, scale):
     return jnp.swapaxes(o, 0, 1), s
 
 
-def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size):
-    b, t, h, dk = q.shape
+def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, interpret):
+    b, t, h, _ = q.shape
     c = chunk_size
-    heads_major = lambda x: jnp.moveaxis(to_chunks(pad_time(x, c), c), 3, 2)  # [B, N, H, C, .]
-    qc, kc, vc = heads_major(q), heads_major(k), heads_major(v)
-    n = qc.shape[1]
-    bc = jnp.moveaxis(to_chunks(pad_time(beta, c), c), 3, 2)  # [B, N, H, C]
+    qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
+    n = qc.shape[2]
+    bc = to_head_chunks(beta, c)  # [B, H, N, C]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
     resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
-    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype)
-    gamma = jnp.moveaxis(dec.from_start, 3, 2)[..., None]  # [B, N, H, C, 1]
-    to_end = jnp.moveaxis(dec.to_end, 3, 2)[..., None]
+    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype).heads_major()
+    gamma = dec.from_start[..., None]  # [B, H, N, C, 1]
 
     # UT transform: [U, W] = (I + L)^{-1} diag(beta) [V, diag(gamma) K].
     # (unit_lower_inverse reads only the strictly lower part, so no mask is needed here.)
-    kk = jnp.einsum("bnhik,bnhjk->bnhij", kc, kc)
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
     inv = unit_lower_inverse(bc[..., :, None] * kk * dec.matrix)
     rhs = bc[..., None] * jnp.concatenate([vc, gamma * kc], axis=-1)
-    uw = jnp.einsum("bnhij,bnhjx->bnhix", inv, rhs)
+    uw = jnp.einsum("bhnij,bhnjx->bhnix", inv, rhs)
     u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
-    k_end = kc * to_end
 
-    def carry(s, inp):
-        u_n, w_n, k_n, a_n = inp
-        delta = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s)
-        s_next = a_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, delta)
-        return s_next, (s, delta)
-
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, w, k_end, dec.chunk))
-    s, (s_in, delta) = jax.lax.scan(carry, s0, xs)
-    s_in, delta = jnp.moveaxis(s_in, 0, 1), jnp.moveaxis(delta, 0, 1)
-    scores = jnp.einsum("bnhik,bnhjk->bnhij", qc, kc) * dec.matrix
-    o = jnp.einsum("bnhij,bnhjv->bnhiv", scores, delta)
-    o = o + jnp.einsum("bnhik,bnhkv->bnhiv", qc * gamma, s_in)
-    o = from_chunks(jnp.moveaxis(o * scale, 2, 3))[:, :t]
-    return o, s
+    # The chunk pass: delta = U - W S, O = scale (diag(gamma) Q S + (Q K^T * D) delta).
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * dec.matrix * scale
+    o, s = chunk_recurrence(qc * gamma * scale, scores, u, kc * dec.to_end[..., None], dec.chunk, s0, w=w,
+                            impl=impl, interpret=interpret)
+    return from_head_chunks(o, t), s
 
 
 @jax.custom_jvp

@@ -10,8 +10,9 @@ Taylor map, ...) are applied to q and k by the caller (:mod:`memjax.memory.featu
 
 Three forms, one result:
   - ``"chunked"`` (training): chunks of ``C`` positions; within a chunk a masked ``C x C`` product
-    with decay ``exp(G_i - G_j)``, between chunks one state update per chunk via ``lax.scan``.
-    O(T C) work for the intra part, O(T/C) sequential steps, no per-token state.
+    with decay ``exp(G_i - G_j)``, between chunks one state update per chunk
+    (:func:`memjax.kernels.chunk_recurrence`: a ``lax.scan``, or one Pallas kernel with
+    ``impl="pallas"``). O(T C) work for the intra part, O(T/C) sequential steps, no per-token state.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - ``"parallel"``: the quadratic ``T x T`` form (one chunk covering the whole sequence); its
     decays use the cumulative ``g`` over the whole sequence, so for very long, strongly decaying
@@ -22,13 +23,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
+from memjax.kernels.chunk_recurrence import IMPLS, chunk_recurrence
+from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
 
 MODES = ("chunked", "recurrent", "parallel")
 
 
 def check_inputs(fn: str, q, k, v, *, beta=None, g=None, initial_state=None, segment_ids=None,
-                 mode: str, modes: tuple, chunk_size: int, scale=None) -> tuple[int, int, int, int, int]:
+                 mode: str, modes: tuple, chunk_size: int, scale=None, impl: str = "auto") -> tuple[int, int, int, int, int]:
     """Validate the shared arguments of the matrix-memory functions; returns ``(B, T, H, K, V)``."""
     if mode not in modes:
         raise ValueError(f"{fn}: mode must be one of {modes}, got {mode!r}")
@@ -57,6 +59,8 @@ def check_inputs(fn: str, q, k, v, *, beta=None, g=None, initial_state=None, seg
             raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
     if scale is not None and jnp.ndim(scale) != 0:
         raise ValueError(f"{fn}: scale must be a scalar, got shape {jnp.shape(scale)}")
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
     return b, t, h, dk, dv
 
 
@@ -68,7 +72,8 @@ def compute_dtype(*xs):
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array | None = None,
                      scale: float | None = None, initial_state: jax.Array | None = None,
                      segment_ids: jax.Array | None = None, mode: str = "chunked",
-                     chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+                     chunk_size: int = 64, impl: str = "auto",
+                     interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) linear attention ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
 
     Args:
@@ -88,7 +93,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     """
     b, t, h, dk, dv = check_inputs("linear_attention", q, k, v, g=g, initial_state=initial_state,
                                    segment_ids=segment_ids, mode=mode, modes=MODES,
-                                   chunk_size=chunk_size, scale=scale)
+                                   chunk_size=chunk_size, scale=scale, impl=impl)
     out_dtype = jnp.result_type(q, k, v)
     cd = compute_dtype(q, k, v, g, initial_state)
     scale = dk ** -0.5 if scale is None else scale
@@ -98,7 +103,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, s0, segment_resets(segment_ids), scale)
     else:
-        o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size)
+        o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
+                        impl=impl, interpret=interpret)
     return o.astype(out_dtype), s
 
 
@@ -119,31 +125,19 @@ def _recurrent(q, k, v, g, s0, resets, scale):
     return jnp.swapaxes(o, 0, 1), s
 
 
-def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size):
-    b, t, h, dk = q.shape
+def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret):
+    b, t, h, _ = q.shape
     c = chunk_size
-    heads_major = lambda x: jnp.moveaxis(to_chunks(pad_time(x, c), c), 3, 2)  # [B, N, H, C, .]
-    qc, kc, vc = heads_major(q), heads_major(k), heads_major(v)
-    n = qc.shape[1]
+    qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
+    n = qc.shape[2]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
     resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
-    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype)
+    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype).heads_major()
 
-    # Within a chunk: causal, decayed, segment-masked attention without softmax.
-    scores = jnp.einsum("bnhik,bnhjk->bnhij", qc, kc) * dec.matrix
-    o_intra = jnp.einsum("bnhij,bnhjv->bnhiv", scores, vc)
-    # Each chunk's own contribution to the state at its end, computed for all chunks at once.
-    to_end = jnp.moveaxis(dec.to_end, 3, 2)[..., None]  # [B, N, H, C, 1]
-    ds = jnp.einsum("bnhjk,bnhjv->bnhkv", kc * to_end, vc)
-
-    def carry(s, inp):
-        ds_n, a_n = inp
-        return a_n[..., None, None] * s + ds_n, s
-
-    s, s_in = jax.lax.scan(carry, s0, (jnp.moveaxis(ds, 1, 0), jnp.moveaxis(dec.chunk, 1, 0)))
-    s_in = jnp.moveaxis(s_in, 0, 1)  # [B, N, H, K, V]: the state entering each chunk
-    from_start = jnp.moveaxis(dec.from_start, 3, 2)[..., None]
-    o_inter = jnp.einsum("bnhik,bnhkv->bnhiv", qc * from_start, s_in)
-    o = (o_intra + o_inter) * scale
-    o = from_chunks(jnp.moveaxis(o, 2, 3))[:, :t]
-    return o, s
+    # Parallel over chunks: causal, decayed, segment-masked scores (no softmax), queries
+    # weighted by the decay since the chunk start, keys by the decay to the chunk end.
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * dec.matrix * scale
+    qg = qc * (dec.from_start * scale)[..., None]
+    ke = kc * dec.to_end[..., None]
+    o, s = chunk_recurrence(qg, scores, vc, ke, dec.chunk, s0, impl=impl, interpret=interpret)
+    return from_head_chunks(o, t), s

@@ -27,7 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import chunk_decays, from_chunks, pad_time, segment_resets, to_chunks
+from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
+from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.memory.chunking import (chunk_decays, from_chunks, from_head_chunks, pad_time, segment_resets, to_chunks,
+                                    to_head_chunks)
 
 DIAG_MODES = ("conv", "chunked", "scan", "recurrent")
 SELECTIVE_MODES = ("chunked", "recurrent")
@@ -285,7 +288,8 @@ def _diag_chunked(x, dtA, Bbar, C, s0, segment_ids, chunk_size):
 def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
                    D: jax.Array | None = None, initial_state: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, mode: str = "chunked",
-                   chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: int = 64, impl: str = "auto",
+                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Mamba-2 selective SSM (SSD): ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
 
     Args:
@@ -301,12 +305,16 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``x = dt = 0`` (decay ``exp(0) = 1``, no write: the state is unchanged) and the output sliced.
+      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
+        (:mod:`memjax.kernels.chunk_recurrence`, with ``K = N`` and ``V = P``).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
 
     ``"chunked"`` is the SSD block decomposition: with ``G_i`` the in-chunk cumulative ``dt A``,
     ``L_ij = exp(G_i - G_j)`` for ``i >= j`` (masked to ``-inf`` *before* the exp, so no large
     cumulative sum is ever exponentiated), intra-chunk ``y = (C B^T * L) (dt x)`` as matmuls,
     each chunk's contribution to the state ``sum_j exp(G_last - G_j) dt_j x_j B_j^T``, and one
-    state-passing step per chunk. No per-token state is stored.
+    state-passing step per chunk (:func:`memjax.kernels.chunk_recurrence`). No per-token state is
+    stored.
 
     Returns ``(y [batch, T, H, P]`` in x's dtype, ``final_state [batch, H, P, N]`` float32, or
     float64 for float64 inputs). All internal arithmetic is in that precision.
@@ -339,6 +347,8 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
         raise ValueError(f"{fn}: initial_state must be [batch, H, P, N] = {(b, h, p, n)}, "
                          f"got shape {_shape(initial_state)}")
     _check_segments(fn, segment_ids, b, t)
+    if impl not in CHUNK_IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {CHUNK_IMPLS}, got {impl!r}")
     for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
         if jnp.iscomplexobj(v):
             raise ValueError(f"{fn}: {name} must be real, got dtype {v.dtype}")
@@ -350,7 +360,7 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     if mode == "recurrent":
         y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
     else:
-        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size)
+        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret)
     if D is not None:
         y = y + D.astype(cd)[:, None] * x
     return y.astype(out_dtype), s
@@ -373,34 +383,21 @@ def _ssd_recurrent(x, dt, A, B, C, s0, resets):
     return jnp.swapaxes(y, 0, 1), s
 
 
-def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c):
+def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret):
     b, t, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
-    chunk = lambda v, mode="constant": to_chunks(pad_time(v, c, mode=mode), c)
-    u = chunk(x * dt[..., None])  # [b, z, C, H, P]: the write, dt_t x_t
-    nz = u.shape[1]
-    u = u.reshape(b, nz, c, g, r, p)
-    Bc, Cc = chunk(B), chunk(C)  # [b, z, C, G, N]
-    logdec = chunk(dt * A)  # [b, z, C, H]; padded entries are 0: no decay
-    resets = None if segment_ids is None else chunk(segment_resets(pad_time(segment_ids, c, mode="edge")))
-    dec = chunk_decays(logdec, resets, (b, nz, c, h), x.dtype)
+    u = to_head_chunks(x * dt[..., None], c)  # [b, H, Z, C, P]: the write, dt_t x_t
+    nz = u.shape[2]
+    Bc, Cc = to_head_chunks(B, c), to_head_chunks(C, c)  # [b, G, Z, C, N]
+    logdec = to_chunks(pad_time(dt * A, c), c)  # [b, Z, C, H]; padded entries are 0: no decay
+    resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    dec = chunk_decays(logdec, resets, (b, nz, c, h), x.dtype).heads_major()
+    heads = lambda v: jnp.repeat(v, r, axis=1)  # group -> its heads (Mamba-2's "g n -> (g r) n")
 
-    # Intra-chunk: (C B^T per group) * L (per head) applied to u, all matmuls.
-    cb = jnp.einsum("bzign,bzjgn->bzgij", Cc, Bc)
-    L = dec.matrix.reshape(b, nz, g, r, c, c)
-    y_intra = jnp.einsum("bzgrij,bzjgrp->bzigrp", cb[:, :, :, None] * L, u)
-    # Each chunk's own contribution to its final state.
-    to_end = dec.to_end.reshape(b, nz, c, g, r)
-    ds = jnp.einsum("bzjgn,bzjgrp->bzgrpn", Bc, u * to_end[..., None])
-
-    def carry(s, inp):
-        ds_z, a_z = inp
-        return a_z[..., None, None] * s + ds_z, s
-
-    s, s_in = jax.lax.scan(carry, s0, (jnp.moveaxis(ds.reshape(b, nz, h, p, n), 1, 0), jnp.moveaxis(dec.chunk, 1, 0)))
-    s_in = jnp.moveaxis(s_in, 0, 1).reshape(b, nz, g, r, p, n)  # state entering each chunk
-    from_start = dec.from_start.reshape(b, nz, c, g, r)
-    y_inter = jnp.einsum("bzign,bzgrpn->bzigrp", Cc, s_in) * from_start[..., None]
-    y = (y_intra + y_inter).reshape(b, nz, c, h, p)
-    return from_chunks(y)[:, :t], s
+    # In linear-attention terms: q = C, k = B, v = dt x, state [N, P]. C B^T once per group.
+    scores = heads(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc)) * dec.matrix
+    qg = heads(Cc) * dec.from_start[..., None]
+    ke = heads(Bc) * dec.to_end[..., None]
+    y, s = chunk_recurrence(qg, scores, u, ke, dec.chunk, jnp.swapaxes(s0, -1, -2), impl=impl, interpret=interpret)
+    return from_head_chunks(y, t), jnp.swapaxes(s, -1, -2)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
+from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
 from memjax.memory.delta_rule import delta_rule
 from memjax.memory.feature_maps import FEATURE_MAPS, feature_dim, get_feature_map
 from memjax.memory.linear_attention import linear_attention
@@ -44,6 +45,7 @@ class AssociativeOptions:
     expand_v: float = 1.0  # value head dim = head_dim * expand_v
     output_gate: bool = True  # RMSNorm(o) * SiLU(x W_gate); False: RMSNorm(o) only
     mode: str = "chunked"  # training form: "chunked" or "recurrent" (same result, slower)
+    kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_recurrence)
 
     def validate(self, m, where):
         if self.chunk_size <= 0:
@@ -54,6 +56,8 @@ class AssociativeOptions:
             raise ConfigError(f"config key '{where}.expand_v' must give a value head dim >= 1, got {self.expand_v}")
         if self.mode not in ("chunked", "recurrent"):
             raise ConfigError(f"config key '{where}.mode' must be 'chunked' or 'recurrent', got {self.mode!r}")
+        if self.kernel not in CHUNK_IMPLS:
+            raise ConfigError(f"config key '{where}.kernel' must be one of {CHUNK_IMPLS}, got {self.kernel!r}")
 
 
 @dataclasses.dataclass
@@ -90,6 +94,7 @@ class _AssociativeBlock(Block):
 
     def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
         self.chunk_size, self.mode, self.conv_width = opts.chunk_size, opts.mode, opts.conv_width
+        self.kernel = opts.kernel
         self.h = cfg.num_heads
         self.dk = getattr(opts, "qk_dim", 0) or cfg.resolved_head_dim
         self.dv = int(cfg.resolved_head_dim * opts.expand_v)
@@ -152,7 +157,7 @@ class _AssociativeBlock(Block):
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None):
         kw = dict(g=g, initial_state=initial_state, segment_ids=segment_ids,
-                  mode=mode or self.mode, chunk_size=self.chunk_size)
+                  mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel)
         if self.uses_beta:
             return delta_rule(q, k, v, beta, **kw)
         return linear_attention(q, k, v, **kw)

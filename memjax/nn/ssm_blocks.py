@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
+from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
 from memjax.memory import hippo
 from memjax.memory.reparam import REPARAMS, inverse, reparameterize
 from memjax.memory.ssm import diagonal_ssm, selective_scan
@@ -185,6 +186,7 @@ class Mamba2(Block):
         a_init_max: float = 16.0
         reparam: str = "exp"  # A = f(A_raw); "exp" is Mamba's A = -exp(A_log)
         mode: str = "chunked"  # training form: "chunked" | "recurrent"
+        kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_recurrence)
 
         def validate(self, m, where):
             _check_positive(where, expand=self.expand, d_state=self.d_state, n_groups=self.n_groups,
@@ -197,6 +199,8 @@ class Mamba2(Block):
                                   f"divisible by model.num_heads ({m.num_heads})")
             if self.a_init_max < self.a_init_min:
                 raise ConfigError(f"config key '{where}.a_init_max' must be >= a_init_min")
+            if self.kernel not in CHUNK_IMPLS:
+                raise ConfigError(f"config key '{where}.kernel' must be one of {CHUNK_IMPLS}, got {self.kernel!r}")
             if self.reparam not in REPARAMS:
                 raise ConfigError(f"config key '{where}.reparam' must be one of {REPARAMS}, got {self.reparam!r}")
             if self.reparam == "best" and self.a_init_max > 2.0:
@@ -239,7 +243,8 @@ class Mamba2(Block):
         A = reparameterize(self.a_raw[...], self.opts.reparam)
         y, s = selective_scan(xs, dt, A, Bm, Cm, D=self.skip[...],
                               initial_state=None if state is None else state["ssm"],
-                              segment_ids=segment_ids, mode=mode, chunk_size=self.opts.chunk_size)
+                              segment_ids=segment_ids, mode=mode, chunk_size=self.opts.chunk_size,
+                              impl=self.opts.kernel)
         y = y.reshape(b, t, self.d_inner) * jax.nn.silu(self.wz(u)).astype(y.dtype)
         out = self.wo(self.norm(y))
         return out, {"conv": {"x": cx, "bc": cbc}, "ssm": s.astype(jnp.float32)}

@@ -1,0 +1,206 @@
+"""The chunk-to-chunk state recurrence shared by the chunked linear-attention family.
+
+Chunked linear attention, gated linear attention, Mamba-2 SSD, DeltaNet and the gated delta
+rule all split into (i) work that is parallel over chunks (masked decayed scores, the UT
+transform, decay factors: batched matmuls XLA runs well) and (ii) one sequential pass over the
+``N`` chunks that carries the ``[K, V]`` state. This module is (ii). Per batch and head, with
+``S_0`` the initial state::
+
+    delta_n = u_n - w_n S_n                      (w = None: delta_n = u_n)
+    o_n     = qg_n S_n + p_n delta_n
+    S_{n+1} = a_n S_n + ke_n^T delta_n
+
+Shapes (heads-major chunk stacks): ``qg, ke, w: [B, H, N, C, K]``, ``p: [B, H, N, C, C]``,
+``u: [B, H, N, C, V]``, ``a: [B, H, N]``, ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
+in u's dtype, ``S_N [B, H, K, V]`` float32, or float64 for float64 inputs).
+
+For gated linear attention ``qg = scale exp(G_i) q_i`` (queries times the decay from the chunk
+start), ``p = scale (Q K^T * D)`` (causal decayed scores), ``u = V``, ``ke = exp(G_last - G_j) k_j``
+and ``a = exp(G_last)``; for the gated delta rule ``u = T V`` and ``w = T diag(gamma) K`` (the UT
+transform) and ``delta_n`` are the per-token corrections.
+
+Implementations (``impl``):
+  ``"xla"``     ``lax.scan`` over chunks, differentiated by JAX (the reference).
+  ``"pallas"``  one Triton-lowered Pallas kernel for the forward pass and one for the backward
+                (:mod:`memjax.kernels.chunk_recurrence_pallas`); on CPU only with
+                ``interpret=True`` (tests).
+  ``"auto"``    the kernel only where ``supports(shape, dtype, backend)`` holds *and* the device
+                is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware); XLA
+                otherwise. No device is verified yet, so ``auto`` is XLA everywhere until a GPU
+                session has run ``tests/test_chunk_recurrence.py`` and the GPU benchmark.
+
+The Pallas path is a ``custom_vjp``: the backward kernel returns the gradient of every
+``delta_n`` and of the state after every chunk; the remaining gradients are batched products::
+
+    d qg_n = do_n S_n^T      d p_n = do_n delta_n^T     d ke_n = delta_n dS_{n+1}^T
+    d w_n  = -d_delta_n S_n^T     d a_n = <dS_{n+1}, S_n>     d u_n = d_delta_n
+
+with ``S_n`` saved by the forward kernel (``[B, H, N, K, V]`` float32, what the XLA scan's
+autodiff saves as well).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from memjax.kernels import chunk_recurrence_pallas as crp
+
+IMPLS = ("auto", "xla", "pallas")
+# Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
+# benchmark's float64 / poisoned-output checks: backend -> device-kind prefixes. Empty: the
+# kernels have so far run in interpret mode and been lowered to Triton IR only.
+VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {}
+
+
+def supports(shape, dtype, backend: str) -> bool:
+    """Whether the Pallas kernel handles ``shape = (B, H, N, C, K, V)`` chunk tensors of ``dtype``."""
+    return crp.gpu_supports(tuple(shape), dtype, backend)
+
+
+def verified(backend: str, device_kind: str) -> bool:
+    return any(device_kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get(backend, ()))
+
+
+def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
+                 device_kind: str | None = None) -> tuple[str, bool]:
+    """``("xla" | "pallas", interpret flag)`` for a call; see the module docstring."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    backend = backend or jax.default_backend()
+    if impl == "xla":
+        if interpret:
+            raise ValueError("interpret=True needs impl='pallas'")
+        return "xla", False
+    if impl == "auto":
+        if interpret:
+            raise ValueError("interpret=True needs impl='pallas' (auto never interprets)")
+        if not supports(shape, dtype, backend):
+            return "xla", False
+        device_kind = device_kind or jax.devices(backend)[0].device_kind
+        return ("pallas", False) if verified(backend, device_kind) else ("xla", False)
+    if interpret:
+        return "pallas", True
+    if backend == "cpu":
+        raise ValueError("impl='pallas' needs a GPU; on CPU pass interpret=True (tests) or use impl='xla'/'auto'")
+    if not supports(shape, dtype, backend):
+        raise ValueError(f"impl='pallas' does not support chunk tensors (B, H, N, C, K, V) = {tuple(shape)} of dtype "
+                         f"{jnp.dtype(dtype)} on backend {backend!r} ({crp.gpu_supports.__doc__.strip()}); "
+                         "use impl='auto' or 'xla'")
+    return "pallas", False
+
+
+# ----------------------------------------------------------------------------- reference (XLA)
+
+
+def _states_xla(u, w, ke, a, s0):
+    """``(S_N, S_n for every chunk [B, H, N, K, V], delta [B, H, N, C, V])`` by ``lax.scan``."""
+    acc = s0.dtype
+    chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
+    if w is None:
+        # Every chunk's own write is known up front: the scan only adds.
+        ds = jnp.einsum("bhnck,bhncv->bhnkv", ke, u, preferred_element_type=acc)
+
+        def carry(s, inp):
+            ds_n, a_n = inp
+            return a_n[..., None, None] * s + ds_n, s
+
+        s, s_in = jax.lax.scan(carry, s0, (chunk_major(ds), chunk_major(a)))
+        return s, jnp.moveaxis(s_in, 0, 2), u
+
+    def carry(s, inp):
+        u_n, w_n, k_n, a_n = inp
+        delta = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s, preferred_element_type=acc)
+        s_next = a_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, delta, preferred_element_type=acc)
+        return s_next, (s, delta)
+
+    s, (s_in, delta) = jax.lax.scan(carry, s0, tuple(chunk_major(x) for x in (u, w, ke, a)))
+    return s, jnp.moveaxis(s_in, 0, 2), jnp.moveaxis(delta, 0, 2)
+
+
+def _outputs(qg, p, s_in, delta, acc):
+    return (jnp.einsum("bhnck,bhnkv->bhncv", qg, s_in, preferred_element_type=acc)
+            + jnp.einsum("bhnij,bhnjv->bhniv", p, delta, preferred_element_type=acc))
+
+
+def xla_chunk_recurrence(qg, p, u, w, ke, a, s0):
+    s, s_in, delta = _states_xla(u, w, ke, a, s0)
+    return _outputs(qg, p, s_in, delta, s0.dtype).astype(u.dtype), s
+
+
+# ----------------------------------------------------------------------------- Pallas (custom_vjp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas(qg, p, u, w, ke, a, s0, interpret, tile):
+    o, s, _ = crp.forward(qg, p, u, w, ke, a, s0, save_states=False, interpret=interpret, tile=tile)
+    return o, s
+
+
+def _pallas_fwd(qg, p, u, w, ke, a, s0, interpret, tile):
+    o, s, s_in = crp.forward(qg, p, u, w, ke, a, s0, save_states=True, interpret=interpret, tile=tile)
+    return (o, s), (qg, p, u, w, ke, a, s_in)
+
+
+def _pallas_bwd(interpret, tile, res, cts):
+    qg, p, u, w, ke, a, s_in = res
+    do, dsf = cts
+    acc = s_in.dtype
+    dd, dsn, ds0 = crp.backward(qg, p, w, ke, a, do, dsf.astype(acc), interpret=interpret, tile=tile)
+    delta = u.astype(acc)
+    if w is not None:
+        delta = delta - jnp.einsum("bhnck,bhnkv->bhncv", w, s_in, preferred_element_type=acc)
+    do = do.astype(acc)
+    d_qg = jnp.einsum("bhncv,bhnkv->bhnck", do, s_in)
+    d_p = jnp.einsum("bhniv,bhnjv->bhnij", do, delta)
+    d_ke = jnp.einsum("bhncv,bhnkv->bhnck", delta, dsn)
+    d_w = None if w is None else -jnp.einsum("bhncv,bhnkv->bhnck", dd, s_in).astype(w.dtype)
+    d_a = jnp.einsum("bhnkv,bhnkv->bhn", dsn, s_in)
+    return (d_qg.astype(qg.dtype), d_p.astype(p.dtype), dd.astype(u.dtype), d_w, d_ke.astype(ke.dtype),
+            d_a.astype(a.dtype), ds0.astype(s_in.dtype))
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _validate(qg, p, u, w, ke, a, s0):
+    shape = lambda x: getattr(x, "shape", None)
+    if getattr(qg, "ndim", None) != 5:
+        raise ValueError(f"chunk_recurrence: qg must be [B, H, N, C, K], got shape {shape(qg)}")
+    b, h, n, c, k = qg.shape
+    if shape(u) is None or len(u.shape) != 5 or u.shape[:4] != (b, h, n, c):
+        raise ValueError(f"chunk_recurrence: u must be [B, H, N, C, V] = [{b}, {h}, {n}, {c}, V], got shape {shape(u)}")
+    v = u.shape[4]
+    expected = {"p": (p, (b, h, n, c, c)), "ke": (ke, (b, h, n, c, k)), "a": (a, (b, h, n)),
+                "s0": (s0, (b, h, k, v))}
+    if w is not None:
+        expected["w"] = (w, (b, h, n, c, k))
+    for name, (x, want) in expected.items():
+        if shape(x) != want:
+            raise ValueError(f"chunk_recurrence: {name} must have shape {want}, got {shape(x)}")
+    return b, h, n, c, k, v
+
+
+def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a: jax.Array, s0: jax.Array, *,
+                     w: jax.Array | None = None, impl: str = "auto", interpret: bool | None = None,
+                     tile: crp.Tile | None = None) -> tuple[jax.Array, jax.Array]:
+    """Run the state recurrence over chunks (equations and shapes in the module docstring).
+
+    Args:
+      qg, p, u, ke, a, s0, w: the chunk tensors (``w = None``: no delta correction).
+      impl: ``"auto" | "xla" | "pallas"``.
+      interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``.
+      tile: Pallas launch shape (benchmarks sweep it).
+
+    Returns:
+      ``(o [B, H, N, C, V]`` in u's dtype, ``S_N [B, H, K, V]`` in s0's dtype).
+    """
+    shape = _validate(qg, p, u, w, ke, a, s0)
+    name, interp = resolve_impl(impl, shape, u.dtype, interpret)
+    if name == "xla":
+        return xla_chunk_recurrence(qg, p, u, w, ke, a, s0)
+    return _pallas(qg, p, u, w, ke, a, s0, interp, tile)
