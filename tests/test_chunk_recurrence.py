@@ -184,7 +184,7 @@ def test_memories_with_the_kernel_match_recurrent_float64(x64, fn, t):
 
 
 def test_associative_block_kernel_option_reaches_the_memory(monkeypatch):
-    from tests.tiny import tiny_config
+    from tiny import tiny_config
     from memjax.config import ConfigError, validate
     from memjax.model import LM
     from flax import nnx

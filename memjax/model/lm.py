@@ -12,12 +12,18 @@ from flax import nnx
 
 from memjax.config import ModelConfig, options_from_dict
 from memjax.model.sharding import constrain
-from memjax.nn.layers import RMSNorm, param
+from memjax.nn.layers import RMSNorm, batched_init, param
 from memjax.nn.registry import get_block
 
 
 class LM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # All parameters are drawn batched when the block below ends (see batched_init: one
+        # threefry hash per parameter made XLA:GPU compile the initialiser for minutes).
+        with batched_init():
+            self._build(cfg, rngs)
+
+    def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, v = cfg.d_model, cfg.vocab_size
         self.d_model = d
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)

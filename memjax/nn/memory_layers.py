@@ -130,9 +130,8 @@ class _MemoryOptions:
 
 
 def _values_param(rngs, num_slots: int, dim: int) -> nnx.Param:
-    init = nnx.initializers.normal(dim ** -0.5)
-    return nnx.Param(init(rngs.params(), (num_slots, dim), jnp.float32),
-                     logical_axes=("memory_slots", "memory_dim"), optim_group="memory_values")
+    return param(rngs, nnx.initializers.normal(dim ** -0.5), (num_slots, dim), ("memory_slots", "memory_dim"),
+                 optim_group="memory_values")
 
 
 class _ProductKeyMemory(Block):
