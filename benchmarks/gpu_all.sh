@@ -17,7 +17,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STEPS=${STEPS:-"versions tests embedding_bag torch linear_attention train"}  # run in this order
+STEPS=${STEPS:-"versions tests embedding_bag torch linear_attention train train_kernels"}  # run in this order
 run_step() {  # run_step NAME: one benchmark under its own time limit
   local name=$1 t0=$SECONDS limit
   case $name in
@@ -25,11 +25,15 @@ run_step() {  # run_step NAME: one benchmark under its own time limit
       $PY -c 'import jax, flax, sys; print(sys.version); print(\"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'; \
       $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|jax|jaxlib|flax|optax|orbax-checkpoint|grain|fla-core|flash-linear-attention|jax-linear-attention|equinox) '" ;;
     tests) limit=${TESTS_LIMIT:-150}; set -- env JAX_PLATFORMS=cuda,cpu $PY -m pytest -q -p no:cacheprovider \
-      tests/test_embedding_bag.py tests/test_chunk_recurrence.py::test_hardware_kernel_matches_xla ;;
+      tests/test_embedding_bag.py tests/test_chunk_recurrence.py::test_hardware_kernel_matches_xla \
+      tests/test_attention.py::test_hardware_cudnn_matches_xla ;;
     embedding_bag) limit=${EB_LIMIT:-150}; set -- $PY -m benchmarks.gpu_embedding_bag ${EB_ARGS:-} ;;
     torch) limit=${TORCH_LIMIT:-200}; set -- $PY -m benchmarks.gpu_torch ${TORCH_ARGS:-} ;;
     linear_attention) limit=${LA_LIMIT:-235}; set -- $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-} ;;
     train) limit=${TRAIN_LIMIT:-300}; set -- $PY -m benchmarks.gpu_train --budget-s $((limit - 10)) ${TRAIN_ARGS:-} ;;
+    train_kernels) limit=${TRAIN_LIMIT:-300}; set -- $PY -m benchmarks.gpu_train --budget-s $((limit - 10)) \
+      --out "$OUT/train_kernels" --set model.blocks.gated_deltanet.kernel=pallas model.blocks.attention.impl=cudnn \
+      ${TRAIN_ARGS:-} ;;  # the same run with the Pallas chunk recurrence and cuDNN attention
     *) echo "unknown step $name"; return 1 ;;
   esac
   echo "=== $name (limit ${limit}s) $(date -u +%T)"

@@ -394,7 +394,8 @@ def run_once(cfg, args, devices, report=None, deadline=None) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=DEFAULT_CONFIG)
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key.path=value")
+    ap.add_argument("--set", nargs="*", action="extend", default=[],
+                    help="config overrides key.path=value (repeatable: every --set adds)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --smoke: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps after compiling (default 3; --smoke: 1)")
     ap.add_argument("--batch", type=int, default=0, help="override train.batch_size")

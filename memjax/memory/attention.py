@@ -2,11 +2,24 @@
 
 Shapes: ``q: [B, T, H, K]``, ``k: [B, S, Hkv, K]``, ``v: [B, S, Hkv, V]`` with ``H % Hkv == 0``
 (grouped-query attention). ``o_t = sum_s softmax_s(scale * q_t . k_s + mask_ts) v_s``.
+
+Implementations of :func:`causal_attention` (``impl``):
+  ``"xla"``    the masked softmax written out here (forms the ``[B, H, T, S]`` logits; every case).
+  ``"cudnn"``  cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16 /
+               f16, causal self-attention with an optional sliding window; no packed segments,
+               explicit positions or cache masks).
+  ``"auto"``   cuDNN where it applies *and* the device is in ``VERIFIED_DEVICES`` (it has run this
+               library's checks there); XLA otherwise. None is verified yet: ``auto`` is XLA.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cudnn")
+# backend -> device-kind prefixes where impl="cudnn" has passed the GPU benchmark's comparison
+# with the XLA form. Empty: cuDNN attention has not run under this library yet.
+VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {}
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
@@ -36,15 +49,53 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int = 0,
     return m
 
 
+def cudnn_unsupported(q, k, v, *, segment_ids=None, q_positions=None, k_positions=None,
+                      k_valid=None) -> str | None:
+    """Why ``impl="cudnn"`` cannot run this call, or None if it can."""
+    if segment_ids is not None:
+        return "segment_ids (packed documents)"
+    if q_positions is not None or k_positions is not None or k_valid is not None:
+        return "explicit positions or k_valid (decoding with a KV cache)"
+    if q.shape[1] != k.shape[1]:
+        return f"queries and keys of different lengths ({q.shape[1]} vs {k.shape[1]})"
+    if not all(x.dtype in (jnp.bfloat16, jnp.float16) for x in (q, k, v)):
+        return f"dtype {q.dtype} (cuDNN flash attention takes bfloat16 / float16)"
+    if q.shape[3] % 8 or q.shape[3] > 128 or v.shape[3] != q.shape[3]:
+        return f"head dims K = {q.shape[3]}, V = {v.shape[3]} (equal, a multiple of 8, at most 128)"
+    return None
+
+
+def fused_attention(q, k, v, *, scale: float, window: int = 0, implementation: str = "cudnn") -> jax.Array:
+    """Causal (optionally sliding-window) self-attention through ``jax.nn.dot_product_attention``:
+    the same function as the ``"xla"`` form of :func:`causal_attention` when ``segment_ids`` and
+    positions are left out. ``implementation="xla"`` runs anywhere (the tests check the argument
+    mapping with it); ``"cudnn"`` is the fused GPU kernel."""
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=(window - 1, 0) if window > 0 else None,
+                                        implementation=implementation)
+
+
+def _use_cudnn(impl: str, reason: str | None) -> bool:
+    if impl == "cudnn":
+        if reason is not None:
+            raise ValueError(f"causal_attention: impl='cudnn' does not support {reason}; use impl='xla' or 'auto'")
+        return True
+    if impl == "auto" and reason is None and jax.default_backend() == "gpu":
+        kind = jax.devices()[0].device_kind
+        return any(kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get("gpu", ()))
+    return False
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                      segment_ids: jax.Array | None = None, window: int = 0,
                      q_positions: jax.Array | None = None, k_positions: jax.Array | None = None,
-                     k_valid: jax.Array | None = None) -> jax.Array:
-    """Masked softmax attention; returns ``o: [B, T, H, V]`` (softmax in float32).
+                     k_valid: jax.Array | None = None, impl: str = "auto") -> jax.Array:
+    """Masked softmax attention; returns ``o: [B, T, H, V]`` (softmax in float32, float64 for float64 inputs).
 
     Default positions are ``0..T-1`` for queries and ``0..S-1`` for keys (self-attention).
     ``window > 0`` keeps only the last ``window`` keys (sliding-window attention).
     ``segment_ids: [B, T]`` (self-attention only) masks attention across packed documents.
+    ``impl``: ``"auto" | "xla" | "cudnn"`` (module docstring).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got q{q.shape} k{k.shape} v{v.shape}")
@@ -52,7 +103,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     s, hkv = k.shape[1], k.shape[2]
     if k.shape[0] != b or k.shape[3] != dk or v.shape[:3] != k.shape[:3] or h % hkv:
         raise ValueError(f"k{k.shape} / v{v.shape} do not match q{q.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"causal_attention: impl must be one of {IMPLS}, got {impl!r}")
     scale = dk ** -0.5 if scale is None else scale
+    reason = cudnn_unsupported(q, k, v, segment_ids=segment_ids, q_positions=q_positions,
+                               k_positions=k_positions, k_valid=k_valid)
+    if _use_cudnn(impl, reason):
+        return fused_attention(q, k, v, scale=scale, window=window)
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if k_positions is None:
@@ -60,7 +117,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     mask = attention_mask(q_positions, k_positions, window=window, q_seg=segment_ids,
                           k_seg=segment_ids, k_valid=k_valid)
     qg = q.reshape(b, t, hkv, h // hkv, dk)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax; float64 for float64 inputs
+    logits = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=acc) * scale
     logits = jnp.where(mask[:, None, None], logits, -1e30)
     p = jax.nn.softmax(logits, axis=-1)
     p = jnp.where(mask[:, None, None], p, 0.0)  # rows with no visible key give 0, not a uniform average

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
+from memjax.memory.attention import IMPLS as ATTENTION_IMPLS
 from memjax.memory.attention import causal_attention, rope
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, positions_in_segment
@@ -26,6 +27,7 @@ class Attention(Block):
         num_kv_heads: int = 0  # 0: same as model.num_heads (multi-head); fewer: grouped-query
         window: int = 0  # 0: full causal attention; > 0: sliding window of this many tokens
         qk_norm: bool = False
+        impl: str = "auto"  # training forward: "auto", "xla" or "cudnn" (decoding uses XLA; memjax.memory.attention)
 
         def validate(self, m, where):
             kv = self.num_kv_heads or m.num_heads
@@ -33,6 +35,8 @@ class Attention(Block):
                 raise ConfigError(f"config key '{where}.num_kv_heads' ({kv}) must divide model.num_heads ({m.num_heads})")
             if self.window < 0:
                 raise ConfigError(f"config key '{where}.window' must be >= 0, got {self.window}")
+            if self.impl not in ATTENTION_IMPLS:
+                raise ConfigError(f"config key '{where}.impl' must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
 
     stateful = True
 
@@ -40,6 +44,7 @@ class Attention(Block):
         self.h, self.hkv = cfg.num_heads, opts.num_kv_heads or cfg.num_heads
         self.dk = cfg.resolved_head_dim
         self.window, self.theta = opts.window, cfg.rope_theta
+        self.impl = opts.impl
         dt = jnp.dtype(cfg.compute_dtype)
         d = cfg.d_model
         self.wq = Linear(d, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
@@ -65,7 +70,8 @@ class Attention(Block):
         else:  # RoPE positions restart at each packed document
             positions = positions_in_segment(segment_ids)
         q, k, v = self._qkv(x, positions)
-        o = causal_attention(q, k, v, segment_ids=segment_ids, window=self.window)
+        # (cuDNN takes no packed segments: with segment_ids, "cudnn" raises and "auto" uses XLA)
+        o = causal_attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
         return self.wo(o.reshape(b, t, self.h * self.dk))
 
     def init_state(self, batch_size: int, max_len: int):
