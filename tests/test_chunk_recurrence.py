@@ -307,7 +307,9 @@ def test_hardware_kernel_matches_xla(with_w):
     o, s, s_in = jax.jit(lambda x: crp.forward(x["qg"], x["p"], x["u"], w, x["ke"], x["a"], x["s0"],
                                                save_states=True, interpret=False, poison=True))(x)
     assert rel(o, ref[0]) < 1e-2 and rel(s, ref[1]) < 1e-2  # float32 operands may run as TF32
-    for out in (o, s, s_in):
+    dd, dsn, ds0 = jax.jit(lambda x: crp.backward(x["qg"], x["p"], w, x["ke"], x["a"], x["u"], x["s0"],
+                                                  interpret=False, poison=True))(x)
+    for out in (o, s, s_in, dd, dsn, ds0):
         assert not np.isnan(np.asarray(out)).any()
     names = ["qg", "p", "u", "ke", "a", "s0"]
     loss = lambda impl: lambda *a: jnp.sum(jnp.sin(call(dict(x, **dict(zip(names, a))), impl, with_w)[0]))
