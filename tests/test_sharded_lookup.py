@@ -108,7 +108,12 @@ def test_compiled_triton_kernel_lowers_inside_shard_map(monkeypatch, scheme, bag
         return jax.value_and_grad(lambda v, w: jnp.sum(lookup(v, w).astype(jnp.float32) * g), argnums=(0, 1))(v, w)
 
     target = "__gpu$xla.gpu.triton"
-    with jax.set_mesh(mesh):
+    if hasattr(jax.sharding, "AbstractDevice"):
+        # JAX >= 0.11 lowers Triton kernels for the GPU it reads off the mesh's devices: with
+        # none present, an abstract mesh of H100s names the target.
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+        mesh = jax.sharding.AbstractMesh((8,), ("tensor",), (AUTO,), abstract_device=device)
+    with jax.set_mesh(mesh) if isinstance(mesh, jax.sharding.Mesh) else jax.sharding.use_abstract_mesh(mesh):
         args = (jax.ShapeDtypeStruct((1024, 128), jnp.bfloat16, sharding=NamedSharding(mesh, SPECS[scheme])),
                 jax.ShapeDtypeStruct((64, 8), jnp.int32), jax.ShapeDtypeStruct((64, 8), jnp.float32),
                 jax.ShapeDtypeStruct((64, 128), jnp.float32))

@@ -134,9 +134,13 @@ def sharded_embedding_bag(values: jax.Array, indices: jax.Array, weights: jax.Ar
         return jax.lax.all_gather(part, axis, axis=1, tiled=True, to="invarying")
 
     fn, v_spec = (rows_fn, P(axis, None)) if scheme == "rows" else (cols_fn, P(None, axis))
-    if dict(zip(m.axis_names, m.axis_types))[axis] == jax.sharding.AxisType.Explicit:
-        # Explicit axes: shard_map takes arrays only in the layout its specs name.
+    manual = frozenset({axis})
+    if any(t == jax.sharding.AxisType.Explicit for t in m.axis_types):
+        # Explicit axes: shard_map takes arrays only in the layout its specs name. Every axis goes
+        # manual (the arrays are replicated over the others anyway): JAX 0.12 cannot lower the
+        # reduce-scatter of an array that still carries Explicit axes inside the map.
         values = jax.sharding.reshard(values, v_spec)
         idx, weights = jax.sharding.reshard(idx, bag_spec), jax.sharding.reshard(weights, bag_spec)
+        manual = frozenset(m.axis_names)
     return jax.shard_map(fn, mesh=m, in_specs=(v_spec, bag_spec, bag_spec), out_specs=bag_spec,
-                         axis_names=frozenset({axis}), check_vma=check_vma)(values, idx, weights)
+                         axis_names=manual, check_vma=check_vma)(values, idx, weights)
