@@ -29,7 +29,7 @@ run_step() {  # run_step NAME: one benchmark under its own time limit
       tests/test_attention.py::test_hardware_cudnn_matches_xla ;;
     embedding_bag) limit=${EB_LIMIT:-150}; set -- $PY -m benchmarks.gpu_embedding_bag ${EB_ARGS:-} ;;
     torch) limit=${TORCH_LIMIT:-200}; set -- $PY -m benchmarks.gpu_torch ${TORCH_ARGS:-} ;;
-    linear_attention) limit=${LA_LIMIT:-235}; set -- $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-} ;;
+    linear_attention) limit=${LA_LIMIT:-300}; set -- $PY -m benchmarks.gpu_linear_attention ${LA_ARGS:-} ;;
     train) limit=${TRAIN_LIMIT:-300}; set -- $PY -m benchmarks.gpu_train --budget-s $((limit - 10)) ${TRAIN_ARGS:-} ;;
     train_kernels) limit=${TRAIN_LIMIT:-300}; set -- $PY -m benchmarks.gpu_train --budget-s $((limit - 10)) \
       --out "$OUT/train_kernels" --set model.blocks.gated_deltanet.kernel=pallas model.blocks.attention.impl=cudnn \
