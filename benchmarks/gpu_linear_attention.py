@@ -148,7 +148,7 @@ def checks(smoke, out, precisions=PRECISIONS, pallas=True):
     fla = dict(np.load(fla_path)) if os.path.exists(fla_path) else None
     if fla is not None:
         x_np = {k: fla[k] for k in ("q", "k", "v", "g", "beta")}  # exactly the inputs FLA saw
-    for op, names in ((op, names) for op, (_, names) in variants[0][1].items()):
+    for op, (_, names) in variants[0][1].items():
         with jax.enable_x64(True):  # the float64 reference once per op, not per variant
             o64, s64 = jax.jit(_recurrent(op))(*[jnp.asarray(x_np[n], jnp.float64) for n in names])
             o64, s64 = np.asarray(o64), np.asarray(s64)

@@ -102,6 +102,21 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert rel(o, o32) < 2 ** -6  # bf16 vs float32 inputs: one bf16 rounding of each operand
 
 
+def test_initial_state_keeps_its_dtype(x64):
+    """A float64 initial state with float32 chunk tensors: both implementations return the state
+    and its gradient in float64 (the kernels run in float32)."""
+    x = {k: (v.astype(jnp.float32) if k != "s0" else v) for k, v in problem(n=3).items()}
+    grads = {}
+    for impl in ("xla", "pallas"):
+        def loss(s0, impl=impl):
+            o, s = call(dict(x, s0=s0), impl, True)
+            assert s.dtype == jnp.float64
+            return jnp.sum(o.astype(jnp.float64)) + jnp.sum(s)
+        grads[impl] = jax.grad(loss)(x["s0"])
+        assert grads[impl].dtype == jnp.float64
+    assert rel(grads["pallas"], grads["xla"]) < 1e-5  # float32 kernels vs a float64 scan
+
+
 @pytest.mark.parametrize("with_w", [False, True])
 def test_poisoned_outputs_are_all_written(x64, with_w):
     x = problem(n=3)
@@ -162,11 +177,9 @@ def test_memories_with_the_kernel_match_recurrent_float64(x64, fn, t):
         if fn == "gla":
             return linear_attention(q, k, v, **kw)
         if fn == "ssd":  # q = C, k = B (one group), v = x, dt from g; state [P, N] = s0^T
-            dt = -g
-            kw.update(g=None, initial_state=jnp.swapaxes(s0, -1, -2))
             del kw["g"]
-            y, s = selective_scan(v, dt, -jnp.ones(h), k[:, :, :1], q[:, :, :1], **kw)
-            return y, s
+            kw["initial_state"] = jnp.swapaxes(s0, -1, -2)
+            return selective_scan(v, -g, -jnp.ones(h), k[:, :, :1], q[:, :, :1], **kw)
         return delta_rule(q, k, v, beta, **kw)
 
     def loss(mode, impl, *args):

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.kernels import chunk_recurrence_pallas as crp
+from memjax.kernels.pallas_common import on_verified_device
 
 IMPLS = ("auto", "xla", "pallas")
 # Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
@@ -59,8 +60,8 @@ def supports(shape, dtype, backend: str) -> bool:
     return crp.gpu_supports(tuple(shape), dtype, backend)
 
 
-def verified(backend: str, device_kind: str) -> bool:
-    return any(device_kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get(backend, ()))
+def verified(backend: str, device_kind: str | None = None) -> bool:
+    return on_verified_device(VERIFIED_DEVICES, backend, device_kind)
 
 
 def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
@@ -76,10 +77,7 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     if impl == "auto":
         if interpret:
             raise ValueError("interpret=True needs impl='pallas' (auto never interprets)")
-        if not supports(shape, dtype, backend):
-            return "xla", False
-        device_kind = device_kind or jax.devices(backend)[0].device_kind
-        return ("pallas", False) if verified(backend, device_kind) else ("xla", False)
+        return ("pallas", False) if supports(shape, dtype, backend) and verified(backend, device_kind) else ("xla", False)
     if interpret:
         return "pallas", True
     if backend == "cpu":
@@ -158,7 +156,7 @@ def _pallas_bwd(interpret, tile, res, cts):
     d_w = None if w is None else -jnp.einsum("bhncv,bhnkv->bhnck", dd, s_in).astype(w.dtype)
     d_a = jnp.einsum("bhnkv,bhnkv->bhn", dsn, s_in)
     return (d_qg.astype(qg.dtype), d_p.astype(p.dtype), dd.astype(u.dtype), d_w, d_ke.astype(ke.dtype),
-            d_a.astype(a.dtype), ds0.astype(s_in.dtype))
+            d_a.astype(a.dtype), ds0)
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
@@ -203,4 +201,8 @@ def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a
     name, interp = resolve_impl(impl, shape, u.dtype, interpret)
     if name == "xla":
         return xla_chunk_recurrence(qg, p, u, w, ke, a, s0)
-    return _pallas(qg, p, u, w, ke, a, s0, interp, tile)
+    # The kernels carry the state in the accumulation dtype; casting here (not inside the
+    # custom_vjp) gives the initial state's gradient its own dtype through the cast.
+    acc = jnp.promote_types(u.dtype, jnp.float32)
+    o, s = _pallas(qg, p, u, w, ke, a, s0.astype(acc), interp, tile)
+    return o, s.astype(s0.dtype)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.kernels.embedding_bag_pallas import KERNELS
+from memjax.kernels.pallas_common import on_verified_device
 
 F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas", *KERNELS)
@@ -46,9 +47,9 @@ IMPLS = ("auto", "xla", "pallas", *KERNELS)
 VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {"gpu": ("NVIDIA H100",)}
 
 
-def verified(backend: str, device_kind: str) -> bool:
+def verified(backend: str, device_kind: str | None = None) -> bool:
     """Whether the Pallas kernels passed their hardware tests on this backend and device kind."""
-    return any(device_kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get(backend, ()))
+    return on_verified_device(VERIFIED_DEVICES, backend, device_kind)
 
 
 def supports(shape, dtype, backend: str) -> str | None:
@@ -166,8 +167,6 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
         if interpret:
             raise ValueError("interpret=True needs an explicit Pallas impl ('pallas', 'pallas_gpu', 'pallas_tpu')")
         name = supports(shape, dtype, backend)
-        if device_kind is None and name is not None:
-            device_kind = jax.devices(backend)[0].device_kind
         return (name, False) if name is not None and verified(backend, device_kind) else ("xla", False)
     interpret = bool(interpret)
     if impl == "pallas":

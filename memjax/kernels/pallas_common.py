@@ -42,6 +42,16 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def on_verified_device(table: dict, backend: str, device_kind: str | None = None) -> bool:
+    """Whether ``device_kind`` (default: the first ``backend`` device's) starts with one of the
+    prefixes ``table[backend]`` lists: the devices where a kernel has passed its hardware tests."""
+    prefixes = table.get(backend, ())
+    if not prefixes:
+        return False
+    device_kind = device_kind or jax.devices(backend)[0].device_kind
+    return any(device_kind.startswith(prefix) for prefix in prefixes)
+
+
 def triton_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as pltr
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.kernels.pallas_common import on_verified_device
+
 IMPLS = ("auto", "xla", "cudnn")
 # backend -> device-kind prefixes where impl="cudnn" has passed the GPU benchmark's comparison
 # with the XLA form. Empty: cuDNN attention has not run under this library yet.
@@ -80,10 +82,7 @@ def _use_cudnn(impl: str, reason: str | None) -> bool:
         if reason is not None:
             raise ValueError(f"causal_attention: impl='cudnn' does not support {reason}; use impl='xla' or 'auto'")
         return True
-    if impl == "auto" and reason is None and jax.default_backend() == "gpu":
-        kind = jax.devices()[0].device_kind
-        return any(kind.startswith(prefix) for prefix in VERIFIED_DEVICES.get("gpu", ()))
-    return False
+    return impl == "auto" and reason is None and on_verified_device(VERIFIED_DEVICES, jax.default_backend())
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
