@@ -93,6 +93,9 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    # Sequence (context) parallelism: the time axis of activations split over this many devices;
+    # the recurrent memories exchange their states (memjax.memory.sequence_parallel).
+    seq: int = 1
     tensor: int = 1
     # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
     rules: dict = field(
@@ -105,7 +108,7 @@ class MeshConfig:
             "vocab": "tensor",
             "memory_slots": "tensor",
             "memory_dim": None,
-            "length": None,
+            "length": "seq",
             "state": None,
             "conv": None,
         }
@@ -352,15 +355,19 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     for key, v in cfg.mesh.rules.items():
         axes = v if isinstance(v, (tuple, list)) else (v,)
         for a in axes:
-            if a is not None and a not in ("data", "fsdp", "tensor"):
+            if a is not None and a not in ("data", "fsdp", "seq", "tensor"):
                 raise ConfigError(
-                    f"config key 'mesh.rules.{key}': unknown mesh axis {a!r}; allowed: data, fsdp, tensor, None"
+                    f"config key 'mesh.rules.{key}': unknown mesh axis {a!r}; allowed: data, fsdp, seq, tensor, None"
                 )
     if num_devices is not None:
         from memjax.model.sharding import mesh_shape
 
         data_parallel = mesh_shape(cfg.mesh, num_devices)
         dp = data_parallel["data"] * data_parallel["fsdp"]
+        if d.seq_len % data_parallel["seq"]:
+            raise ConfigError(
+                f"config key 'mesh.seq' ({data_parallel['seq']}) must divide data.seq_len ({d.seq_len}): "
+                "every device holds an equal slice of the sequence")
         per_micro = t.batch_size // t.microbatches
         if per_micro % dp:
             raise ConfigError(

@@ -209,8 +209,8 @@ def test_associative_block_kernel_option_reaches_the_memory(monkeypatch):
         seen.append(impl)
         return real(*a, impl="xla")
 
-    # (memjax.memory.delta_rule is also the name of the function, so fetch the module itself)
-    monkeypatch.setattr(sys.modules["memjax.memory.delta_rule"], "chunk_recurrence", spy)
+    # (every memory reaches the chunk pass through memjax.memory.sequence_parallel)
+    monkeypatch.setattr(sys.modules["memjax.memory.sequence_parallel"], "chunk_recurrence", spy)
     cfg = tiny_config(pattern="D")
     cfg.model.blocks = {"gated_deltanet": {"kernel": "pallas", "chunk_size": 4}}
     model = LM(cfg.model, rngs=nnx.Rngs(0))

@@ -150,7 +150,7 @@ def test_two_processes_match_one_process_across_a_resume(tmp_path):
     finally:
         first = _finish(job)
     for t in first:  # each process has 4 local devices; the mesh spans all 8
-        assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in t
+        assert "mesh {'data': 8, 'fsdp': 1, 'seq': 1, 'tensor': 1}" in t
     # Second invocation: every process restores the collective checkpoint of step 4
     # (parameters, optimizer state and its own data-iterator position) and goes on.
     second = _finish(_launch(cfg_path, two, tmp_path / "logs_b"))

@@ -1,4 +1,6 @@
 """A sharded train step equals the single-device step (8 fake CPU devices)."""
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -40,14 +42,15 @@ def single_device_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 1, 2), (1, 4, 1, 2), (2, 1, 4, 1), (1, 2, 2, 2)])
 def test_sharded_step_equals_single_device(mesh, single_device_step):
-    """One train step of a hybrid with one block of every family present, on three meshes."""
+    """One train step of a hybrid with one block of every family present, on five
+    (data, fsdp, seq, tensor) meshes; seq > 1 splits the time axis (sequence parallelism)."""
     ref_params, ref_loss = single_device_step
     cfg = _hybrid_config()
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.seq, cfg.mesh.tensor = mesh
     params, loss, setup = _one_step(cfg, jax.devices())
-    assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh))
+    assert dict(setup.mesh.shape) == dict(zip(("data", "fsdp", "seq", "tensor"), mesh))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -92,3 +95,44 @@ def test_mesh_that_does_not_fit_is_a_clear_error():
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 1
     with pytest.raises(ConfigError, match="does not match the 8 available devices"):
         build(cfg)
+
+
+def test_sequence_axis_that_does_not_divide_the_length_is_a_clear_error():
+    cfg = tiny_config("D,F")
+    cfg.data.seq_len = 60
+    cfg.mesh.data, cfg.mesh.seq = 1, 8
+    with pytest.raises(ConfigError, match=r"'mesh.seq' \(8\) must divide data.seq_len \(60\)"):
+        build(cfg)
+
+
+@pytest.mark.slow
+def test_sequence_sharded_step_equals_single_device():
+    """The other blocks with a state exchange (linear attention, GLA, DeltaNet, mixture-of-memories,
+    S4D, the sliding-window + SSM hybrid) on a (data 2, seq 4) mesh."""
+    cfg = tiny_config("L,G,DN,mom,S,E")
+    ref_params, ref_loss, _ = _one_step(cfg, jax.devices()[:1])
+    cfg.mesh.data, cfg.mesh.seq = 2, 4
+    params, loss, _ = _one_step(cfg, jax.devices())
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_parallel_blocks_exchange_states(monkeypatch):
+    """With mesh.seq > 1 the recurrent blocks run their memory inside shard_map (the state
+    exchange), rather than leaving XLA to gather the sequence."""
+    calls = []
+    for module in ("delta_rule", "linear_attention", "ssm", "rglru"):
+        module = sys.modules[f"memjax.memory.{module}"]  # (the package re-exports functions of the same names)
+        for name in ("sharded_chunk_recurrence", "sharded_linear_scan"):
+            if hasattr(module, name):
+                orig = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    cfg = tiny_config("D,G,M2,R,S")
+    cfg.mesh.data, cfg.mesh.seq = 2, 4
+    setup = build(cfg)
+    with jax.set_mesh(setup.mesh):
+        state = setup.init_fn()
+    run_steps(setup, state, next(iter(make_dataset(cfg, "train"))))
+    assert sorted(set(calls)) == ["sharded_chunk_recurrence", "sharded_linear_scan"]
+    assert calls.count("sharded_chunk_recurrence") >= 3 and calls.count("sharded_linear_scan") >= 2

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from memjax.kernels import chunk_recurrence_pallas as crp
 from memjax.kernels.pallas_common import on_verified_device
+from memjax.manual_axes import common_varying
 
 IMPLS = ("auto", "xla", "pallas")
 # Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
@@ -123,6 +124,8 @@ def _outputs(qg, p, s_in, delta, acc):
 
 
 def xla_chunk_recurrence(qg, p, u, w, ke, a, s0):
+    # Inside shard_map a replicated s0 must vary like the chunk tensors to be a scan carry.
+    (s0, *_), _ = common_varying(s0, qg, p, u, ke, a, *([] if w is None else [w]))
     s, s_in, delta = _states_xla(u, w, ke, a, s0)
     return _outputs(qg, p, s_in, delta, s0.dtype).astype(u.dtype), s
 

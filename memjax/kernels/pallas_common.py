@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from memjax.manual_axes import common_varying
+
 _DEBUG = contextvars.ContextVar("memjax_pallas_debug", default=False)
 
 
@@ -70,10 +72,7 @@ def pallas_call(kernel, *, out_shape, **kwargs):
     pairs = [out_shape] if single else list(out_shape)
 
     def call(*inputs):
-        axes = frozenset().union(*(jax.typeof(a).mat.varying for a in inputs))
-        inputs = [a if axes <= jax.typeof(a).mat.varying
-                  else jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
-                  for a in inputs]
+        inputs, axes = common_varying(*inputs)
         vma = jax.sharding.ManualAxisType(varying=axes)
         structs = [jax.ShapeDtypeStruct(s, d, manual_axis_type=vma) for s, d in pairs]
         return pl.pallas_call(kernel, out_shape=structs[0] if single else tuple(structs),

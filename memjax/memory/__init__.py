@@ -3,9 +3,11 @@
 Sequence memories return ``(output, final_state)``, accept ``initial_state`` and offer
 ``mode="chunked" | "recurrent"`` (and ``"parallel"`` where a quadratic form exists).
 Modules with several entry points are exported as modules: ``hippo``, ``ssm``,
-``product_keys``, ``ngram_memory``, ``feature_maps``, ``reparam``, ``sharded_lookup``.
+``product_keys``, ``ngram_memory``, ``feature_maps``, ``reparam``, ``sharded_lookup``,
+``sequence_parallel`` (the state exchange behind every ``seq_axis=`` argument).
 """
-from memjax.memory import feature_maps, hippo, ngram_memory, product_keys, reparam, sharded_lookup, ssm
+from memjax.memory import (feature_maps, hippo, ngram_memory, product_keys, reparam, sequence_parallel,
+                           sharded_lookup, ssm)
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta_rule import delta_rule
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
@@ -18,5 +20,5 @@ from memjax.memory.titans import titans
 __all__ = [
     "causal_attention", "delta_rule", "diagonal_ssm", "feature_maps", "hippo", "hopfield_energy",
     "hopfield_retrieval", "linear_attention", "mixture_of_memories", "ngram_memory", "product_keys",
-    "reparam", "rglru", "rope", "selective_scan", "sharded_lookup", "ssm", "titans",
+    "reparam", "rglru", "rope", "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
 ]

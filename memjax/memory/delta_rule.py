@@ -40,9 +40,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.manual_axes import common_varying
 from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
 from memjax.memory.linear_attention import check_inputs, compute_dtype
+from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent")
 
@@ -51,7 +52,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
                scale: float | None = None, initial_state: jax.Array | None = None,
                segment_ids: jax.Array | None = None, mode: str = "chunked",
                chunk_size: int = 64, impl: str = "auto",
-               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+               interpret: bool | None = None, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) delta rule; see the module docstring for the equations.
 
     Args:
@@ -69,6 +70,11 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
         (:mod:`memjax.kernels.chunk_recurrence`).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's
+        outputs and the whole sequence's final state. The chunk pass then carries ``K`` extra
+        value columns (the ``K x K`` map from the incoming state). Chunked mode only.
 
     Returns:
       ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, H, K, V]`` float32, or float64
@@ -76,7 +82,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     """
     b, t, h, dk, dv = check_inputs("delta_rule", q, k, v, beta=beta, g=g, initial_state=initial_state,
                                    segment_ids=segment_ids, mode=mode, modes=MODES,
-                                   chunk_size=chunk_size, scale=scale, impl=impl)
+                                   chunk_size=chunk_size, scale=scale, impl=impl, seq_axis=seq_axis)
     if beta is None:
         raise ValueError("delta_rule: beta must be [B, T, H], got None")
     out_dtype = jnp.result_type(q, k, v)
@@ -88,7 +94,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale)
     else:
-        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret)
+        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret,
+                        seq_axis=seq_axis)
     return o.astype(out_dtype), s
 
 
@@ -108,14 +115,14 @@ def _recurrent(q, k, v, beta, g, s0, resets, scale):
     return jnp.swapaxes(o, 0, 1), s
 
 
-def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, interpret):
+def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, interpret, seq_axis=None):
     b, t, h, _ = q.shape
     c = chunk_size
     qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
     n = qc.shape[2]
     bc = to_head_chunks(beta, c)  # [B, H, N, C]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
-    resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
     dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype).heads_major()
     gamma = dec.from_start[..., None]  # [B, H, N, C, 1]
 
@@ -129,8 +136,8 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
 
     # The chunk pass: delta = U - W S, O = scale (diag(gamma) Q S + (Q K^T * D) delta).
     scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * dec.matrix * scale
-    o, s = chunk_recurrence(qc * gamma * scale, scores, u, kc * dec.to_end[..., None], dec.chunk, s0, w=w,
-                            impl=impl, interpret=interpret)
+    o, s = sharded_chunk_recurrence(qc * gamma * scale, scores, u, kc * dec.to_end[..., None], dec.chunk, s0, w=w,
+                                    axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
 
 
@@ -189,7 +196,9 @@ def _diagonal_block_inverses(a: jax.Array, base: int) -> jax.Array:
         r = jax.lax.dynamic_index_in_dim(eye, i, axis=0, keepdims=True) - a_i @ x
         return jax.lax.dynamic_update_index_in_dim(x, r, i, axis=-2)
 
-    return jax.lax.fori_loop(1, base, row, jnp.broadcast_to(eye, blocks.shape))
+    # (inside shard_map the identity start must vary like the blocks to be a loop carry)
+    (x0, _), _ = common_varying(jnp.broadcast_to(eye, blocks.shape), blocks)
+    return jax.lax.fori_loop(1, base, row, x0)
 
 
 def _diagonal_blocks(a: jax.Array, s: int) -> jax.Array:

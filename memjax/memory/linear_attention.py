@@ -23,17 +23,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_recurrence import IMPLS, chunk_recurrence
+from memjax.kernels.chunk_recurrence import IMPLS
 from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
+from memjax.memory.sequence_parallel import check_axis, sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent", "parallel")
 
 
 def check_inputs(fn: str, q, k, v, *, beta=None, g=None, initial_state=None, segment_ids=None,
-                 mode: str, modes: tuple, chunk_size: int, scale=None, impl: str = "auto") -> tuple[int, int, int, int, int]:
+                 mode: str, modes: tuple, chunk_size: int, scale=None, impl: str = "auto",
+                 seq_axis: str | None = None) -> tuple[int, int, int, int, int]:
     """Validate the shared arguments of the matrix-memory functions; returns ``(B, T, H, K, V)``."""
     if mode not in modes:
         raise ValueError(f"{fn}: mode must be one of {modes}, got {mode!r}")
+    if seq_axis is not None:
+        if mode == "recurrent":
+            forms = " or ".join(repr(m) for m in modes if m != "recurrent")
+            raise ValueError(f"{fn}: seq_axis needs mode={forms} (the recurrent form is the single-device "
+                             "decoding form)")
+        check_axis(fn, seq_axis)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if getattr(q, "ndim", None) != 4:
@@ -73,7 +81,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
                      scale: float | None = None, initial_state: jax.Array | None = None,
                      segment_ids: jax.Array | None = None, mode: str = "chunked",
                      chunk_size: int = 64, impl: str = "auto",
-                     interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                     interpret: bool | None = None, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) linear attention ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
 
     Args:
@@ -86,6 +94,13 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       mode: ``"chunked"``, ``"recurrent"`` or ``"parallel"`` (see the module docstring).
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``k = v = q = 0`` and ``g = 0`` (the state is unchanged) and the output sliced back.
+      impl: the chunk-to-chunk state pass: ``"auto" | "xla" | "pallas"``
+        (:mod:`memjax.kernels.chunk_recurrence`).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice of the sequence, ``initial_state`` the state before the whole sequence. Returns
+        this slice's outputs and the whole sequence's final state. Chunked / parallel modes.
 
     Returns:
       ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, H, K, V]`` float32, or float64
@@ -93,7 +108,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     """
     b, t, h, dk, dv = check_inputs("linear_attention", q, k, v, g=g, initial_state=initial_state,
                                    segment_ids=segment_ids, mode=mode, modes=MODES,
-                                   chunk_size=chunk_size, scale=scale, impl=impl)
+                                   chunk_size=chunk_size, scale=scale, impl=impl, seq_axis=seq_axis)
     out_dtype = jnp.result_type(q, k, v)
     cd = compute_dtype(q, k, v, g, initial_state)
     scale = dk ** -0.5 if scale is None else scale
@@ -104,7 +119,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
         o, s = _recurrent(q, k, v, g, s0, segment_resets(segment_ids), scale)
     else:
         o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
-                        impl=impl, interpret=interpret)
+                        impl=impl, interpret=interpret, seq_axis=seq_axis)
     return o.astype(out_dtype), s
 
 
@@ -125,13 +140,13 @@ def _recurrent(q, k, v, g, s0, resets, scale):
     return jnp.swapaxes(o, 0, 1), s
 
 
-def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret):
+def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret, seq_axis=None):
     b, t, h, _ = q.shape
     c = chunk_size
     qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
     n = qc.shape[2]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
-    resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
     dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype).heads_major()
 
     # Parallel over chunks: causal, decayed, segment-masked scores (no softmax), queries
@@ -139,5 +154,6 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret)
     scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * dec.matrix * scale
     qg = qc * (dec.from_start * scale)[..., None]
     ke = kc * dec.to_end[..., None]
-    o, s = chunk_recurrence(qg, scores, vc, ke, dec.chunk, s0, impl=impl, interpret=interpret)
+    o, s = sharded_chunk_recurrence(qg, scores, vc, ke, dec.chunk, s0, axis_name=seq_axis, impl=impl,
+                                    interpret=interpret)
     return from_head_chunks(o, t), s

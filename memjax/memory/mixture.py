@@ -53,7 +53,8 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
                         top_k: int, beta: jax.Array | None = None, g: jax.Array | None = None,
                         memory: str = "linear", shared_memory: bool = True, scale: float | None = None,
                         initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                        mode: str = "chunked", chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+                        mode: str = "chunked", chunk_size: int = 64,
+                        seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Route each token into ``top_k`` of ``M`` matrix memories (plus a shared one) and mix reads.
 
     Args:
@@ -70,6 +71,8 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
       initial_state: ``[B, M', H, K, V]`` or None (zeros).
       segment_ids: ``[B, T]`` int packed documents: every memory is reset at a new document.
       mode, chunk_size: as in the underlying memory function.
+      seq_axis: sequence parallelism, as in the underlying memory function (inside
+        ``jax.shard_map``, time split over this mesh axis; :mod:`memjax.memory.sequence_parallel`).
 
     Returns:
       ``(o [B, T, H, V]``, ``final_state [B, M', H, K, V]`` float32, or float64 for float64 inputs).
@@ -113,7 +116,7 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
     sel = jnp.swapaxes(selected, 2, 3)  # [B, T, M', H]
     fold = lambda x: x.reshape(b, t, mp * h, *x.shape[4:])  # memories into the head axis
     kw = dict(scale=dk ** -0.5 if scale is None else scale, segment_ids=segment_ids, mode=mode,
-              chunk_size=chunk_size,
+              chunk_size=chunk_size, seq_axis=seq_axis,
               initial_state=None if initial_state is None else initial_state.reshape(b, mp * h, dk, dv))
     if g is not None:
         kw["g"] = fold(jnp.where(sel, g, 0.0))

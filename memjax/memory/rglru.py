@@ -29,8 +29,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import segment_resets
-from memjax.memory.ssm import linear_scan, real_dtype
+from memjax.memory.sequence_parallel import check_axis, is_first_shard, sequence_resets, sharded_linear_scan
+from memjax.memory.linear_scan import linear_scan
+from memjax.memory.ssm import real_dtype
 
 MODES = ("scan", "recurrent")
 MAX_SQRT_GRAD = 1000.0
@@ -59,7 +60,8 @@ def rglru_gates(gate_a, gate_x, lam, c: float = 8.0):
 
 def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *, c: float = 8.0,
           initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-          mode: str = "scan", normalize_at_reset: bool = True) -> tuple[jax.Array, jax.Array]:
+          mode: str = "scan", normalize_at_reset: bool = True,
+          seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """RG-LRU over time (see the module docstring for the equations).
 
     Args:
@@ -73,6 +75,10 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
       mode: ``"scan"`` (``jax.lax.associative_scan`` over ``(a_t, b_t)`` pairs: O(log T) depth)
         or ``"recurrent"`` (``lax.scan``; the decoding form).
       normalize_at_reset: see the module docstring (``False``: RecurrentGemma's convention).
+      seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's
+        outputs and the whole sequence's final state. ``"scan"`` mode only.
 
     Returns ``(y [batch, T, D]`` in x's dtype, ``final_state [batch, D]`` float32 / float64).
     """
@@ -98,14 +104,18 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
             raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
     if not c > 0:
         raise ValueError(f"{fn}: c must be > 0, got {c!r}")
+    if seq_axis is not None:
+        if mode != "scan":
+            raise ValueError(f"{fn}: seq_axis needs mode='scan' (the recurrent form is the single-device decoding form)")
+        check_axis(fn, seq_axis)
 
     out_dtype = x.dtype
     cd = real_dtype(x, gate_a, gate_x, lam, initial_state)
     x, gate_a, gate_x, lam = (v.astype(cd) for v in (x, gate_a, gate_x, lam))
     a, norm, i = rglru_gates(gate_a, gate_x, lam, c)
-    resets = segment_resets(segment_ids)
+    resets = sequence_resets(segment_ids, seq_axis)
     if not normalize_at_reset and initial_state is None:
-        start = jnp.zeros((b, t), bool).at[:, 0].set(True)
+        start = jnp.zeros((b, t), bool).at[:, 0].set(is_first_shard(seq_axis))
         resets = start if resets is None else resets | start
     if resets is not None:
         a = jnp.where(resets[..., None], 0.0, a)
@@ -113,7 +123,9 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
             norm = jnp.where(resets[..., None], 1.0, norm)
     u = norm * i * x
     h0 = jnp.zeros((b, d), cd) if initial_state is None else initial_state.astype(cd)
-    if mode == "scan":
+    if seq_axis is not None:
+        y, s = sharded_linear_scan(a, u, h0, axis_name=seq_axis)
+    elif mode == "scan":
         y = linear_scan(a, u, h0, axis=1)
         s = y[:, -1]
     else:

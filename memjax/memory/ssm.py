@@ -20,7 +20,7 @@ chunk plus one state-passing step per chunk; takes ``segment_ids``), ``"scan"``
 
 Forms: ``"chunked"`` (the SSD block decomposition, matmul based) and ``"recurrent"``.
 
-The shared helper :func:`linear_scan` runs ``h_t = a_t h_{t-1} + b_t`` with an associative scan.
+The shared helper :func:`memjax.memory.linear_scan.linear_scan` runs ``h_t = a_t h_{t-1} + b_t``.
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
-from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.memory.linear_scan import linear_scan  # noqa: F401  (also part of this module's API)
 from memjax.memory.chunking import (chunk_decays, from_chunks, from_head_chunks, pad_time, segment_resets, to_chunks,
                                     to_head_chunks)
+from memjax.memory.sequence_parallel import check_axis, sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
 
 DIAG_MODES = ("conv", "chunked", "scan", "recurrent")
 SELECTIVE_MODES = ("chunked", "recurrent")
@@ -57,27 +58,6 @@ def real_dtype(*xs):
     return jnp.promote_types(dt, jnp.float32)
 
 
-def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, axis: int = 1) -> jax.Array:
-    """All states of ``h_t = a_t * h_{t-1} + b_t`` (elementwise) via ``jax.lax.associative_scan``.
-
-    ``a`` broadcasts against ``b``; ``h0`` (the state before ``t = 0``, shape of ``b`` without
-    ``axis``) is folded into ``b_0``. Returns ``h`` with ``b``'s shape. The combine of
-    ``(a1, b1)`` then ``(a2, b2)`` is ``(a1 a2, a2 b1 + b2)``; the ``a`` products only shrink for
-    ``|a| <= 1`` (no overflow).
-    """
-    a = jnp.broadcast_to(a, b.shape)
-    if h0 is not None:
-        first = jax.lax.index_in_dim(b, 0, axis) + jax.lax.index_in_dim(a, 0, axis) * jnp.expand_dims(h0, axis)
-        b = jax.lax.dynamic_update_index_in_dim(b, first, 0, axis)
-
-    def combine(e1, e2):
-        a1, b1 = e1
-        a2, b2 = e2
-        return a1 * a2, a2 * b1 + b2
-
-    return jax.lax.associative_scan(combine, (a, b), axis=axis)[1]
-
-
 # ----------------------------------------------------------------------------- diagonal SSM
 
 
@@ -91,7 +71,7 @@ def _phi1(z):
 def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, *,
                  D: jax.Array | None = None, initial_state: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, mode: str = "conv",
-                 chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+                 chunk_size: int = 64, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Diagonal linear time-invariant SSM (S4D / S5), ZOH-discretised, per channel.
 
     Args:
@@ -109,6 +89,10 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
       chunk_size: ``C`` for ``"chunked"`` (capped at ``T``). ``T`` need not be a multiple: the tail
         is padded with ``x = 0`` (and the last segment id), the output sliced, and the final state
         read at position ``T - 1``, not at the padded end (the padding still decays the state).
+      seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's
+        outputs and the whole sequence's final state. ``"scan"`` mode only.
 
     ``"conv"``: ``y = K * x + Re(sum_n C_n Abar_n^{t+1} s_{-1,n})`` with the kernel from the
     Vandermonde matrix ``Abar^l = exp(l dt A)`` (no repeated powers); the final state is the
@@ -162,6 +146,10 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     if segment_ids is not None and mode == "conv":
         raise ValueError(f"{fn}: segment_ids are not supported with mode='conv' (resets break time "
                          "invariance); use mode='chunked', 'scan' or 'recurrent'")
+    if seq_axis is not None:
+        if mode != "scan":
+            raise ValueError(f"{fn}: seq_axis needs mode='scan', got {mode!r}")
+        check_axis(fn, seq_axis)
 
     rd = real_dtype(x, A, B, C, dt, initial_state)
     is_complex = any(v is not None and jnp.iscomplexobj(v) for v in (A, B, C, initial_state))
@@ -179,14 +167,17 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
         y, s = _diag_chunked(xf, dtA, Bbar, C, s0, segment_ids, chunk_size)
     else:
         s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
-        resets = segment_resets(segment_ids)
+        resets = sequence_resets(segment_ids, seq_axis)
         if mode == "scan":
             a = jnp.broadcast_to(Abar, (b, t, h, n))
             if resets is not None:
                 a = jnp.where(resets[:, :, None, None], 0, a)
-            states = linear_scan(a, Bbar * xf[..., None].astype(sd), s0, axis=1)
+            if seq_axis is None:
+                states = linear_scan(a, Bbar * xf[..., None].astype(sd), s0, axis=1)
+                s = states[:, -1]
+            else:
+                states, s = sharded_linear_scan(a, Bbar * xf[..., None].astype(sd), s0, axis_name=seq_axis)
             y = _real(jnp.einsum("bthn,hn->bth", states, C))
-            s = states[:, -1]
         else:
             y, s = _diag_recurrent(xf, Abar, Bbar, C, s0, resets)
     if D is not None:
@@ -289,7 +280,7 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
                    D: jax.Array | None = None, initial_state: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, mode: str = "chunked",
                    chunk_size: int = 64, impl: str = "auto",
-                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                   interpret: bool | None = None, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Mamba-2 selective SSM (SSD): ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
 
     Args:
@@ -308,6 +299,10 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
         (:mod:`memjax.kernels.chunk_recurrence`, with ``K = N`` and ``V = P``).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's
+        outputs and the whole sequence's final state. Chunked mode only.
 
     ``"chunked"`` is the SSD block decomposition: with ``G_i`` the in-chunk cumulative ``dt A``,
     ``L_ij = exp(G_i - G_j)`` for ``i >= j`` (masked to ``-inf`` *before* the exp, so no large
@@ -349,6 +344,11 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     _check_segments(fn, segment_ids, b, t)
     if impl not in CHUNK_IMPLS:
         raise ValueError(f"{fn}: impl must be one of {CHUNK_IMPLS}, got {impl!r}")
+    if seq_axis is not None:
+        if mode != "chunked":
+            raise ValueError(f"{fn}: seq_axis needs mode='chunked' (the recurrent form is the single-device "
+                             "decoding form)")
+        check_axis(fn, seq_axis)
     for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
         if jnp.iscomplexobj(v):
             raise ValueError(f"{fn}: {name} must be real, got dtype {v.dtype}")
@@ -360,7 +360,8 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     if mode == "recurrent":
         y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
     else:
-        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret)
+        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret,
+                            seq_axis=seq_axis)
     if D is not None:
         y = y + D.astype(cd)[:, None] * x
     return y.astype(out_dtype), s
@@ -383,7 +384,7 @@ def _ssd_recurrent(x, dt, A, B, C, s0, resets):
     return jnp.swapaxes(y, 0, 1), s
 
 
-def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret):
+def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret, seq_axis=None):
     b, t, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
@@ -391,7 +392,7 @@ def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret):
     nz = u.shape[2]
     Bc, Cc = to_head_chunks(B, c), to_head_chunks(C, c)  # [b, G, Z, C, N]
     logdec = to_chunks(pad_time(dt * A, c), c)  # [b, Z, C, H]; padded entries are 0: no decay
-    resets = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
     dec = chunk_decays(logdec, resets, (b, nz, c, h), x.dtype).heads_major()
     heads = lambda v: jnp.repeat(v, r, axis=1)  # group -> its heads (Mamba-2's "g n -> (g r) n")
 
@@ -399,5 +400,6 @@ def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret):
     scores = heads(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc)) * dec.matrix
     qg = heads(Cc) * dec.from_start[..., None]
     ke = heads(Bc) * dec.to_end[..., None]
-    y, s = chunk_recurrence(qg, scores, u, ke, dec.chunk, jnp.swapaxes(s0, -1, -2), impl=impl, interpret=interpret)
+    y, s = sharded_chunk_recurrence(qg, scores, u, ke, dec.chunk, jnp.swapaxes(s0, -1, -2), axis_name=seq_axis,
+                                    impl=impl, interpret=interpret)
     return from_head_chunks(y, t), jnp.swapaxes(s, -1, -2)

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 _RULES: contextvars.ContextVar = contextvars.ContextVar("memjax_axis_rules", default=None)
 
@@ -40,20 +40,20 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise ConfigError(
-            f"config keys mesh.data x mesh.fsdp x mesh.tensor = "
-            f"{sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {math.prod(sizes.values())} "
+            f"config keys mesh.data x mesh.fsdp x mesh.seq x mesh.tensor = "
+            f"{' x '.join(str(sizes[a]) for a in MESH_AXES)} = {math.prod(sizes.values())} "
             f"does not match the {num_devices} available devices")
     return sizes
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A ``(data, fsdp, tensor)`` mesh. Axis types are Auto on purpose: shardings come from
+    """A ``(data, fsdp, seq, tensor)`` mesh (``seq``: sequence parallelism). Axis types are Auto on purpose: shardings come from
     explicit in/out shardings and constraints, and XLA propagates the rest (Explicit
     axes would make every op's sharding part of its type, which our layers don't need)."""
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(axes, rules: dict, mesh: jax.sharding.Mesh | None = None, shape=None, where: str = "") -> P:

@@ -36,6 +36,7 @@ from memjax.memory.linear_attention import linear_attention
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 
 
 @dataclasses.dataclass
@@ -155,9 +156,9 @@ class _AssociativeBlock(Block):
             g = -jnp.exp(self.a_log[...]) * jax.nn.softplus(a)
         return beta, g
 
-    def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None):
+    def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         kw = dict(g=g, initial_state=initial_state, segment_ids=segment_ids,
-                  mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel)
+                  mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel, seq_axis=seq_axis)
         if self.uses_beta:
             return delta_rule(q, k, v, beta, **kw)
         return linear_attention(q, k, v, **kw)
@@ -174,7 +175,11 @@ class _AssociativeBlock(Block):
     def __call__(self, x, *, segment_ids=None, tokens=None):
         q, k, v, _ = self._project(x, segment_ids)
         beta, g = self._gates(x)
-        o, _ = self._memory(q, k, v, beta, g, segment_ids=segment_ids)
+        time_args = dict(q=q, k=k, v=v, beta=beta, g=g, segment_ids=segment_ids)
+        if self.mode == "chunked":  # split time over the mesh's seq axis, if any
+            o, _ = over_sequence(self._memory, time_args, {})
+        else:
+            o, _ = self._memory(**time_args)
         return self._output(o, x)
 
     def init_state(self, batch_size: int, max_len: int):

@@ -43,6 +43,7 @@ from memjax.memory.ssm import selective_scan
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, param, positions_in_segment
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.ssm_blocks import dt_bias_init
 
 
@@ -137,8 +138,14 @@ class SlidingWindowSSM(Block):
         o_att = causal_attention(rope(q, pos, self.theta), rope(k, pos, self.theta), v,
                                  segment_ids=segment_ids, window=w)
         seg_d = None if segment_ids is None else _delay(segment_ids, w, fill_from_first=True)
-        o_ssm, _ = selective_scan(_delay(v, w), _delay(dt, w), self._A(), _delay(k, w), q, segment_ids=seg_d,
-                                  mode=self.opts.mode, chunk_size=self.opts.chunk_size)
+        scan = lambda x, dt, B, C, segment_ids, A, seq_axis: selective_scan(
+            x, dt, A, B, C, segment_ids=segment_ids, mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+            seq_axis=seq_axis)
+        time_args = dict(x=_delay(v, w), dt=_delay(dt, w), B=_delay(k, w), C=q, segment_ids=seg_d)
+        if self.opts.mode == "chunked":  # split time over the mesh's seq axis, if any
+            o_ssm, _ = over_sequence(scan, time_args, dict(A=self._A()))
+        else:
+            o_ssm, _ = scan(**time_args, A=self._A(), seq_axis=None)
         if segment_ids is not None:  # the state at t - w belongs to another document
             o_ssm = jnp.where((seg_d == segment_ids)[..., None, None], o_ssm, 0)
         return self._combine(x, o_att, o_ssm)

@@ -30,6 +30,7 @@ from memjax.memory.mixture import MEMORIES, mixture_of_memories
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 
 
 def _a_log_init(key, shape, dtype):
@@ -127,10 +128,15 @@ class MixtureOfMemories(Block):
     def _memory(self, x, *, segment_ids=None, conv_state=None, initial_state=None, mode):
         q, k, v, conv = self._project(x, segment_ids, conv_state)
         beta, g, logits = self._gates(x)
-        o, s = mixture_of_memories(q, k, v, logits, top_k=self.opts.top_k, beta=beta, g=g,
-                                   memory=self.opts.memory, shared_memory=self.opts.shared_memory,
-                                   initial_state=initial_state, segment_ids=segment_ids, mode=mode,
-                                   chunk_size=self.opts.chunk_size)
+        mix = lambda q, k, v, logits, beta, g, segment_ids, initial_state, seq_axis: mixture_of_memories(
+            q, k, v, logits, top_k=self.opts.top_k, beta=beta, g=g, memory=self.opts.memory,
+            shared_memory=self.opts.shared_memory, initial_state=initial_state, segment_ids=segment_ids, mode=mode,
+            chunk_size=self.opts.chunk_size, seq_axis=seq_axis)
+        time_args = dict(q=q, k=k, v=v, logits=logits, beta=beta, g=g, segment_ids=segment_ids)
+        if mode == "chunked" and initial_state is None:  # training: split time over the mesh's seq axis, if any
+            o, s = over_sequence(mix, time_args, dict(initial_state=None))
+        else:
+            o, s = mix(**time_args, initial_state=initial_state, seq_axis=None)
         b, t = x.shape[:2]
         o = self.o_norm(o) * jax.nn.silu(self.wg(x)).reshape(b, t, self.h, self.dk).astype(o.dtype)
         return self.wo(o.reshape(b, t, self.h * self.dk)), conv, s

@@ -23,6 +23,7 @@ from memjax.memory.rglru import rglru
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, ShortConv, param
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.ssm_blocks import conv_with_state
 
 
@@ -92,8 +93,15 @@ class RGLRUBlock(Block):
         gate = jax.nn.gelu(self.w_gate(x))
         u, conv_state = conv_with_state(self.conv, self.w_in(x), segment_ids, None if state is None else state["conv"])
         ga, gx = self._gates(u)
-        h, s = rglru(u, ga, gx, self.lam[...], c=self.opts.c, segment_ids=segment_ids,
-                     initial_state=None if state is None else state["rnn"], mode=mode)
+        scan = lambda u, ga, gx, segment_ids, lam, initial_state, seq_axis: rglru(
+            u, ga, gx, lam, c=self.opts.c, segment_ids=segment_ids, initial_state=initial_state, mode=mode,
+            seq_axis=seq_axis)
+        time_args = dict(u=u, ga=ga, gx=gx, segment_ids=segment_ids)
+        other_args = dict(lam=self.lam[...], initial_state=None if state is None else state["rnn"])
+        if mode == "scan" and state is None:  # training: split time over the mesh's seq axis, if any
+            h, s = over_sequence(scan, time_args, other_args)
+        else:
+            h, s = scan(**time_args, **other_args, seq_axis=None)
         return self.wo(gate * h.astype(gate.dtype)), {"conv": conv_state, "rnn": s.astype(jnp.float32)}
 
     def __call__(self, x, *, segment_ids=None, tokens=None):

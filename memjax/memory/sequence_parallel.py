@@ -1,0 +1,151 @@
+"""Sequence (context) parallelism for the recurrent memories: the time axis split over a mesh axis.
+
+Inside ``jax.shard_map`` over a mesh axis ``axis_name`` of size ``P``, device ``i`` (its
+``axis_index``) holds the contiguous slice ``[i T/P, (i + 1) T/P)`` of every ``[B, T, ...]``
+input. Each memory here is *affine in its incoming state*: for a shard with incoming state
+``S_in``, its outputs and final state are::
+
+    o     = o_loc + O_phi S_in             S_out = Phi S_in + S_loc
+
+where ``(o_loc, S_loc)`` is the shard's pass from a zero state and ``Phi`` / ``O_phi`` are the
+linear maps from the incoming state. So (recurrentgemma's exact sequence-sharded scan, and
+LASP's state exchange, generalised to the delta rule):
+
+1. every device runs its local pass, carrying the maps alongside the state;
+2. one ``all_gather`` of ``(S_loc, Phi)`` over the axis;
+3. every device folds the ``P`` pairs, ``S_in(0) = initial_state``,
+   ``S_in(j + 1) = Phi_j S_in(j) + S_loc_j`` (``P`` small products);
+4. ``o = o_loc + O_phi S_in(i)``; the final state of the whole sequence, ``S_in(P)``, is the last
+   shard's output state, shared with one ``psum`` of one state.
+
+The result equals the single-device pass to round-off (tested in float64 with its gradients,
+which JAX derives: the ``all_gather`` transposes to a reduce-scatter). What ``Phi`` costs:
+
+- scalar-decay memories without the delta correction (linear attention, GLA, Mamba-2 SSD, and
+  element-wise scans such as RG-LRU): ``Phi`` is the product of the decays, a scalar per head
+  (per channel for element-wise scans), and ``O_phi`` the queries times the decay since the
+  shard start. No extra pass.
+- the delta rule: ``Phi = prod_n (a_n I - ke_n^T w_n)`` is a ``K x K`` matrix per head; the local
+  chunk pass carries it as ``K`` extra value columns started from the identity (``V + K``
+  columns instead of ``V``), and the exchange moves ``B H K (V + K)`` numbers per device.
+
+Packed sequences: a document that starts at a shard's first token must not see the previous
+shard's state. :func:`sequence_resets` compares that token's segment id with the previous
+shard's last one (one ``ppermute``); the reset zeroes ``Phi`` and ``O_phi`` of that shard.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.manual_axes import common_varying
+from memjax.memory.chunking import segment_resets
+from memjax.memory.linear_scan import linear_scan
+
+
+def check_axis(fn: str, axis_name) -> int:
+    """The size of the mapped axis ``axis_name``, or a ``ValueError`` when it is not bound here."""
+    if not isinstance(axis_name, str):
+        raise ValueError(f"{fn}: seq_axis must be a mesh axis name (str), got {axis_name!r}")
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(f"{fn}: seq_axis {axis_name!r} is not a mapped axis here; call {fn} inside "
+                         f"jax.shard_map over a mesh with that axis (time sharded over it)") from None
+
+
+def _previous_shard(x: jax.Array, axis_name: str) -> jax.Array:
+    """``x`` of device ``i - 1`` on device ``i`` (device 0 receives zeros)."""
+    n = jax.lax.axis_size(axis_name)
+    return jax.lax.ppermute(x, axis_name, [(i, i + 1) for i in range(n - 1)])
+
+
+def sequence_resets(segment_ids: jax.Array | None, axis_name: str | None) -> jax.Array | None:
+    """:func:`memjax.memory.chunking.segment_resets` of the whole sequence, for this shard.
+
+    ``segment_ids: [B, T_local]``. Position 0 of shard ``i > 0`` is a reset when its id differs
+    from the last id of shard ``i - 1``; position 0 of shard 0 never is (``initial_state``
+    applies there). ``axis_name = None``: the unsharded rule.
+    """
+    resets = segment_resets(segment_ids)
+    if resets is None or axis_name is None:
+        return resets
+    before = _previous_shard(segment_ids[:, -1], axis_name)
+    first = (segment_ids[:, 0] != before) & (jax.lax.axis_index(axis_name) > 0)
+    return resets.at[:, 0].set(first)
+
+
+def is_first_shard(axis_name: str | None) -> jax.Array | bool:
+    return True if axis_name is None else jax.lax.axis_index(axis_name) == 0
+
+
+def _fold(s0: jax.Array, s_loc: jax.Array, phi: jax.Array, apply, axis_name: str):
+    """All-gather the shards' ``(S_loc, Phi)`` and fold them from ``s0``.
+
+    Returns ``(S_in of this shard, S_in(P) = the final state of the whole sequence)``; the final
+    state is the last shard's output state, summed over the axis so that it is typed as the same
+    on every device (shard_map ``out_specs=P()``)."""
+    s_all = jax.lax.all_gather(s_loc, axis_name)  # [P, ...]
+    phi_all = jax.lax.all_gather(phi, axis_name)
+    (s0, _), _ = common_varying(s0, s_all)
+
+    def step(s, inp):
+        s_loc_j, phi_j = inp
+        return apply(phi_j, s) + s_loc_j, s
+
+    _, s_in_all = jax.lax.scan(step, s0, (s_all, phi_all))
+    index = jax.lax.axis_index(axis_name)
+    s_in = jax.lax.dynamic_index_in_dim(s_in_all, index, 0, keepdims=False)
+    last = index == jax.lax.axis_size(axis_name) - 1
+    final = jax.lax.psum(jnp.where(last, apply(phi, s_in) + s_loc, 0), axis_name)
+    return s_in, final
+
+
+def sharded_chunk_recurrence(qg, p, u, ke, a, s0, *, w=None, axis_name: str | None, impl: str = "auto",
+                             interpret: bool | None = None):
+    """:func:`memjax.kernels.chunk_recurrence.chunk_recurrence` with the chunks of the sequence
+    split over ``axis_name`` (this device's chunks; shapes as there); ``axis_name = None``: plain
+    ``chunk_recurrence`` on this device.
+
+    ``s0: [B, H, K, V]`` is the state before the whole sequence (replicated; only shard 0's
+    outputs see it directly). Returns ``(o [B, H, N_local, C, V]`` of this shard, the final state
+    of the whole sequence ``[B, H, K, V]``, the same on every device).
+    """
+    if axis_name is None:
+        return chunk_recurrence(qg, p, u, ke, a, s0, w=w, impl=impl, interpret=interpret)
+    acc = s0.dtype
+    b, h, k, v = s0.shape
+    if w is None:
+        # Phi is the product of the chunk decays; O_phi = qg times the decay since the shard start.
+        o_loc, s_loc = chunk_recurrence(qg, p, u, ke, a, jnp.zeros_like(s0), impl=impl, interpret=interpret)
+        # (remat=True: the default backward of the scan crashes XLA:CPU of JAX 0.11.2 inside shard_map)
+        upto = linear_scan(a, jnp.zeros_like(a), jnp.ones_like(a[..., 0]), axis=-1, remat=True)  # prod_{m <= n} a_m
+        before = jnp.concatenate([jnp.ones_like(a[..., :1]), upto[..., :-1]], axis=-1)
+        s_in, final = _fold(s0, s_loc, upto[..., -1].astype(acc), lambda phi, s: phi[..., None, None] * s, axis_name)
+        o_phi = qg * before[..., None, None]
+    else:
+        # K extra value columns started from the identity carry Phi (their final state) and
+        # O_phi (their outputs) through the same chunk pass.
+        u_ext = jnp.concatenate([u, jnp.zeros((*u.shape[:-1], k), u.dtype)], axis=-1)
+        s0_ext = jnp.concatenate([jnp.zeros_like(s0), jnp.broadcast_to(jnp.eye(k, dtype=acc), (b, h, k, k))], axis=-1)
+        o_ext, s_ext = chunk_recurrence(qg, p, u_ext, ke, a, s0_ext, w=w, impl=impl, interpret=interpret)
+        o_loc, o_phi = o_ext[..., :v], o_ext[..., v:]
+        s_in, final = _fold(s0, s_ext[..., :v], s_ext[..., v:],
+                            lambda phi, s: jnp.einsum("bhij,bhjv->bhiv", phi, s), axis_name)
+    o = o_loc.astype(acc) + jnp.einsum("bhnck,bhkv->bhncv", o_phi.astype(acc), s_in)
+    return o.astype(u.dtype), final
+
+
+def sharded_linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array, *, axis_name: str) -> tuple[jax.Array, jax.Array]:
+    """``h_t = a_t h_{t-1} + b_t`` (element-wise, time axis 1) with time split over ``axis_name``.
+
+    ``a, b: [B, T_local, ...]``, ``h0: [B, ...]`` the state before the whole sequence. Returns
+    ``(h [B, T_local, ...]`` of this shard, the final state of the whole sequence).
+    """
+    a = jnp.broadcast_to(a, b.shape)
+    # (remat=True: the default backward of the scan crashes XLA:CPU of JAX 0.11.2 inside shard_map)
+    h_loc = linear_scan(a, b, None, axis=1, remat=True)  # this shard from a zero state
+    decay = linear_scan(a, jnp.zeros_like(b), jnp.ones_like(b[:, 0]), axis=1, remat=True)  # prod_{s <= t} a_s
+    s_in, final = _fold(h0, h_loc[:, -1], decay[:, -1], lambda phi, s: phi * s, axis_name)
+    return h_loc + decay * jnp.expand_dims(s_in, 1), final
