@@ -130,3 +130,21 @@ def test_sequence_sharded_step_equals_single_device(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert {axis for _, axis in calls} == {"seq"}  # no block fell back to the gathered sequence
     assert {name for name, _ in calls} == {"sharded_chunk_recurrence", "sharded_linear_scan"}
+
+
+@pytest.mark.slow
+def test_long_context_config_trains_with_time_split_over_all_devices():
+    """configs/long_context.py (packed text, time over every device) at a small size: one step on
+    the (seq 8) mesh equals the single-device step."""
+    from memjax.config import load_config
+
+    small = ["data.seq_len=256", "model.max_seq_len=256", "model.d_model=64", "model.num_heads=2",
+             "model.pattern=D,F,M2,F,R,F", "train.batch_size=2"]
+    cfg = load_config("configs/long_context.py", small)
+    params, loss, setup = _one_step(cfg, jax.devices())
+    assert dict(setup.mesh.shape) == {"data": 1, "fsdp": 1, "seq": 8, "tensor": 1}
+    cfg1 = load_config("configs/long_context.py", small)
+    ref_params, ref_loss, _ = _one_step(cfg1, jax.devices()[:1])
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -24,10 +24,10 @@ which JAX derives: the ``all_gather`` transposes to a reduce-scatter). What ``Ph
 - scalar-decay memories without the delta correction (linear attention, GLA, Mamba-2 SSD, and
   element-wise scans such as RG-LRU): ``Phi`` is the product of the decays, a scalar per head
   (per channel for element-wise scans), and ``O_phi`` the queries times the decay since the
-  shard start. No extra pass.
+  shard start. No extra pass; each shard contributes ``B H (K V + 1)`` numbers to the exchange.
 - the delta rule: ``Phi = prod_n (a_n I - ke_n^T w_n)`` is a ``K x K`` matrix per head; the local
   chunk pass carries it as ``K`` extra value columns started from the identity (``V + K``
-  columns instead of ``V``), and the exchange moves ``B H K (V + K)`` numbers per device.
+  columns instead of ``V``), and each shard contributes ``B H K (V + K)`` numbers to the exchange.
 
 Packed sequences: a document that starts at a shard's first token must not see the previous
 shard's state. :func:`sequence_resets` compares that token's segment id with the previous
