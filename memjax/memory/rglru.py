@@ -29,8 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.sequence_parallel import check_axis, is_first_shard, sequence_resets, sharded_linear_scan
 from memjax.memory.linear_scan import linear_scan
+from memjax.memory.sequence_parallel import check_axis, is_first_shard, sequence_resets, sharded_linear_scan
 from memjax.memory.ssm import real_dtype
 
 MODES = ("scan", "recurrent")

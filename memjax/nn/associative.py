@@ -175,11 +175,9 @@ class _AssociativeBlock(Block):
     def __call__(self, x, *, segment_ids=None, tokens=None):
         q, k, v, _ = self._project(x, segment_ids)
         beta, g = self._gates(x)
-        time_args = dict(q=q, k=k, v=v, beta=beta, g=g, segment_ids=segment_ids)
-        if self.mode == "chunked":  # split time over the mesh's seq axis, if any
-            o, _ = over_sequence(self._memory, time_args, {})
-        else:
-            o, _ = self._memory(**time_args)
+        # (time split over the mesh's seq axis, if any)
+        o, _ = over_sequence(self._memory, dict(q=q, k=k, v=v, beta=beta, g=g, segment_ids=segment_ids), {},
+                             enabled=self.mode == "chunked")
         return self._output(o, x)
 
     def init_state(self, batch_size: int, max_len: int):

@@ -142,10 +142,7 @@ class SlidingWindowSSM(Block):
             x, dt, A, B, C, segment_ids=segment_ids, mode=self.opts.mode, chunk_size=self.opts.chunk_size,
             seq_axis=seq_axis)
         time_args = dict(x=_delay(v, w), dt=_delay(dt, w), B=_delay(k, w), C=q, segment_ids=seg_d)
-        if self.opts.mode == "chunked":  # split time over the mesh's seq axis, if any
-            o_ssm, _ = over_sequence(scan, time_args, dict(A=self._A()))
-        else:
-            o_ssm, _ = scan(**time_args, A=self._A(), seq_axis=None)
+        o_ssm, _ = over_sequence(scan, time_args, dict(A=self._A()), enabled=self.opts.mode == "chunked")
         if segment_ids is not None:  # the state at t - w belongs to another document
             o_ssm = jnp.where((seg_d == segment_ids)[..., None, None], o_ssm, 0)
         return self._combine(x, o_att, o_ssm)

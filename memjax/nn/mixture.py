@@ -133,10 +133,9 @@ class MixtureOfMemories(Block):
             shared_memory=self.opts.shared_memory, initial_state=initial_state, segment_ids=segment_ids, mode=mode,
             chunk_size=self.opts.chunk_size, seq_axis=seq_axis)
         time_args = dict(q=q, k=k, v=v, logits=logits, beta=beta, g=g, segment_ids=segment_ids)
-        if mode == "chunked" and initial_state is None:  # training: split time over the mesh's seq axis, if any
-            o, s = over_sequence(mix, time_args, dict(initial_state=None))
-        else:
-            o, s = mix(**time_args, initial_state=initial_state, seq_axis=None)
+        # training (no decoding state): time split over the mesh's seq axis, if any
+        o, s = over_sequence(mix, time_args, dict(initial_state=initial_state),
+                             enabled=mode == "chunked" and initial_state is None)
         b, t = x.shape[:2]
         o = self.o_norm(o) * jax.nn.silu(self.wg(x)).reshape(b, t, self.h, self.dk).astype(o.dtype)
         return self.wo(o.reshape(b, t, self.h * self.dk)), conv, s

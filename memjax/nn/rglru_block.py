@@ -98,10 +98,8 @@ class RGLRUBlock(Block):
             seq_axis=seq_axis)
         time_args = dict(u=u, ga=ga, gx=gx, segment_ids=segment_ids)
         other_args = dict(lam=self.lam[...], initial_state=None if state is None else state["rnn"])
-        if mode == "scan" and state is None:  # training: split time over the mesh's seq axis, if any
-            h, s = over_sequence(scan, time_args, other_args)
-        else:
-            h, s = scan(**time_args, **other_args, seq_axis=None)
+        # training (no decoding state): time split over the mesh's seq axis, if any
+        h, s = over_sequence(scan, time_args, other_args, enabled=mode == "scan" and state is None)
         return self.wo(gate * h.astype(gate.dtype)), {"conv": conv_state, "rnn": s.astype(jnp.float32)}
 
     def __call__(self, x, *, segment_ids=None, tokens=None):

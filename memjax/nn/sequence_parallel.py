@@ -15,26 +15,26 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
+from memjax.memory.sharded_lookup import axis_size
+
 SEQ_AXIS = "seq"
 
 
 def sequence_shards() -> int:
     """Size of the ``seq`` axis of the current mesh (``jax.set_mesh``); 1 without one."""
-    m = jax.sharding.get_abstract_mesh()
-    if m is None or m.empty or SEQ_AXIS not in m.axis_names:
-        return 1
-    return m.shape[SEQ_AXIS]
+    return axis_size(SEQ_AXIS)
 
 
-def over_sequence(fn: Callable, time_args: dict, other_args: dict):
+def over_sequence(fn: Callable, time_args: dict, other_args: dict, *, enabled: bool = True):
     """``fn(**time_args, **other_args, seq_axis=...)`` with the time axis (axis 1) of every
     ``time_args`` array split over the ``seq`` mesh axis; ``fn`` returns ``(y [B, T, ...],
-    final_state)``. Without a ``seq`` axis of size > 1: ``fn(..., seq_axis=None)``.
+    final_state)``. Without a ``seq`` axis of size > 1, or with ``enabled=False`` (decoding, the
+    recurrent forms): ``fn(..., seq_axis=None)`` on the whole sequence.
 
     ``other_args`` (parameters, the initial state) are the same on every ``seq`` device.
     """
     n = sequence_shards()
-    if n == 1:
+    if n == 1 or not enabled:
         return fn(**time_args, **other_args, seq_axis=None)
     for name, x in time_args.items():
         if x is not None and x.shape[1] % n:

@@ -40,7 +40,7 @@ from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, param
 from memjax.nn.registry import register_block
-from memjax.nn.sequence_parallel import over_sequence, sequence_shards
+from memjax.nn.sequence_parallel import over_sequence
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -150,11 +150,9 @@ class S4D(Block):
         ssm = lambda x, segment_ids, seq_axis, **p: diagonal_ssm(
             x, **p, segment_ids=segment_ids, mode="scan" if seq_axis else mode, chunk_size=self.opts.chunk_size,
             seq_axis=seq_axis)
-        if initial_state is None and mode != "recurrent" and sequence_shards() > 1:
-            # training with time split over the mesh's seq axis: the scan form exchanges states
-            u, s = over_sequence(ssm, dict(x=x, segment_ids=segment_ids), params)
-        else:
-            u, s = ssm(x, segment_ids, None, **params)
+        # training with time split over the mesh's seq axis, if any: the scan form exchanges states
+        u, s = over_sequence(ssm, dict(x=x, segment_ids=segment_ids), params,
+                             enabled=initial_state is None and mode != "recurrent")
         a, g = jnp.split(self.wo(jax.nn.gelu(u)), 2, axis=-1)
         return a * jax.nn.sigmoid(g), s
 
@@ -254,10 +252,8 @@ class Mamba2(Block):
             chunk_size=self.opts.chunk_size, impl=self.opts.kernel, seq_axis=seq_axis)
         time_args = dict(x=xs, dt=dt, B=Bm, C=Cm, segment_ids=segment_ids)
         other_args = dict(A=A, D=self.skip[...], initial_state=None if state is None else state["ssm"])
-        if mode == "chunked" and state is None:  # training: split time over the mesh's seq axis, if any
-            y, s = over_sequence(scan, time_args, other_args)
-        else:
-            y, s = scan(**time_args, **other_args, seq_axis=None)
+        # training (no decoding state): time split over the mesh's seq axis, if any
+        y, s = over_sequence(scan, time_args, other_args, enabled=mode == "chunked" and state is None)
         y = y.reshape(b, t, self.d_inner) * jax.nn.silu(self.wz(u)).astype(y.dtype)
         out = self.wo(self.norm(y))
         return out, {"conv": {"x": cx, "bc": cbc}, "ssm": s.astype(jnp.float32)}
