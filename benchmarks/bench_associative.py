@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.runner import Table, loss_and_grad, time_and_memory
-from memjax.memory.delta_rule import delta_rule
-from memjax.memory.linear_attention import linear_attention
+from memjax.memory.delta import delta_rule
+from memjax.memory.linear import linear_attention
 
 B, H, K, V, CHUNK = 1, 4, 64, 64, 64
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.runner import Table, compiled_memory, time_fn
-from memjax.kernels.embedding_bag import embedding_bag
+from memjax.kernels.embedding_bag_ops import embedding_bag
 
 FULL = [  # (N, D, Bt, k): k = heads * knn of a memory layer (4 x 32 in Memory Layers at Scale)
     (2 ** 16, 256, 2048, 32),

@@ -31,8 +31,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from benchmarks.bench_associative import B, CHUNK, H, K, V  # noqa: E402
 from benchmarks.bench_associative import _inputs as associative_inputs  # noqa: E402
 from benchmarks.runner import Table, compiled_memory, time_fn  # noqa: E402
-from memjax.memory.delta_rule import delta_rule  # noqa: E402
-from memjax.memory.linear_attention import linear_attention  # noqa: E402
+from memjax.memory.delta import delta_rule  # noqa: E402
+from memjax.memory.linear import linear_attention  # noqa: E402
 from memjax.memory.ssm import selective_scan  # noqa: E402
 
 

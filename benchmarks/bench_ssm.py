@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.runner import Table, loss_and_grad, time_and_memory
-from memjax.memory.rglru import rglru
+from memjax.memory.rg_lru import rglru
 from memjax.memory.ssm import diagonal_ssm, selective_scan
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from benchmarks.runner import Table, loss_and_grad, time_and_memory
 from memjax.memory.mixture import mixture_of_memories
-from memjax.memory.titans import titans
+from memjax.memory.neural_memory import titans
 
 B, H, K, V = 1, 4, 64, 64
 TITANS_CHUNK, MOM_CHUNK, MEMORIES, HIDDEN = 16, 64, 4, 128

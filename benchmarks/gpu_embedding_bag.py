@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks.gpu_common import environment, jax_ceilings, jax_time_ms, markdown_table, rel_err, write_json
 from memjax.kernels import embedding_bag_pallas as ebp
-from memjax.kernels.embedding_bag import embedding_bag
+from memjax.kernels.embedding_bag_ops import embedding_bag
 
 MAIN = {"N": 2 ** 20, "D": 1024, "Bt": 8192 * 4, "k": 32}  # 8192 tokens x 4 heads, 32 slots each
 SMOKE = {"N": 256, "D": 64, "Bt": 64, "k": 8}

@@ -14,7 +14,7 @@ Timed (median ms, see ``gpu_common``): forward (output only) and forward + backw
 - memjax's chunked XLA path under each matmul precision (``jax.default_matmul_precision``:
   XLA's default and ``BF16_BF16_F32``: bf16 operands with float32 accumulation);
 - memjax's chunked path with the chunk-to-chunk state pass as Pallas (Triton) kernels
-  (``impl="pallas"``, :mod:`memjax.kernels.chunk_recurrence`), once per launch tile in
+  (``impl="pallas"``, :mod:`memjax.kernels.chunk_pass`), once per launch tile in
   ``--tiles`` (``bv,num_warps,num_stages``); a tile that fails to compile is recorded as an error;
 - jax-linear-attention (``jla.ops.linear_attention``) ``impl="mosaic_gpu"`` (its Pallas Mosaic
   GPU kernels) and ``impl="chunked"`` (its plain-JAX path), when the package is importable.
@@ -58,8 +58,8 @@ def la_inputs_np(size, seed):
 
 
 def memjax_ops(chunk=CHUNK, impl="xla", interpret=None):
-    from memjax.memory.delta_rule import delta_rule
-    from memjax.memory.linear_attention import linear_attention
+    from memjax.memory.delta import delta_rule
+    from memjax.memory.linear import linear_attention
     from memjax.memory.ssm import selective_scan
 
     def ssd(q, k, v, g):
@@ -112,7 +112,7 @@ def timings(fn, names, x, iters):
 @contextlib.contextmanager
 def chunk_tile(tile):
     """Run with ``tile`` as the chunk-recurrence kernels' default launch shape (restored after)."""
-    from memjax.kernels import chunk_recurrence_pallas as crp
+    from memjax.kernels import chunk_pass_pallas as crp
 
     saved = crp.GPU_TILE
     crp.GPU_TILE = tile or saved
@@ -123,7 +123,7 @@ def chunk_tile(tile):
 
 
 def parse_tile(text):
-    from memjax.kernels.chunk_recurrence_pallas import Tile
+    from memjax.kernels.chunk_pass_pallas import Tile
 
     bv, warps, stages = (int(x) for x in text.split(","))
     return Tile(bv=bv, num_warps=warps, num_stages=stages)
@@ -167,8 +167,8 @@ def checks(smoke, out, precisions=PRECISIONS, pallas=True):
 
 
 def _recurrent(op):
-    from memjax.memory.delta_rule import delta_rule
-    from memjax.memory.linear_attention import linear_attention
+    from memjax.memory.delta import delta_rule
+    from memjax.memory.linear import linear_attention
     from memjax.memory.ssm import selective_scan
 
     if op == "gated_delta_rule":

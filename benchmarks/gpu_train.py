@@ -100,7 +100,7 @@ _POSITIONWISE = ("mlp",)  # all their work is in the dense term
 
 
 def unit_lower_inverse_flops(c: int) -> int:
-    """Matmul FLOPs of ``memjax.memory.delta_rule.unit_lower_inverse`` on one ``C x C`` matrix.
+    """Matmul FLOPs of ``memjax.memory.delta.unit_lower_inverse`` on one ``C x C`` matrix.
 
     Forward substitution inside diagonal blocks of ``b = min(16, C)`` (rows 1..b-1, each a
     ``[1, b] @ [b, b]`` product), then one level of block recursion per doubling ``s`` up to the

@@ -8,7 +8,7 @@ installed ``triton`` package for ``sm_<arch>`` and the PTX goes through ``ptxas 
 ``pip install triton`` (pure compile: no GPU, no CUDA driver). A launch tile whose shared memory
 exceeds the GPU's per-block limit fails at run time with "out of resources"; spilled registers
 cost local-memory traffic. This is how the default tiles of kernels that have not run on
-hardware are chosen (``memjax.kernels.chunk_recurrence_pallas.GPU_TILE``); the embedding-bag
+hardware are chosen (``memjax.kernels.chunk_pass_pallas.GPU_TILE``); the embedding-bag
 kernels, which did run on an H100, are listed as a check of the method.
 
 Kernels: the chunk recurrence forward and backward (without / with the delta-rule ``w``), float32
@@ -96,7 +96,7 @@ def compile_resources(module: str, *, arch: int, num_warps: int, num_stages: int
 
 def chunk_recurrence_cases(tiles, dtypes, size):
     """``(name, tile, fn, args)``: forward (saving states) and backward, without and with ``w``."""
-    from memjax.kernels import chunk_recurrence_pallas as crp
+    from memjax.kernels import chunk_pass_pallas as crp
 
     b, h, n, c, k, v = size
     for dtype in dtypes:
@@ -130,7 +130,7 @@ def embedding_bag_cases():
 
 
 def run(args) -> dict:
-    from memjax.kernels.chunk_recurrence_pallas import Tile
+    from memjax.kernels.chunk_pass_pallas import Tile
 
     tiles = [Tile(*map(int, t.split(","))) for t in args.tiles]
     size = (1, 2, 4, 16, 16, 16) if args.smoke else (1, 2, 4, 64, 128, 128)

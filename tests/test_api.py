@@ -8,7 +8,7 @@ def test_public_api():
                  "rglru", "selective_scan", "diagonal_ssm", "causal_attention"]:
         assert callable(getattr(mm, name)), name
     for fn in [mm.hippo.legs, mm.hippo.legt, mm.hippo.lagt, mm.hippo.fout, mm.hippo.discretize,
-               mm.ssm.selective_scan, mm.ssm.linear_scan, mm.product_keys.topk, memjax.kernels.embedding_bag,
+               mm.ssm.selective_scan, mm.ssm.linear_scan, mm.product_keys.topk, memjax.kernels.embedding_bag, memjax.kernels.chunk_recurrence,
                mm.sequence_parallel.sharded_chunk_recurrence, mm.sequence_parallel.sharded_linear_scan]:
         assert callable(fn)
     from memjax.model import LM, generate  # noqa: F401

@@ -1,4 +1,4 @@
-"""The chunk-to-chunk state pass (memjax.kernels.chunk_recurrence): Pallas kernels (interpret
+"""The chunk-to-chunk state pass (memjax.kernels.chunk_pass): Pallas kernels (interpret
 mode on CPU) against the XLA scan and an independent NumPy loop in float64, gradients through the
 outputs and the final state, poisoned outputs, dispatch rules, and lowering to Triton for a GPU."""
 import contextlib
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from memjax.kernels import chunk_recurrence as cr
-from memjax.kernels import chunk_recurrence_pallas as crp
-from memjax.kernels.chunk_recurrence import chunk_recurrence
+from memjax.kernels import chunk_pass as cr
+from memjax.kernels import chunk_pass_pallas as crp
+from memjax.kernels.chunk_pass import chunk_recurrence
 from memjax.memory import delta_rule, linear_attention, selective_scan
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_linear_attention import _largest_intermediate, rel
 
-from memjax.memory.delta_rule import delta_rule, unit_lower_inverse
+from memjax.memory.delta import delta_rule, unit_lower_inverse
 
 TOL64 = 1e-10
 dr = jax.jit(delta_rule, static_argnames=("mode", "chunk_size"))

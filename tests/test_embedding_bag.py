@@ -14,7 +14,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from memjax.kernels import embedding_bag_pallas as ebp
-from memjax.kernels.embedding_bag import embedding_bag, resolve_impl, supports, verified
+from memjax.kernels.embedding_bag_ops import embedding_bag, resolve_impl, supports, verified
 
 PALLAS = ["pallas_gpu", "pallas_tpu"]
 IMPLS = ["xla", *PALLAS]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from memjax.memory import feature_maps as fm
-from memjax.memory.linear_attention import linear_attention
+from memjax.memory.linear import linear_attention
 
 TOL64 = 1e-10
 # Jitted once per shape: eager dispatch of the chunked form compiles every op separately (slow).

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.memory.rglru import rglru
+from memjax.memory.rg_lru import rglru
 
 TOL64 = 1e-10
 C = 8.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from memjax.kernels.embedding_bag import embedding_bag
+from memjax.kernels.embedding_bag_ops import embedding_bag
 from memjax.memory.sharded_lookup import axis_size, sharded_embedding_bag
 
 AUTO = jax.sharding.AxisType.Auto

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.memory.titans import TitansCache, TitansState, titans, titans_decode, titans_init_cache
+from memjax.memory.neural_memory import TitansCache, TitansState, titans, titans_decode, titans_init_cache
 from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)

@@ -32,7 +32,7 @@ install (the tests export them for ``cuda`` / ``tpu`` to catch lowering errors):
 
 Accumulation is in the weights' dtype (the dispatcher passes float32, or float64 for
 float64 tables). Inputs are assumed valid here (indices in range, int32): the
-dispatcher in :mod:`memjax.kernels.embedding_bag` validates and clamps. Hardware status:
+dispatcher in :mod:`memjax.kernels.embedding_bag_ops` validates and clamps. Hardware status:
 the GPU family passed its hardware tests on an H100 (JAX 0.11.2), where it runs at 98% of
 the measured copy bandwidth forward and 65% backward (benchmarks/GPU_NOTES.md); the TPU
 family has not run on a TPU (``VERIFIED_DEVICES`` in the dispatcher).

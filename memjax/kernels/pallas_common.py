@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.manual_axes import common_varying
+from memjax.kernels.manual_axes import common_varying
 
 _DEBUG = contextvars.ContextVar("memjax_pallas_debug", default=False)
 

@@ -1,4 +1,4 @@
-"""Pure-function memories (no Flax): ``memjax.memory.delta_rule(q, k, v, beta, ...)`` etc.
+"""Pure-function memories (no Flax): ``memjax.memory.delta(q, k, v, beta, ...)`` etc.
 
 Sequence memories return ``(output, final_state)``, accept ``initial_state`` and offer
 ``mode="chunked" | "recurrent"`` (and ``"parallel"`` where a quadratic form exists).
@@ -9,13 +9,13 @@ Modules with several entry points are exported as modules: ``hippo``, ``ssm``,
 from memjax.memory import (feature_maps, hippo, ngram_memory, product_keys, reparam, sequence_parallel,
                            sharded_lookup, ssm)
 from memjax.memory.attention import causal_attention, rope
-from memjax.memory.delta_rule import delta_rule
+from memjax.memory.delta import delta_rule
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
-from memjax.memory.linear_attention import linear_attention
+from memjax.memory.linear import linear_attention
 from memjax.memory.mixture import mixture_of_memories
-from memjax.memory.rglru import rglru
+from memjax.memory.rg_lru import rglru
 from memjax.memory.ssm import diagonal_ssm, selective_scan
-from memjax.memory.titans import titans
+from memjax.memory.neural_memory import titans
 
 __all__ = [
     "causal_attention", "delta_rule", "diagonal_ssm", "feature_maps", "hippo", "hopfield_energy",

@@ -51,23 +51,13 @@ def from_chunks(x: jax.Array) -> jax.Array:
 
 def to_head_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """``[B, T, H, ...] -> [B, H, N, C, ...]``, padding ``T`` with zeros to a multiple of ``C``
-    (the heads-major chunk stacks of :func:`memjax.kernels.chunk_recurrence`)."""
+    (the heads-major chunk stacks of :func:`memjax.kernels.chunk_pass`)."""
     return jnp.moveaxis(to_chunks(pad_time(x, chunk_size), chunk_size), 3, 1)
 
 
 def from_head_chunks(x: jax.Array, length: int) -> jax.Array:
     """``[B, H, N, C, ...] -> [B, T, H, ...]`` with the padding beyond ``length`` dropped."""
     return from_chunks(jnp.moveaxis(x, 1, 3))[:, :length]
-
-
-def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
-    """``[B, T]`` bool, True where a new segment starts at ``t > 0`` (never at ``t = 0``,
-    where ``initial_state`` applies). ``None`` in, ``None`` out."""
-    if segment_ids is None:
-        return None
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    # (zeros of an explicit width 1: slicing `change` would give width 0 when T = 1)
-    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
 
 
 class ChunkDecays(NamedTuple):

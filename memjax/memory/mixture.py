@@ -23,8 +23,8 @@ reach the router through the mixing weights ``w``. A load-balancing loss, if wan
 caller's business (the router logits are in its hands).
 
 Implementation: the memories are folded into the head axis and one call of
-:func:`memjax.memory.linear_attention.linear_attention` /
-:func:`memjax.memory.delta_rule.delta_rule` runs them all, with ``k = 0`` (linear) or
+:func:`memjax.memory.linear.linear_attention` /
+:func:`memjax.memory.delta.delta_rule` runs them all, with ``k = 0`` (linear) or
 ``beta = 0`` (delta) and ``g = 0`` for unselected (token, memory) pairs, so all forms
 (``"chunked"``, ``"recurrent"``, and ``"parallel"`` for linear attention), ``segment_ids`` and
 ``initial_state`` behave exactly as there. Every memory is computed for every token (work grows
@@ -39,8 +39,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.delta_rule import delta_rule
-from memjax.memory.linear_attention import linear_attention
+from memjax.memory.delta import delta_rule
+from memjax.memory.linear import linear_attention
 
 MEMORIES = ("linear", "delta")
 

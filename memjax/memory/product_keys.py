@@ -12,7 +12,7 @@ sum, the top-k slots are among the ``k x k`` pairs of the two halves' top-k:
 which equals the brute-force top-k over all ``n^2`` scores at ``O(n d + k^2)`` cost.
 The read is ``out = sum_{heads, k} softmax_k(s) * V[index]`` with one value table shared by
 the heads: one bag of ``heads * k`` (index, weight) pairs per token, computed by
-:func:`memjax.kernels.embedding_bag.embedding_bag` (or any lookup with its signature, such as
+:func:`memjax.kernels.embedding_bag_ops.embedding_bag` (or any lookup with its signature, such as
 the sharded lookups of :mod:`memjax.memory.sharded_lookup`).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.embedding_bag import embedding_bag
+from memjax.kernels.embedding_bag_ops import embedding_bag
 
 
 def _check(query, subkeys, k):

@@ -38,9 +38,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_recurrence import chunk_recurrence
-from memjax.manual_axes import common_varying
-from memjax.memory.chunking import segment_resets
+from memjax.kernels.chunk_pass import chunk_recurrence
+from memjax.kernels.manual_axes import common_varying
+from memjax.memory.segments import segment_resets
 from memjax.memory.linear_scan import linear_scan
 
 
@@ -104,7 +104,7 @@ def _fold(s0: jax.Array, s_loc: jax.Array, phi: jax.Array, apply, axis_name: str
 
 def sharded_chunk_recurrence(qg, p, u, ke, a, s0, *, w=None, axis_name: str | None, impl: str = "auto",
                              interpret: bool | None = None):
-    """:func:`memjax.kernels.chunk_recurrence.chunk_recurrence` with the chunks of the sequence
+    """:func:`memjax.kernels.chunk_pass.chunk_recurrence` with the chunks of the sequence
     split over ``axis_name`` (this device's chunks; shapes as there); ``axis_name = None``: plain
     ``chunk_recurrence`` on this device.
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from memjax.kernels.embedding_bag import embedding_bag
+from memjax.kernels.embedding_bag_ops import embedding_bag
 
 SCHEMES = ("rows", "cols")
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
+from memjax.kernels.chunk_pass import IMPLS as CHUNK_IMPLS
 from memjax.memory.linear_scan import linear_scan  # noqa: F401  (also part of this module's API)
-from memjax.memory.chunking import (chunk_decays, from_chunks, from_head_chunks, pad_time, segment_resets, to_chunks,
-                                    to_head_chunks)
+from memjax.memory.chunking import chunk_decays, from_chunks, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import check_axis, sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
 
 DIAG_MODES = ("conv", "chunked", "scan", "recurrent")
@@ -297,7 +297,7 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``x = dt = 0`` (decay ``exp(0) = 1``, no write: the state is unchanged) and the output sliced.
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_recurrence`, with ``K = N`` and ``V = P``).
+        (:mod:`memjax.kernels.chunk_pass`, with ``K = N`` and ``V = P``).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
@@ -308,7 +308,7 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     ``L_ij = exp(G_i - G_j)`` for ``i >= j`` (masked to ``-inf`` *before* the exp, so no large
     cumulative sum is ever exponentiated), intra-chunk ``y = (C B^T * L) (dt x)`` as matmuls,
     each chunk's contribution to the state ``sum_j exp(G_last - G_j) dt_j x_j B_j^T``, and one
-    state-passing step per chunk (:func:`memjax.kernels.chunk_recurrence`). No per-token state is
+    state-passing step per chunk (:func:`memjax.kernels.chunk_pass`). No per-token state is
     stored.
 
     Returns ``(y [batch, T, H, P]`` in x's dtype, ``final_state [batch, H, P, N]`` float32, or

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
-from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
-from memjax.memory.delta_rule import delta_rule
+from memjax.kernels.chunk_pass import IMPLS as CHUNK_IMPLS
+from memjax.memory.delta import delta_rule
 from memjax.memory.feature_maps import FEATURE_MAPS, feature_dim, get_feature_map
-from memjax.memory.linear_attention import linear_attention
+from memjax.memory.linear import linear_attention
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
@@ -46,7 +46,7 @@ class AssociativeOptions:
     expand_v: float = 1.0  # value head dim = head_dim * expand_v
     output_gate: bool = True  # RMSNorm(o) * SiLU(x W_gate); False: RMSNorm(o) only
     mode: str = "chunked"  # training form: "chunked" or "recurrent" (same result, slower)
-    kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_recurrence)
+    kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_pass)
 
     def validate(self, m, where):
         if self.chunk_size <= 0:

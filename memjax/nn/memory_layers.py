@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
-from memjax.kernels.embedding_bag import IMPLS, embedding_bag
+from memjax.kernels.embedding_bag_ops import IMPLS, embedding_bag
 from memjax.memory import product_keys
 from memjax.memory.sharded_lookup import axis_size, sharded_embedding_bag
 from memjax.nn.block import Block
@@ -109,7 +109,7 @@ class _MemoryOptions:
     heads: int = 4
     knn: int = 8  # slots read per head (k)
     k_dim: int = 0  # query / key width (even); 0: d_model rounded down to even
-    impl: str = "auto"  # embedding-bag implementation (memjax.kernels.embedding_bag)
+    impl: str = "auto"  # embedding-bag implementation (memjax.kernels.embedding_bag_ops)
     shard: str = "none"  # "none" | "rows" | "cols": value table sharded over shard_axis
     shard_axis: str = "tensor"
 

@@ -3,7 +3,7 @@
     gate = GeLU(x W_gate)                                   branch 1
     u    = ShortConv(x W_in)                                branch 2 (causal depthwise, width 4)
     r_a, r_x = BlockDiag_a(u) + b_a, BlockDiag_x(u) + b_x   per-head (block-diagonal) gate maps
-    h    = RG-LRU(u, r_a, r_x; Lambda)                      (memjax.memory.rglru)
+    h    = RG-LRU(u, r_a, r_x; Lambda)                      (memjax.memory.rg_lru)
     y    = (gate * h) W_out
 
 Width ``W = expand * d_model`` split into ``model.num_heads`` blocks for the gate maps.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
-from memjax.memory.rglru import rglru
+from memjax.memory.rg_lru import rglru
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, ShortConv, param
 from memjax.nn.registry import register_block

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import ConfigError
-from memjax.kernels.chunk_recurrence import IMPLS as CHUNK_IMPLS
+from memjax.kernels.chunk_pass import IMPLS as CHUNK_IMPLS
 from memjax.memory import hippo
 from memjax.memory.reparam import REPARAMS, inverse, reparameterize
 from memjax.memory.ssm import diagonal_ssm, selective_scan
@@ -192,7 +192,7 @@ class Mamba2(Block):
         a_init_max: float = 16.0
         reparam: str = "exp"  # A = f(A_raw); "exp" is Mamba's A = -exp(A_log)
         mode: str = "chunked"  # training form: "chunked" | "recurrent"
-        kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_recurrence)
+        kernel: str = "auto"  # chunk-to-chunk state pass: "auto", "xla" or "pallas" (memjax.kernels.chunk_pass)
 
         def validate(self, m, where):
             _check_positive(where, expand=self.expand, d_state=self.d_state, n_groups=self.n_groups,

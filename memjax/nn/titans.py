@@ -7,7 +7,7 @@ RMS-normalised by the model):
   L2-normalised; data-dependent gates ``theta = theta_max * sigmoid(x w_theta + b)``,
   ``eta = sigmoid(x w_eta + b)``, ``alpha = sigmoid(x w_alpha + b)`` per head; the memory MLP
   (``depth`` layers, initial weights ``params0`` learned by the outer loop) is written with
-  :func:`memjax.memory.titans.titans` (chunked form) and read at ``q``; per-head RMSNorm.
+  :func:`memjax.memory.neural_memory.titans` (chunked form) and read at ``q``; per-head RMSNorm.
 - sliding-window attention (:class:`SlidingWindowAttention`): causal softmax attention over the
   last ``window`` tokens, RoPE, per-head RMSNorm.
 
@@ -29,10 +29,10 @@ so the model's ``x + y`` equals ``h + swa(RMSNorm(h))``.
 ``titans_mac`` (memory as context) lives in :mod:`memjax.nn.titans_mac`.
 
 Decoding (MAG, MAL): the state holds the short-conv windows, the attention ring buffer of the last
-``window`` keys/values with the position counter, and a :class:`memjax.memory.titans.TitansCache`
+``window`` keys/values with the position counter, and a :class:`memjax.memory.neural_memory.TitansCache`
 (memory weights and momentum at the last chunk boundary plus the tokens of the unfinished chunk).
 ``prefill`` and ``step`` both continue the chunked algorithm with
-:func:`memjax.memory.titans.titans_decode`, which advances the weights exactly where the
+:func:`memjax.memory.neural_memory.titans_decode`, which advances the weights exactly where the
 training form does (every ``chunk_size`` tokens from the start of the sequence), so a prompt
 prefilled in any pieces and then decoded token by token reproduces ``__call__`` on the whole
 sequence. ``chunk_size = 1`` is the exact per-token update (then ``__call__`` uses the recurrent
@@ -48,7 +48,7 @@ from flax import nnx
 
 from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
-from memjax.memory.titans import ACTIVATIONS, titans, titans_decode, titans_init_cache
+from memjax.memory.neural_memory import ACTIVATIONS, titans, titans_decode, titans_init_cache
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param, positions_in_segment
 from memjax.nn.registry import register_block

@@ -22,7 +22,7 @@ from flax import nnx
 
 from memjax.config import ConfigError
 from memjax.memory.attention import rope
-from memjax.memory.titans import ACTIVATIONS, TitansCache, TitansState, titans, titans_init_cache
+from memjax.memory.neural_memory import ACTIVATIONS, TitansCache, TitansState, titans, titans_init_cache
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
@@ -101,7 +101,7 @@ class TitansMAC(Block):
         a_i = Attn(q = x_i;  keys/values from P, {h_j : j <= i}, {x_j : j <= i})          (per head)
         y_i = W_y a_i                                                                    (model dim)
         M_s = M_{s-1} written with (k, v) = (l2norm(SiLU(y W_k)), SiLU(y W_v)), gates from y,
-              as one chunk of memjax.memory.titans.titans (chunk_size = segment)
+              as one chunk of memjax.memory.neural_memory.titans (chunk_size = segment)
         r_i = RMSNorm(M_{s,i}(q'_i))                 q'_i = l2norm(SiLU(y_i W_q))
         out_i = W_o (a_i * sigmoid(r_i))
 
@@ -121,14 +121,14 @@ class TitansMAC(Block):
     conv is not used: y already mixes its segment; the retrieval query has its own conv).
 
     Training form: a ``lax.scan`` over blocks of ``segment`` positions. Each block reads the
-    memory, attends, writes the memory with :func:`memjax.memory.titans.titans` over the window
+    memory, attends, writes the memory with :func:`memjax.memory.neural_memory.titans` over the window
     of one segment (from the segment start carried in) and, with packed documents, a second
     window for the segments starting inside the block (a document start, or the next segment of
     a document whose segment began in the previous block; those tokens retrieve from the memory
     after the first window). With ``segment_ids`` the block is exact for packed documents (equal
     to running them one by one); without, blocks are the segments and the second pass is absent.
 
-    Decoding state: the memory cache (:class:`memjax.memory.titans.TitansCache`: the memory at
+    Decoding state: the memory cache (:class:`memjax.memory.neural_memory.TitansCache`: the memory at
     the start of the current segment and the memory writes of its tokens so far), the attention
     keys/values of the current segment's tokens and retrieved tokens, the short-conv window and
     the position. ``prefill`` runs the same block scan starting mid-segment (its blocks start at

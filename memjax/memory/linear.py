@@ -11,7 +11,7 @@ Taylor map, ...) are applied to q and k by the caller (:mod:`memjax.memory.featu
 Three forms, one result:
   - ``"chunked"`` (training): chunks of ``C`` positions; within a chunk a masked ``C x C`` product
     with decay ``exp(G_i - G_j)``, between chunks one state update per chunk
-    (:func:`memjax.kernels.chunk_recurrence`: a ``lax.scan``, or one Pallas kernel with
+    (:func:`memjax.kernels.chunk_pass`: a ``lax.scan``, or one Pallas kernel with
     ``impl="pallas"``). O(T C) work for the intra part, O(T/C) sequential steps, no per-token state.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - ``"parallel"``: the quadratic ``T x T`` form (one chunk covering the whole sequence); its
@@ -23,8 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_recurrence import IMPLS
-from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
+from memjax.kernels.chunk_pass import IMPLS
+from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import check_axis, sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent", "parallel")
@@ -95,7 +96,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``k = v = q = 0`` and ``g = 0`` (the state is unchanged) and the output sliced back.
       impl: the chunk-to-chunk state pass: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_recurrence`).
+        (:mod:`memjax.kernels.chunk_pass`).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's

@@ -1,5 +1,5 @@
 """Pallas (Triton lowering) kernels for the chunk-to-chunk state recurrence of the chunked
-linear-attention family (see :mod:`memjax.kernels.chunk_recurrence` for the equations).
+linear-attention family (see :mod:`memjax.kernels.chunk_pass` for the equations).
 
 One program per (batch, head, block of ``bv`` value columns) walks the ``N`` chunks in order and
 keeps the ``[K, bv]`` state in registers (float32; float64 for float64 inputs in interpret mode):

@@ -28,7 +28,7 @@ Forms:
         S_next = gamma_{C-1} S + (K * D_{C-1, :})^T delta
 
     Everything except ``delta = U - W S``, the ``Q S`` read and the state update is computed for
-    all chunks at once; :func:`memjax.kernels.chunk_recurrence` carries only the ``[B, H, K, V]``
+    all chunks at once; :func:`memjax.kernels.chunk_pass` carries only the ``[B, H, K, V]``
     state from chunk to chunk (a ``lax.scan``, or one Pallas kernel with ``impl="pallas"``), and
     no per-token state is ever formed.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
@@ -40,9 +40,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.manual_axes import common_varying
-from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, segment_resets, to_chunks, to_head_chunks
-from memjax.memory.linear_attention import check_inputs, compute_dtype
+from memjax.kernels.manual_axes import common_varying
+from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.segments import segment_resets
+from memjax.memory.linear import check_inputs, compute_dtype
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent")
@@ -68,7 +69,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       chunk_size: ``C``; ``T`` need not be a multiple: the tail is padded with
         ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_recurrence`).
+        (:mod:`memjax.kernels.chunk_pass`).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's

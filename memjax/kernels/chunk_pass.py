@@ -22,7 +22,7 @@ transform) and ``delta_n`` are the per-token corrections.
 Implementations (``impl``):
   ``"xla"``     ``lax.scan`` over chunks, differentiated by JAX (the reference).
   ``"pallas"``  one Triton-lowered Pallas kernel for the forward pass and one for the backward
-                (:mod:`memjax.kernels.chunk_recurrence_pallas`); on CPU only with
+                (:mod:`memjax.kernels.chunk_pass_pallas`); on CPU only with
                 ``interpret=True`` (tests).
   ``"auto"``    the kernel only where ``supports(shape, dtype, backend)`` holds *and* the device
                 is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware); XLA
@@ -45,9 +45,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels import chunk_recurrence_pallas as crp
+from memjax.kernels import chunk_pass_pallas as crp
 from memjax.kernels.pallas_common import on_verified_device
-from memjax.manual_axes import common_varying
+from memjax.kernels.manual_axes import common_varying
 
 IMPLS = ("auto", "xla", "pallas")
 # Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
