@@ -1,98 +1,81 @@
 """Causal softmax attention block with RoPE, grouped KV heads, optional sliding window and KV cache."""
 from __future__ import annotations
 
-import dataclasses
-
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.attention import IMPLS as ATTENTION_IMPLS
 from memjax.memory.attention import causal_attention, rope
+from memjax.memory.segments import positions
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, positions_in_segment
+from memjax.nn.cache import KVCache
+from memjax.nn.layers import Linear, RMSNorm
 from memjax.nn.registry import register_block
+from memjax.nn.validate import check_choice, check_heads, check_positive
 
 
 @register_block("attention", aliases=("A",))
 class Attention(Block):
-    """``o = softmax(q k^T / sqrt(K) + mask) v`` over RoPE-rotated q, k; heads split from ``d_model``.
+    """``o = softmax(q k^T / sqrt(K) + mask) v`` over RoPE-rotated q, k; ``[B, T, d_model] -> [B, T, d_model]``.
 
-    Decoding keeps a KV cache ``[B, max_len, Hkv, K]`` and the number of tokens seen.
+    Args:
+      d_model: model width.
+      num_heads: query heads; ``head_dim`` defaults to ``d_model // num_heads``.
+      num_kv_heads: key/value heads (``None`` or 0: ``num_heads``; fewer: grouped-query attention).
+      window: 0 for full causal attention; ``w > 0`` lets each query see the last ``w`` tokens.
+      qk_norm: RMSNorm on q and k per head.
+      impl: training forward, ``"auto"``, ``"xla"`` or ``"cudnn"`` (:mod:`memjax.memory.attention`).
+
+    Decoding cache: :class:`memjax.nn.cache.KVCache` of ``[B, max_length, Hkv, K]``.
     """
-
-    @dataclasses.dataclass
-    class Options:
-        num_kv_heads: int = 0  # 0: same as model.num_heads (multi-head); fewer: grouped-query
-        window: int = 0  # 0: full causal attention; > 0: sliding window of this many tokens
-        qk_norm: bool = False
-        impl: str = "auto"  # training forward: "auto", "xla" or "cudnn" (decoding uses XLA; memjax.memory.attention)
-
-        def validate(self, m, where):
-            kv = self.num_kv_heads or m.num_heads
-            if m.num_heads % kv:
-                raise ConfigError(f"config key '{where}.num_kv_heads' ({kv}) must divide model.num_heads ({m.num_heads})")
-            if self.window < 0:
-                raise ConfigError(f"config key '{where}.window' must be >= 0, got {self.window}")
-            if self.impl not in ATTENTION_IMPLS:
-                raise ConfigError(f"config key '{where}.impl' must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
 
     stateful = True
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.h, self.hkv = cfg.num_heads, opts.num_kv_heads or cfg.num_heads
-        self.dk = cfg.resolved_head_dim
-        self.window, self.theta = opts.window, cfg.rope_theta
-        self.impl = opts.impl
-        dt = jnp.dtype(cfg.compute_dtype)
-        d = cfg.d_model
-        self.wq = Linear(d, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wk = Linear(d, self.hkv * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wv = Linear(d, self.hkv * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wo = Linear(self.h * self.dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
-        self.q_norm = RMSNorm(self.dk, rngs=rngs, axes=("kv",)) if opts.qk_norm else None
-        self.k_norm = RMSNorm(self.dk, rngs=rngs, axes=("kv",)) if opts.qk_norm else None
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 num_kv_heads: int | None = None, window: int = 0, qk_norm: bool = False, impl: str = "auto",
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.h, self.dk = check_heads("Attention", d_model, num_heads, head_dim)
+        self.hkv = num_kv_heads or num_heads
+        if self.h % self.hkv:
+            raise ValueError(f"Attention: num_kv_heads ({self.hkv}) must divide num_heads ({self.h})")
+        if window < 0:
+            raise ValueError(f"Attention: window must be >= 0 (0: full causal attention), got {window}")
+        check_choice("Attention", "impl", impl, ATTENTION_IMPLS)
+        check_positive("Attention", rope_theta=rope_theta)
+        self.window, self.theta, self.impl = window, rope_theta, impl
+        dt = jnp.dtype(dtype)
+        self.wq = Linear(d_model, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wk = Linear(d_model, self.hkv * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wv = Linear(d_model, self.hkv * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wo = Linear(self.h * self.dk, d_model, ("heads", "embed"), rngs=rngs, dtype=dt)
+        self.q_norm = RMSNorm(self.dk, rngs=rngs, eps=norm_eps, axes=("kv",)) if qk_norm else None
+        self.k_norm = RMSNorm(self.dk, rngs=rngs, eps=norm_eps, axes=("kv",)) if qk_norm else None
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, pos):
         b, t, _ = x.shape
         q = self.wq(x).reshape(b, t, self.h, self.dk)
         k = self.wk(x).reshape(b, t, self.hkv, self.dk)
         v = self.wv(x).reshape(b, t, self.hkv, self.dk)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return rope(q, positions, self.theta), rope(k, positions, self.theta), v
+        return rope(q, pos, self.theta), rope(k, pos, self.theta), v
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: KVCache | None = None):
         b, t, _ = x.shape
-        if segment_ids is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        else:  # RoPE positions restart at each packed document
-            positions = positions_in_segment(segment_ids)
-        q, k, v = self._qkv(x, positions)
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("Attention: segment_ids are not supported with a decoding cache")
+            q_pos = cache.positions(t)
+            q, k, v = self._qkv(x, q_pos)
+            cache, k_pos, valid = cache.update(k, v)
+            o = causal_attention(q, cache.k, cache.v, window=self.window, q_positions=q_pos, k_positions=k_pos,
+                                 k_valid=valid)
+            return self.wo(o.reshape(b, t, self.h * self.dk)), cache
+        # RoPE positions restart at each packed document
+        q, k, v = self._qkv(x, positions(b, t, segment_ids))
         # (cuDNN takes no packed segments: with segment_ids, "cudnn" raises and "auto" uses XLA)
         o = causal_attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
         return self.wo(o.reshape(b, t, self.h * self.dk))
 
-    def init_state(self, batch_size: int, max_len: int):
-        shape = (batch_size, max_len, self.hkv, self.dk)
-        return {"k": jnp.zeros(shape, self.wk.dtype), "v": jnp.zeros(shape, self.wv.dtype),
-                "pos": jnp.zeros((), jnp.int32)}
-
-    def prefill(self, x, state, *, tokens=None):
-        b, t, _ = x.shape
-        pos0 = state["pos"]
-        positions = pos0 + jnp.broadcast_to(jnp.arange(t), (b, t))
-        q, k, v = self._qkv(x, positions)
-        kc = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos0, 0, 0))
-        vc = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos0, 0, 0))
-        max_len = kc.shape[1]
-        k_pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
-        o = causal_attention(q, kc, vc, window=self.window, q_positions=positions, k_positions=k_pos,
-                             k_valid=k_pos < pos0 + t)
-        y = self.wo(o.reshape(b, t, self.h * self.dk))
-        return y, {"k": kc, "v": vc, "pos": pos0 + t}
-
-    def step(self, x, state, *, token=None):
-        y, state = self.prefill(x[:, None, :], state)
-        return y[:, 0], state
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return KVCache.init(batch_size, max_length, self.hkv, self.dk, self.wk.dtype)

@@ -1,65 +1,61 @@
-"""The interface every model block implements (training, prefill and decoding)."""
+"""The contract every block implements: a standalone NNX module, training and decoding.
+
+A block is one residual sub-layer (the model applies ``x + block(norm(x))``), usable in anyone's
+model without memjax's config::
+
+    block = memjax.nn.GatedDeltaNet(d_model=512, num_heads=8, rngs=nnx.Rngs(0))
+    y = block(x, segment_ids=None)                       # x, y: [B, T, d_model]
+    cache = block.init_cache(batch_size, max_length)     # typed cache (a NamedTuple pytree)
+    y, cache = block(x_new, cache=cache)                 # prefill (T > 1) or one step (T = 1)
+
+Constructor: keyword arguments with defaults, ``d_model`` and ``rngs`` alone suffice. The model
+passes its model-wide settings (``memjax.nn.registry.MODEL_SETTINGS``: ``d_model``,
+``num_heads``, ``head_dim``, ``dtype``, ...) to every block whose constructor names them, and
+``config.model.blocks[<name>]`` supplies the rest, so a block's options are exactly its
+constructor's other keyword arguments.
+
+``__call__(x, *, segment_ids=None, tokens=None, cache=None)``:
+  * ``segment_ids: [B, T]`` int (packed documents; 0 = padding): no information flows between
+    different segments: attention is masked and recurrent states reset.
+  * ``tokens: [B, T]`` int, the input ids (token-indexed blocks such as n-gram memory and STEM
+    read them; other blocks ignore them).
+  * ``cache``: with a cache the call returns ``(y, cache)``; without, ``y``.
+"""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-
-@dataclasses.dataclass
-class NoOptions:
-    """Blocks without options use this (any key given for them is rejected)."""
+from memjax.nn.cache import NoCache
 
 
 class Block(nnx.Module):
-    """One residual sub-layer: ``x + block(norm(x))`` is applied by the model.
+    """Base class of memjax blocks (see the module docstring for the contract).
 
-    Constructor: ``Block(cfg: ModelConfig, opts: Options, *, layer: int, shared: dict, rngs: nnx.Rngs)``.
-    ``shared`` is one dict handed to every block of the model; a block may store a
-    parameter there (e.g. a memory value pool) for later blocks to reuse.
-
-    Methods:
-      ``__call__(x [B, T, D], *, segment_ids [B, T] | None = None, tokens [B, T] | None = None)
-        -> [B, T, D]``: training form. ``tokens`` are the input ids (for token-indexed blocks
-        such as n-gram memory and STEM; other blocks ignore them).
-        With ``segment_ids`` (packed documents, ids > 0; 0 = padding) no information may flow
-        between different segments: attention is masked and recurrent states reset.
-      ``init_state(batch_size, max_len) -> pytree``: decoding state (None if stateless).
-      ``prefill(x [B, T, D], state, *, tokens=None) -> (y [B, T, D], state)``: a prompt from ``state``.
-      ``step(x [B, D], state, *, token [B] | None = None) -> (y [B, D], state)``: one token
-        (blocks that need the position, like attention with RoPE, keep a counter in their state).
-
-    The defaults below are correct for position-wise blocks (MLP, memory layers) and
-    give ``prefill`` as a scan of ``step`` for any block that does not override it.
+    Class attributes:
+      ``stateful``: carries information across positions (needs a decoding cache).
+      ``scannable``: instances of one configuration may be stacked and run under ``nnx.scan``
+        (False for blocks whose parameters are shared with other layers, or whose
+        construction depends on the layer index).
     """
 
-    Options = NoOptions
-    name = "block"
-    stateful = False  # True if the block carries information across positions
+    stateful = False
+    scannable = True
 
-    def init_state(self, batch_size: int, max_len: int) -> Any:
-        return None
+    def init_cache(self, batch_size: int, max_length: int) -> Any:
+        """The decoding cache for ``batch_size`` rows of up to ``max_length`` tokens."""
+        return NoCache()
 
-    def step(self, x: jax.Array, state: Any, *, token: jax.Array | None = None):
-        tokens = None if token is None else token[:, None]
-        return self(x[:, None, :], tokens=tokens)[:, 0, :], state
+    @classmethod
+    def shared_params(cls, *, rngs: nnx.Rngs, **kwargs) -> dict:
+        """Parameters that every instance of this block type in one model shares (e.g. one value
+        pool for all memory layers). The model calls this once with the keyword arguments the
+        instances get and passes the returned dict to each instance's constructor."""
+        return {}
 
-    def prefill(self, x: jax.Array, state: Any, *, tokens: jax.Array | None = None):
-        """Default: position-wise blocks run the training form; stateful ones scan ``step``.
 
-        Stateful blocks should override this with their chunked form plus final state.
-        """
-        if not self.stateful:
-            return self(x, tokens=tokens), state
-
-        def body(st, inp):
-            xt, tok = inp
-            y, st = self.step(xt, st, token=tok)
-            return st, y
-
-        toks = None if tokens is None else jnp.swapaxes(tokens, 0, 1)
-        state, ys = jax.lax.scan(body, state, (jnp.swapaxes(x, 0, 1), toks))
-        return jnp.swapaxes(ys, 0, 1), state
+def position_wise_result(y: jax.Array, cache: Any):
+    """What a position-wise block returns: ``y``, or ``(y, cache)`` when called with a cache."""
+    return y if cache is None else (y, cache)

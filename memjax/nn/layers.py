@@ -1,7 +1,10 @@
 """Small building blocks shared by every family: projections with logical axes, RMSNorm, short conv.
 
-Parameters carry ``logical_axes`` metadata (e.g. ``("embed", "mlp")``); the rules in
-``config.mesh.rules`` map those names to mesh axes (see ``memjax.model.sharding``).
+Parameters carry Flax's own partitioning metadata with logical axis names
+(``nnx.Param(..., sharding_names=("embed", "mlp"))``, stored as ``out_sharding``), so
+``nnx.get_partition_spec`` sees them; a rules table (``nnx.logical_axis_rules`` or
+``memjax.model.sharding.param_specs`` with ``config.mesh.rules``) maps the names to mesh axes.
+Eager sharding is off: blocks are built outside any mesh and sharded by the caller's ``jit``.
 
 Every parameter is created by :func:`param`. Inside :func:`batched_init` (the LM builds its
 blocks inside one) the random draws are deferred and batched: see there.
@@ -17,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from memjax.memory.segments import same_segment_as_shifted
 
 
 def dtype_of(name: str):
@@ -128,10 +133,20 @@ def param(rngs: nnx.Rngs, init, shape, axes, dtype=jnp.float32, **metadata) -> n
             if len(traced.out_avals) == 1:
                 stream.count[...] = count + 1  # as the draw nnx.RngStream.__call__ makes would
                 out = traced.out_avals[0]
-                var = nnx.Param(jnp.zeros(out.shape, out.dtype), logical_axes=tuple(axes), **metadata)
+                var = _param(jnp.zeros(out.shape, out.dtype), axes, metadata)
                 pending.append(_Deferred(var, key, count, init, shape, dtype, traced))
                 return var
-    return nnx.Param(init(stream(), shape, dtype), logical_axes=tuple(axes), **metadata)
+    return _param(init(stream(), shape, dtype), axes, metadata)
+
+
+def _param(value, axes, metadata) -> nnx.Param:
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False, **metadata)
+
+
+def logical_axes(var: nnx.Variable) -> tuple | None:
+    """The logical axis names a parameter was created with (``None`` if it has none)."""
+    names = var.get_metadata().get("out_sharding")
+    return None if names is None else tuple(names)
 
 
 class Linear(nnx.Module):
@@ -169,60 +184,45 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def segment_start_mask(segment_ids: jax.Array | None, shift: int) -> jax.Array | None:
-    """``[B, T]`` bool: True where position ``t - shift`` belongs to the same segment as ``t``."""
-    if segment_ids is None:
-        return None
-    prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, : segment_ids.shape[1]]
-    return prev == segment_ids
-
-
 class ShortConv(nnx.Module):
     """Causal depthwise 1-D convolution over time, ``y_t = sum_i w_i * x_{t-i}`` (width ``W``).
 
     Used before q/k/v in DeltaNet-style and Mamba-style blocks. With ``segment_ids`` the
-    window never reaches into a previous document. Decoding state: the last ``W - 1`` inputs.
+    window never reaches into a previous document.
+
+    ``__call__(x [B, T, C], segment_ids=None)`` -> ``y [B, T, C]``: the training form.
+    ``__call__(x, cache=window)`` -> ``(y, window)``: decoding and prefill, continuing from the
+    last ``W - 1`` inputs ``window: [B, W - 1, C]`` (oldest first; :meth:`init_cache` gives zeros)
+    for any ``T >= 1``; the returned window holds the last ``W - 1`` inputs seen.
     """
 
     def __init__(self, dim: int, width: int = 4, *, rngs: nnx.Rngs, axes=("mlp",)):
         if width < 1:
-            raise ValueError(f"conv width must be >= 1, got {width}")
+            raise ValueError(f"ShortConv: width must be >= 1, got {width}")
         self.width = width
         self.weight = param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                                      in_axis=0, out_axis=1),
                             (width, dim), ("conv", *axes))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, cache: jax.Array | None = None):
         w = self.weight[...].astype(x.dtype)  # w[0] multiplies x_t, w[i] multiplies x_{t-i}
+        t, w1 = x.shape[1], self.width - 1
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("ShortConv: segment_ids are not supported with a decoding cache")
+            full = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, C]
+        else:
+            full = jnp.pad(x, ((0, 0), (w1, 0), (0, 0)))
         y = x * w[0]
         for i in range(1, self.width):
-            shifted = jnp.pad(x, ((0, 0), (i, 0), (0, 0)))[:, : x.shape[1]]
-            same = segment_start_mask(segment_ids, i)
-            if same is not None:
+            shifted = full[:, w1 - i: w1 - i + t]
+            same = same_segment_as_shifted(segment_ids, i)
+            if same is not None:  # mask before the product: a previous document never leaks in
                 shifted = jnp.where(same[..., None], shifted, 0)
             y = y + shifted * w[i]
-        return y
+        if cache is None:
+            return y
+        return y, full[:, full.shape[1] - w1:].astype(cache.dtype)
 
-    def init_state(self, batch_size: int, dim: int, dtype=jnp.float32) -> jax.Array:
-        return jnp.zeros((batch_size, self.width - 1, dim), dtype)
-
-    def step(self, x: jax.Array, state: jax.Array):
-        """``x: [B, D]``, ``state: [B, W-1, D]`` (oldest first) -> ``(y [B, D], state)``."""
-        w = self.weight[...].astype(x.dtype)
-        window = jnp.concatenate([state.astype(x.dtype), x[:, None, :]], axis=1)  # [B, W, D], newest last
-        y = jnp.einsum("bwd,wd->bd", window, w[::-1])
-        return y, window[:, 1:].astype(state.dtype)
-
-    def prefill_state(self, x: jax.Array) -> jax.Array:
-        """Decoding state after consuming ``x: [B, T, D]`` from a zero state."""
-        pad = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
-        return pad[:, pad.shape[1] - (self.width - 1):]
-
-
-def positions_in_segment(segment_ids):
-    """Index of each token within its packed document, ``[B, T]``."""
-    t = segment_ids.shape[1]
-    idx = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-    return idx - start_idx
+    def init_cache(self, batch_size: int, dtype=jnp.float32) -> jax.Array:
+        return jnp.zeros((batch_size, self.width - 1, self.weight.shape[1]), dtype)

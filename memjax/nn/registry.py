@@ -1,36 +1,27 @@
-"""Block registry: the model's pattern string names blocks; each family registers its own.
+"""Block registry: the model's pattern string names blocks; each block class registers itself.
 
-A block is an NNX module used as one pre-norm residual sub-layer of the model:
-``x = x + block(rmsnorm(x))``. Register a class with::
+A block is a standalone NNX module (:mod:`memjax.nn.block`) used as one pre-norm residual
+sub-layer of the model: ``x = x + block(rmsnorm(x))``. Register a class with::
 
     @register_block("gated_deltanet", aliases=("D",))
-    class GatedDeltaNetBlock(Block): ...
+    class GatedDeltaNet(Block): ...
 
-and the pattern ``"A,D,F"`` can use it without touching the model file.
+and the pattern ``"A,D,F"`` can use it without touching the model file. The registry maps names
+to classes and nothing else: a block's options are its constructor's keyword arguments, and
+:func:`block_kwargs` splits them into the model-wide settings the model passes and the rest.
 """
 from __future__ import annotations
 
-import importlib
+import inspect
 
 _BLOCKS: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}
 
-# Modules that register blocks when imported. The model imports them all once, so
-# a pattern string can name any block of any family.
-BLOCK_MODULES = (
-    "memjax.nn.attention",
-    "memjax.nn.mlp",
-    "memjax.nn.associative",
-    "memjax.nn.titans",
-    "memjax.nn.titans_mac",
-    "memjax.nn.mixture",
-    "memjax.nn.hopfield",
-    "memjax.nn.ssm_blocks",
-    "memjax.nn.rglru_block",
-    "memjax.nn.hybrid",
-    "memjax.nn.memory_layers",
-    "memjax.nn.ngram",
-)
+# Model-wide settings the model passes to every block whose constructor has an argument of that
+# name (``config.model.<name>``; ``layer`` is the block's index in the pattern, ``seq_axis`` the
+# mesh axis that time is split over, ``None`` without sequence parallelism).
+MODEL_SETTINGS = ("d_model", "num_heads", "head_dim", "mlp_hidden", "vocab_size", "max_seq_len", "rope_theta",
+                  "norm_eps", "dtype", "param_dtype", "layer", "seq_axis")
 
 
 def register_block(name: str, aliases: tuple[str, ...] = ()):
@@ -49,17 +40,7 @@ def register_block(name: str, aliases: tuple[str, ...] = ()):
     return deco
 
 
-def load_all() -> None:
-    for mod in BLOCK_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a family not built yet in this checkout
-            if e.name != mod:
-                raise
-
-
 def canonical_name(name: str) -> str:
-    load_all()
     if name in _BLOCKS:
         return name
     if name in _ALIASES:
@@ -72,5 +53,14 @@ def get_block(name: str) -> type:
 
 
 def known_names() -> list[str]:
-    load_all()
     return sorted(_BLOCKS) + sorted(f"{a}={n}" for a, n in _ALIASES.items())
+
+
+def block_kwargs(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, inspect.Parameter]]:
+    """``(model_settings, options)``: the constructor's keyword arguments, split into those the
+    model fills from its own settings (:data:`MODEL_SETTINGS`) and the block's own options."""
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n not in ("self", "rngs") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    model = {n: p for n, p in params.items() if n in MODEL_SETTINGS}
+    options = {n: p for n, p in params.items() if n not in MODEL_SETTINGS}
+    return model, options
