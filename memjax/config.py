@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,10 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // num_heads
     pattern: str = "A,F,A,F"  # comma-separated block names or aliases (see memjax.nn.registry)
     pattern_repeat: int = 1
+    # Run the pattern_repeat groups under nnx.scan (compile time independent of depth); groups with
+    # a block that cannot be stacked are unrolled. False: the unrolled layout of older checkpoints.
+    scan_layers: bool = True
+    remat: str = "none"  # what the backward recomputes in scanned groups: none, full, dots, dots_no_batch
     mlp_hidden: int = 0  # 0: 4 * d_model (gated MLP hidden width)
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
@@ -52,12 +56,6 @@ class ModelConfig:
     @property
     def resolved_mlp_hidden(self) -> int:
         return self.mlp_hidden or 4 * self.d_model
-
-    def block_names(self) -> list[str]:
-        from memjax.nn.registry import canonical_name
-
-        names = [s.strip() for s in self.pattern.split(",") if s.strip()]
-        return [canonical_name(n) for n in names] * self.pattern_repeat
 
 
 @dataclass
@@ -111,6 +109,7 @@ class MeshConfig:
             "length": "seq",
             "state": None,
             "conv": None,
+            "layers": None,  # the stacked axis of scanned layers
         }
     )
 
@@ -280,9 +279,23 @@ def options_from_dict(options_cls: type, values: dict, where: str) -> Any:
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
+# Checks that need more than this module knows (the block registry, the task registry, the mesh):
+# the packages that own that knowledge register them when imported (``import memjax`` imports
+# them all), so that ``validate`` stays the one place every config passes through while this
+# module imports nothing of memjax.
+_CHECKS: list[Callable[["Config", int | None], None]] = []
+
+
+def register_check(fn: Callable[["Config", int | None], None]):
+    """Add ``fn(cfg, num_devices)`` to :func:`validate` (raises :class:`ConfigError`)."""
+    if fn not in _CHECKS:
+        _CHECKS.append(fn)
+    return fn
+
 
 def validate(cfg: Config, num_devices: int | None = None) -> None:
-    """Check consistency across sections. ``num_devices`` enables the mesh checks."""
+    """Check consistency across sections, then every registered check (blocks and their options,
+    the task and its options, the mesh). ``num_devices`` enables the mesh checks."""
     m, t, d = cfg.model, cfg.train, cfg.data
     for key, value in {
         "model.d_model": m.d_model,
@@ -318,40 +331,6 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if not 0 <= t.target_accuracy <= 1:
         raise ConfigError(f"config key 'train.target_accuracy' must be in [0, 1], got {t.target_accuracy}")
 
-    # Block names and their options.
-    from memjax.nn.registry import get_block, known_names
-
-    names = []
-    for raw in [s.strip() for s in m.pattern.split(",") if s.strip()]:
-        try:
-            names.append(get_block(raw).name)
-        except KeyError:
-            raise ConfigError(
-                f"config key 'model.pattern': unknown block {raw!r}; known: {', '.join(known_names())}"
-            ) from None
-    if not names:
-        raise ConfigError("config key 'model.pattern' is empty")
-    for block_name, opts in m.blocks.items():
-        try:
-            cls = get_block(block_name)
-        except KeyError:
-            raise ConfigError(
-                f"config key 'model.blocks.{block_name}': unknown block; known: {', '.join(known_names())}"
-            ) from None
-        o = options_from_dict(cls.Options, opts, f"model.blocks.{block_name}")
-        if hasattr(o, "validate"):
-            o.validate(m, f"model.blocks.{block_name}")
-
-    from memjax.data.registry import get_task, known_tasks
-
-    try:
-        task_cls = get_task(d.task)
-    except KeyError:
-        raise ConfigError(f"config key 'data.task': unknown task {d.task!r}; known: {', '.join(known_tasks())}") from None
-    opts = options_from_dict(task_cls.Options, d.options, "data.options")
-    if hasattr(opts, "validate"):
-        opts.validate(d, m)
-
     for key, v in cfg.mesh.rules.items():
         axes = v if isinstance(v, (tuple, list)) else (v,)
         for a in axes:
@@ -359,18 +338,5 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                 raise ConfigError(
                     f"config key 'mesh.rules.{key}': unknown mesh axis {a!r}; allowed: data, fsdp, seq, tensor, None"
                 )
-    if num_devices is not None:
-        from memjax.model.sharding import mesh_shape
-
-        data_parallel = mesh_shape(cfg.mesh, num_devices)
-        dp = data_parallel["data"] * data_parallel["fsdp"]
-        if d.seq_len % data_parallel["seq"]:
-            raise ConfigError(
-                f"config key 'mesh.seq' ({data_parallel['seq']}) must divide data.seq_len ({d.seq_len}): "
-                "every device holds an equal slice of the sequence")
-        per_micro = t.batch_size // t.microbatches
-        if per_micro % dp:
-            raise ConfigError(
-                f"config key 'train.batch_size': the micro-batch {per_micro} is not divisible by the "
-                f"data-parallel size {dp} (mesh.data x mesh.fsdp)"
-            )
+    for check in _CHECKS:
+        check(cfg, num_devices)

@@ -17,18 +17,19 @@ def _blocks():
 
 @pytest.mark.parametrize("block", _blocks())
 def test_prefill_then_step_equals_full_forward(block):
-    cfg = ModelConfig(vocab_size=48, d_model=32, num_heads=2, pattern=f"{block},F", max_seq_len=64)
+    # two repeats: scanned layers (stacked caches) wherever the block can be stacked
+    cfg = ModelConfig(vocab_size=48, d_model=32, num_heads=2, pattern=f"{block},F", pattern_repeat=2, max_seq_len=64)
     model = LM(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, 48)
     # Jitted: one compile per entry point instead of op-by-op dispatch of every decoding step.
     full = nnx.jit(lambda m, x: m(x))(model, tokens)
-    state = model.init_state(2, 32)
-    logits, state = nnx.jit(lambda m, x, s: m.prefill(x, s))(model, tokens[:, :13], state)
-    step = nnx.jit(lambda m, x, s: m.step(x, s))
+    cache = model.init_cache(2, 32)
+    run = nnx.jit(lambda m, x, c: m(x, cache=c))  # one compile for the prompt, one for the steps
+    logits, cache = run(model, tokens[:, :13], cache)
     outs = [logits]
     for t in range(13, 21):
-        lt, state = step(model, tokens[:, t], state)
-        outs.append(lt[:, None])
+        lt, cache = run(model, tokens[:, t:t + 1], cache)
+        outs.append(lt)
     dec = jnp.concatenate(outs, axis=1)
     scale = float(jnp.abs(full).max())
     np.testing.assert_allclose(dec, full, atol=2e-4 * scale, rtol=0)

@@ -7,7 +7,7 @@ import pytest
 from tiny import tiny_config
 
 from memjax.config import ConfigError
-from memjax.eval.needle import needle_grid
+from memjax.train.needle import needle_grid
 from memjax.eval.plots import (metric_series, metrics_table_markdown, plot_loss_curves,
                                plot_needle_heatmap, read_metrics)
 

@@ -16,19 +16,9 @@ from ``(seed, split, index)``), so Grain can shuffle, shard and checkpoint it::
 """
 from __future__ import annotations
 
-import importlib
+from memjax.config import Config, ConfigError, options_from_dict, register_check
 
 _TASKS: dict[str, type] = {}
-
-TASK_MODULES = (
-    "memjax.data.mqar",
-    "memjax.data.copying",
-    "memjax.data.passkey",
-    "memjax.data.facts",
-    "memjax.data.induction",
-    "memjax.data.text",
-)
-
 
 def register_task(name: str):
     def deco(cls):
@@ -41,20 +31,25 @@ def register_task(name: str):
     return deco
 
 
-def _load_all() -> None:
-    for mod in TASK_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
 def get_task(name: str) -> type:
-    _load_all()
     return _TASKS[name]
 
 
 def known_tasks() -> list[str]:
-    _load_all()
     return sorted(_TASKS)
+
+
+def check_task(cfg: Config, num_devices: int | None = None) -> None:
+    """``data.task`` is registered and ``data.options`` fit its Options (registered with
+    :func:`memjax.config.register_check`)."""
+    d = cfg.data
+    try:
+        task_cls = get_task(d.task)
+    except KeyError:
+        raise ConfigError(f"config key 'data.task': unknown task {d.task!r}; known: {', '.join(known_tasks())}") from None
+    opts = options_from_dict(task_cls.Options, d.options, "data.options")
+    if hasattr(opts, "validate"):
+        opts.validate(d, cfg.model)
+
+
+register_check(check_task)

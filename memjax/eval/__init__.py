@@ -1,5 +1,5 @@
-"""Evaluation reports: figures and tables from run directories, and the needle-in-a-haystack grid."""
-from memjax.eval.needle import needle_grid, save_needle_grid
+"""Evaluation helpers that need no model: metric tables and plots (Matplotlib, Agg backend).
+The needle-in-a-haystack grid, which restores a checkpoint, is :mod:`memjax.train.needle`."""
 from memjax.eval.plots import metrics_table_markdown, plot_loss_curves, plot_needle_heatmap
 
-__all__ = ["metrics_table_markdown", "needle_grid", "plot_loss_curves", "plot_needle_heatmap", "save_needle_grid"]
+__all__ = ["metrics_table_markdown", "plot_loss_curves", "plot_needle_heatmap"]

@@ -22,15 +22,15 @@ def _sample(logits, key, temperature):
 def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature):
     model = nnx.merge(graphdef, state)
     b, t = prompt.shape
-    cache = model.init_state(b, t + max_new_tokens)
-    logits, cache = model.prefill(prompt, cache)
+    cache = model.init_cache(b, t + max_new_tokens)
+    logits, cache = model(prompt, cache=cache)
     keys = jax.random.split(key, max_new_tokens)
     first = _sample(logits[:, -1], keys[0], temperature)
 
     def body(carry, k):
         tok, cache = carry
-        logits, cache = model.step(tok, cache)
-        nxt = _sample(logits, k, temperature)
+        logits, cache = model(tok[:, None], cache=cache)
+        nxt = _sample(logits[:, -1], k, temperature)
         return (nxt, cache), nxt
 
     _, rest = jax.lax.scan(body, (first, cache), keys[1:])  # the tokens after the first

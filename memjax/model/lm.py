@@ -1,42 +1,141 @@
-"""Decoder-only language model assembled from a block pattern.
+"""Decoder-only language model assembled from a block pattern, with scanned layers.
 
-``x_0 = E[tokens]``; for each block ``b_i`` of ``cfg.pattern``: ``x_i = x_{i-1} + b_i(RMSNorm(x_{i-1}))``;
-``logits = RMSNorm(x_L) E^T`` (tied) or ``RMSNorm(x_L) W_out``. The model knows blocks only
-through the registry, so each memory family adds block types without touching this file.
+``x_0 = E[tokens]``; for each block ``b_i`` of the pattern: ``x_i = x_{i-1} + b_i(RMSNorm(x_{i-1}))``;
+``logits = RMSNorm(x_L) E^T`` (tied) or ``RMSNorm(x_L) W_out``.
+
+The pattern (``model.pattern``, e.g. ``"A,F,D,F"``) is one *group* of blocks repeated
+``model.pattern_repeat`` times. The model knows blocks only through the registry: each name maps
+to a class, constructed from the model-wide settings it names (:data:`memjax.nn.registry.MODEL_SETTINGS`)
+plus ``model.blocks[<name>]`` (its other keyword arguments).
+
+With ``model.scan_layers`` (default) and more than one repeat, the repeats are built once with
+``nnx.vmap`` (parameters stacked along a leading ``layers`` axis) and run under ``nnx.scan``, so
+compile time does not grow with depth; ``model.remat`` picks what the backward pass recomputes
+(``none``, ``full``, ``dots``: keep matmul outputs, ``dots_no_batch``). Groups holding a block that
+cannot be stacked (``Block.scannable = False``: shared parameters, a per-layer index) are unrolled.
+Unscanned models keep the parameter paths ``blocks/<i>``, ``norms/<i>`` (checkpoints written
+before scanning existed restore with ``--set model.scan_layers=False``); scanned ones hold
+``stack/blocks/<j>``, ``stack/norms/<j>`` with a leading axis of size ``pattern_repeat``.
+
+Decoding: ``cache = model.init_cache(batch_size, max_length)``, then
+``logits, cache = model(tokens, cache=cache)`` for a prompt (chunked forms) and for each new token
+(recurrent forms).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ModelConfig, options_from_dict
+from memjax.config import ModelConfig
 from memjax.model.sharding import constrain
-from memjax.nn.layers import RMSNorm, batched_init, param
-from memjax.nn.registry import get_block
+from memjax.nn.layers import RMSNorm, batched_init, param, unbatched_init
+from memjax.nn.registry import block_kwargs, canonical_name, get_block
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def pattern_names(cfg: ModelConfig) -> list[str]:
+    """Canonical block names of one group of the pattern (``KeyError`` for an unknown name)."""
+    return [canonical_name(s.strip()) for s in cfg.pattern.split(",") if s.strip()]
+
+
+def block_names(cfg: ModelConfig) -> list[str]:
+    """Canonical block names of every layer (the group repeated ``pattern_repeat`` times)."""
+    return pattern_names(cfg) * cfg.pattern_repeat
+
+
+def model_settings(cfg: ModelConfig, seq_axis: str | None = None) -> dict[str, Any]:
+    """The model-wide settings handed to every block whose constructor names them."""
+    return {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim or None,
+            "mlp_hidden": cfg.mlp_hidden or None, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "dtype": jnp.dtype(cfg.compute_dtype),
+            "param_dtype": jnp.dtype(cfg.param_dtype), "seq_axis": seq_axis}
+
+
+def block_arguments(cfg: ModelConfig, name: str, *, layer: int = 0, seq_axis: str | None = None) -> dict:
+    """The keyword arguments the model constructs block ``name`` with (without ``rngs``)."""
+    cls = get_block(name)
+    model_args, _ = block_kwargs(cls)
+    settings = {**model_settings(cfg, seq_axis), "layer": layer}
+    return {**{k: settings[k] for k in model_args}, **cfg.blocks.get(cls.name, {})}
+
+
+class Group(nnx.Module):
+    """One repeat of the pattern: pre-norm residual blocks in order."""
+
+    def __init__(self, cfg: ModelConfig, names: list[str], *, first_layer: int, seq_axis, shared: dict,
+                 rngs: nnx.Rngs):
+        blocks, norms = [], []
+        for j, name in enumerate(names):
+            cls = get_block(name)
+            kwargs = block_arguments(cfg, name, layer=first_layer + j, seq_axis=seq_axis)
+            blocks.append(cls(**kwargs, **shared.get(cls.name, {}), rngs=rngs))
+            norms.append(RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps))
+        self.blocks = nnx.List(blocks)
+        self.norms = nnx.List(norms)
+
+    def __call__(self, x, *, segment_ids=None, tokens=None, caches=None):
+        new = []
+        for j, (norm, block) in enumerate(zip(self.norms, self.blocks)):
+            if caches is None:
+                y = block(norm(x), segment_ids=segment_ids, tokens=tokens)
+            else:
+                y, c = block(norm(x), tokens=tokens, cache=caches[j])
+                new.append(c)
+            x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
+        return x, (None if caches is None else tuple(new))
+
+    def init_cache(self, batch_size: int, max_length: int) -> tuple:
+        return tuple(b.init_cache(batch_size, max_length) for b in self.blocks)
 
 
 class LM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """``LM(cfg, *, seq_axis=None, rngs)``; ``seq_axis``: the mesh axis time is split over (the
+    train loop passes ``"seq"`` when ``mesh.seq > 1``), handed to the blocks that take it."""
+
+    def __init__(self, cfg: ModelConfig, *, seq_axis: str | None = None, rngs: nnx.Rngs):
         # All parameters are drawn batched when the block below ends (see batched_init: one
         # threefry hash per parameter made XLA:GPU compile the initialiser for minutes).
         with batched_init():
-            self._build(cfg, rngs)
+            self._build(cfg, seq_axis, rngs)
 
-    def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def _build(self, cfg: ModelConfig, seq_axis, rngs: nnx.Rngs):
         d, v = cfg.d_model, cfg.vocab_size
-        self.d_model = d
+        self.d_model, self.num_layers = d, len(block_names(cfg))
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"LM: remat must be one of {tuple(REMAT_POLICIES)}, got {cfg.remat!r}")
+        self.remat = cfg.remat
         self.embed = param(rngs, nnx.initializers.normal(1.0), (v, d), ("vocab", "embed"))
-        shared: dict = {}  # resources blocks share across layers (e.g. one memory value pool)
-        blocks, norms = [], []
-        for i, name in enumerate(cfg.block_names()):
+        names = pattern_names(cfg)
+        shared = {}  # parameters every instance of a block type shares (e.g. one memory value pool)
+        for name in dict.fromkeys(names):
             cls = get_block(name)
-            opts = options_from_dict(cls.Options, cfg.blocks.get(name, {}), f"model.blocks.{name}")
-            blocks.append(cls(cfg, opts, layer=i, shared=shared, rngs=rngs))
-            norms.append(RMSNorm(d, rngs=rngs, eps=cfg.norm_eps))
-        self.blocks = nnx.List(blocks)
-        self.norms = nnx.List(norms)
+            shared[cls.name] = cls.shared_params(**block_arguments(cfg, name, seq_axis=seq_axis), rngs=rngs)
+        repeat = cfg.pattern_repeat
+        self.scanned = cfg.scan_layers and repeat > 1 and all(get_block(n).scannable for n in names)
+        self.stack = self.blocks = self.norms = None
+        if self.scanned:
+            @nnx.split_rngs(splits=repeat)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return Group(cfg, names, first_layer=0, seq_axis=seq_axis, shared={}, rngs=r)
+
+            with unbatched_init():  # (deferred draws cannot leave the vmap; the vmap batches them)
+                self.stack = make(rngs)
+        else:
+            groups = [Group(cfg, names, first_layer=i * len(names), seq_axis=seq_axis, shared=shared, rngs=rngs)
+                      for i in range(repeat)]
+            self.blocks = nnx.List([b for g in groups for b in g.blocks])
+            self.norms = nnx.List([n for g in groups for n in g.norms])
         self.final_norm = RMSNorm(d, rngs=rngs, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(
             rngs, nnx.initializers.normal(d ** -0.5), (d, v), ("embed", "vocab"))
@@ -52,37 +151,49 @@ class LM(nnx.Module):
         return jnp.dot(x.astype(self.compute_dtype), w.astype(self.compute_dtype),
                        preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-        """``tokens: [B, T] int`` -> ``logits: [B, T, vocab] float32``."""
+    def _unrolled(self, x, segment_ids, tokens, caches):
+        new = []
+        for i, (norm, block) in enumerate(zip(self.norms, self.blocks)):
+            if caches is None:
+                y = block(norm(x), segment_ids=segment_ids, tokens=tokens)
+            else:
+                y, c = block(norm(x), tokens=tokens, cache=caches[i])
+                new.append(c)
+            x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
+        return x, (None if caches is None else tuple(new))
+
+    def _scanned(self, x, segment_ids, tokens, caches):
+        policy = REMAT_POLICIES[self.remat]
+
+        def body(group, x, cache):
+            return group(x, segment_ids=segment_ids, tokens=tokens, caches=cache)
+
+        if self.remat != "none" and caches is None:
+            body = nnx.remat(body, policy=policy)
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0 if caches is not None else None),
+                        out_axes=(nnx.Carry, 0 if caches is not None else None))
+        return scan(self.stack, x, caches)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, cache: Any = None):
+        """``tokens: [B, T] int`` -> ``logits: [B, T, vocab] float32``; with ``cache`` (from
+        :meth:`init_cache`) -> ``(logits, cache)``, continuing a decode."""
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+            raise ValueError(f"LM: tokens must be [batch, seq] int, got shape {tokens.shape}")
+        if cache is not None and segment_ids is not None:
+            raise ValueError("LM: segment_ids are not supported with a decoding cache")
         x = constrain(self._embed(tokens), ("batch", "length", "embed"))
-        for norm, block in zip(self.norms, self.blocks):
-            x = x + block(norm(x), segment_ids=segment_ids, tokens=tokens).astype(x.dtype)
-            x = constrain(x, ("batch", "length", "embed"))
-        return self._logits(x)
+        run = self._scanned if self.scanned else self._unrolled
+        x, cache = run(x, segment_ids, tokens, cache)
+        logits = self._logits(x)
+        return logits if cache is None else (logits, cache)
 
-    # ------------------------------------------------------------------ decoding
+    def init_cache(self, batch_size: int, max_length: int):
+        """Decoding caches of every layer (stacked along a leading axis per scanned group slot)."""
+        if not self.scanned:
+            return tuple(b.init_cache(batch_size, max_length) for b in self.blocks)
 
-    def init_state(self, batch_size: int, max_len: int) -> list:
-        return [b.init_state(batch_size, max_len) for b in self.blocks]
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(group):
+            return group.init_cache(batch_size, max_length)
 
-    def prefill(self, tokens: jax.Array, state: list):
-        """Run a prompt ``[B, T]`` from ``state`` with each block's chunked form; returns (logits, state)."""
-        x = self._embed(tokens)
-        new = []
-        for norm, block, st in zip(self.norms, self.blocks, state):
-            y, st = block.prefill(norm(x), st, tokens=tokens)
-            x = x + y.astype(x.dtype)
-            new.append(st)
-        return self._logits(x), new
-
-    def step(self, token: jax.Array, state: list):
-        """One token ``[B]`` with each block's recurrent form; returns (logits [B, vocab], state)."""
-        x = self._embed(token)
-        new = []
-        for norm, block, st in zip(self.norms, self.blocks, state):
-            y, st = block.step(norm(x), st, token=token)
-            x = x + y.astype(x.dtype)
-            new.append(st)
-        return self._logits(x), new
+        return make(self.stack)

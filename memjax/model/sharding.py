@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
+from memjax.nn.layers import logical_axes
 
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
@@ -80,11 +81,18 @@ def logical_to_spec(axes, rules: dict, mesh: jax.sharding.Mesh | None = None, sh
     return P(*spec)
 
 
+def flax_rules(rules: dict) -> tuple:
+    """``config.mesh.rules`` as the ``(logical, mesh axes)`` pairs of ``nnx.logical_axis_rules``."""
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in rules.items())
+
+
 def param_specs(state: nnx.State, rules: dict, mesh=None) -> nnx.State:
-    """PartitionSpec per variable from its ``logical_axes`` metadata (replicated if absent)."""
+    """PartitionSpec per variable from its logical axis names (replicated if it has none).
+    The stacked axis of scanned layers (``"layers"``) is replicated unless ``rules`` map it."""
+    rules = {"layers": None, **rules}
 
     def spec(path, var):
-        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        axes = logical_axes(var) if isinstance(var, nnx.Variable) else None
         if axes is None:
             return P()
         return logical_to_spec(axes, rules, mesh, var.shape, "/".join(map(str, path)))

@@ -1,0 +1,30 @@
+"""Flax NNX blocks: standalone modules built from keyword arguments (``d_model`` and ``rngs``
+suffice), called as ``y = block(x, segment_ids=None)`` or, decoding, ``y, cache = block(x,
+cache=cache)`` with ``cache = block.init_cache(batch_size, max_length)``. See
+:mod:`memjax.nn.block` for the contract. Importing the package registers every block under its
+pattern name (``memjax.nn.registry``)."""
+from memjax.nn.associative import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention
+from memjax.nn.attention import Attention
+from memjax.nn.block import Block
+from memjax.nn.cache import KVCache, NoCache
+from memjax.nn.hopfield import HopfieldLayer as Hopfield
+from memjax.nn.hybrid import SlidingWindowSSM
+from memjax.nn.layers import Linear, RMSNorm, ShortConv
+from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
+from memjax.nn.memory_layers import PKMLayer as ProductKeyMemory
+from memjax.nn.mixture import MixtureOfMemories
+from memjax.nn.mlp import GatedMLP
+from memjax.nn.ngram import STEMFFN as STEM
+from memjax.nn.ngram import NgramMemory
+from memjax.nn.registry import get_block, known_names, register_block
+from memjax.nn.rglru_block import RGLRUBlock as RGLRU
+from memjax.nn.ssm_blocks import S4D, Mamba2
+from memjax.nn.titans import NeuralMemory, TitansMAG, TitansMAL
+from memjax.nn.titans_mac import TitansMAC
+
+__all__ = [
+    "Attention", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention", "GatedMLP", "Hopfield", "KVCache",
+    "Linear", "LinearAttention", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory", "NgramMemory",
+    "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "S4D", "STEM", "ShortConv", "SlidingWindowSSM",
+    "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names", "register_block",
+]

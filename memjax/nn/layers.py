@@ -77,6 +77,18 @@ def batched_init():
     _draw(pending)
 
 
+@contextlib.contextmanager
+def unbatched_init():
+    """Draw parameters at once inside (suspends an enclosing :func:`batched_init`): for
+    parameters created under a transform such as ``nnx.vmap``, whose values cannot be set after
+    the transform returns (the vmap draws all layers' values in one batched call anyway)."""
+    token = _PENDING.set(None)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+
+
 def _fingerprint(traced) -> tuple:
     """Hashable identity of a traced initialiser: its jaxpr text and its constants' values."""
     consts = []

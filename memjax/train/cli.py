@@ -73,7 +73,7 @@ def eval_main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = _load(args)
     if args.needle_grid:
-        from memjax.eval.needle import needle_grid_with_step, save_needle_grid
+        from memjax.train.needle import needle_grid_with_step, save_needle_grid
 
         try:
             results, step = needle_grid_with_step(cfg, args.workdir, args.lengths, args.depths)

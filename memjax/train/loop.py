@@ -25,6 +25,7 @@ from memjax.config import Config, ConfigError, validate
 from memjax.data.pipeline import make_dataset, make_task
 from memjax.model.lm import LM
 from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
+from memjax.nn.layers import logical_axes
 from memjax.train.checkpoint import Checkpointer, abstract_like
 from memjax.train.metrics import MetricWriter
 from memjax.train.optimizer import make_optimizer
@@ -71,6 +72,17 @@ def _param_metadata(abs_params: nnx.State, key: str, default):
     return nnx.map_state(get, abs_params).to_pure_dict()
 
 
+def matrix_mask(abs_params: nnx.State):
+    """True for the parameters weight decay applies to: matrices, counting the logical axes other
+    than the stacked ``layers`` axis of scanned layers (a stacked norm scale is still a vector)."""
+
+    def is_matrix(path, var):
+        axes = logical_axes(var)
+        return var.ndim >= 2 if axes is None else sum(a != "layers" for a in axes) >= 2
+
+    return nnx.map_state(is_matrix, abs_params).to_pure_dict()
+
+
 def build(cfg: Config, devices=None) -> Setup:
     """Mesh, model definition, optimizer and the jitted init / train / eval steps."""
     devices = jax.devices() if devices is None else devices
@@ -79,15 +91,18 @@ def build(cfg: Config, devices=None) -> Setup:
     rules = cfg.mesh.rules
     mcfg = cfg.model
 
-    abs_model = nnx.eval_shape(lambda: LM(mcfg, rngs=nnx.Rngs(cfg.train.seed)))
+    # Sequence parallelism is explicit: the blocks get the mesh axis that time is split over.
+    seq_axis = "seq" if mesh.shape["seq"] > 1 else None
+    abs_model = nnx.eval_shape(lambda: LM(mcfg, seq_axis=seq_axis, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abs_params, abs_rest = nnx.split(abs_model, nnx.Param, ...)
     p_specs = param_specs(abs_params, rules, mesh).to_pure_dict()
     labels = _param_metadata(abs_params, "optim_group", "default")
+    decay = matrix_mask(abs_params)
     abs_pure = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abs_params.to_pure_dict())
-    tx = make_optimizer(cfg.optim, cfg.train.steps, abs_pure, labels)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, abs_pure, labels, decay_mask=decay)
 
     def init_fn():
-        model = LM(mcfg, rngs=nnx.Rngs(cfg.train.seed))
+        model = LM(mcfg, seq_axis=seq_axis, rngs=nnx.Rngs(cfg.train.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = params.to_pure_dict()
         return {"step": jnp.zeros((), jnp.int32), "bad_step": jnp.zeros((), jnp.int32),

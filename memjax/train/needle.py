@@ -18,6 +18,10 @@ from collections.abc import Sequence
 import jax
 
 from memjax.config import Config, ConfigError, validate
+from memjax.data.pipeline import make_task
+from memjax.eval.plots import plot_needle_heatmap
+from memjax.train.evaluate import restore_state
+from memjax.train.loop import build, evaluate
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LENGTH_MULTIPLES = (1, 2, 4)
@@ -53,10 +57,6 @@ def needle_grid_with_step(cfg: Config, workdir: str, context_lengths: Sequence[i
                           depths: Sequence[float] | None = None, *, num_batches: int | None = None,
                           step: int | None = None) -> tuple[dict, int]:
     """:func:`needle_grid` and the checkpoint step it evaluated."""
-    from memjax.data.pipeline import make_task
-    from memjax.train.evaluate import restore_state
-    from memjax.train.loop import build, evaluate
-
     if context_lengths is None:
         context_lengths = [cfg.data.seq_len * m for m in DEFAULT_LENGTH_MULTIPLES]
     lengths, ds = _check(cfg, context_lengths, DEFAULT_DEPTHS if depths is None else depths)
@@ -95,8 +95,6 @@ def needle_grid(cfg: Config, workdir: str, context_lengths: Sequence[int] | None
 
 def save_needle_grid(results: dict, workdir: str, *, step: int | None = None) -> tuple[str, str]:
     """Write ``needle.json`` (one row per cell) and ``needle_heatmap.png`` into ``workdir``."""
-    from memjax.eval.plots import plot_needle_heatmap
-
     rows = [{"context_length": n, "depth": d, "key_accuracy": acc} for (n, d), acc in sorted(results.items())]
     json_path = os.path.join(workdir, "needle.json")
     png_path = os.path.join(workdir, "needle_heatmap.png")
