@@ -61,6 +61,7 @@ import math
 import statistics
 import time
 import traceback
+import types
 
 import jax
 import numpy as np
@@ -68,11 +69,11 @@ from flax import nnx
 
 from benchmarks.gpu_common import write_json
 from benchmarks.runner import Table, memory_of
-from memjax.config import ModelConfig, apply_overrides, load_config, options_from_dict, set_by_path, validate
+from memjax.config import ModelConfig, apply_overrides, load_config, set_by_path, validate
 from memjax.data.pipeline import make_dataset
-from memjax.model.lm import LM
+from memjax.model.lm import LM, block_names
 from memjax.model.sharding import axis_rules
-from memjax.nn.registry import get_block
+from memjax.nn.registry import block_kwargs, get_block
 from memjax.train.loop import BATCH_KEYS, build, to_global
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,8 +129,11 @@ def delta_chunk_flops(c: int, k: int, v: int) -> dict:
     }
 
 
-def _block_options(cfg: ModelConfig, name: str):
-    return options_from_dict(get_block(name).Options, cfg.blocks.get(name, {}), f"model.blocks.{name}")
+def _block_options(cfg: ModelConfig, name: str) -> types.SimpleNamespace:
+    """The block's options (its constructor's keyword arguments): defaults, then the config's values."""
+    cls = get_block(name)
+    _, options = block_kwargs(cls)
+    return types.SimpleNamespace(**{k: p.default for k, p in options.items()}, **cfg.blocks.get(cls.name, {}))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int) -> dict:
@@ -149,7 +153,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int) -> dict:
     terms = {"dense": 6.0 * matmul_params, "attention": 0.0, "delta_rule": 0.0, "memory_keys": 0.0,
              "memory_read": 0.0}
     per_layer, uncounted = [], []
-    for i, name in enumerate(cfg.block_names()):
+    for i, name in enumerate(block_names(cfg)):
         if name in _ATTENTION:
             w = _block_options(cfg, name).window
             w = t if w <= 0 or w >= t else w

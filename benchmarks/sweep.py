@@ -46,7 +46,7 @@ def grid_entries(*, base, blocks, grid, learning_rates, steps, block_overrides, 
 def state_size(cfg) -> int:
     """Elements of the decoding state at the training length (KV cache for attention)."""
     def build():
-        return LM(cfg.model, rngs=nnx.Rngs(0)).init_state(1, cfg.data.seq_len)
+        return LM(cfg.model, rngs=nnx.Rngs(0)).init_cache(1, cfg.data.seq_len)
 
     return int(sum(x.size for x in jax.tree.leaves(jax.eval_shape(build))))
 

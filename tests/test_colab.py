@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from memjax.model.lm import block_names
+
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab", "quickstart.ipynb")
 
 
@@ -59,7 +61,7 @@ def test_quickstart_notebook_runs(capsys):
     out = capsys.readouterr().out
     assert jax.device_count() == 8
     cfg = ns["cfg"]
-    assert len(cfg.model.block_names()) == 4 and {"attention", "gated_deltanet"} <= set(cfg.model.block_names())
+    assert len(block_names(cfg.model)) == 4 and {"attention", "gated_deltanet"} <= set(block_names(cfg.model))
     assert ns["final"]["step"] == cfg.train.steps
     losses = [r["train/loss"] for r in ns["train_log"]]
     assert losses[-1] < losses[0] - 0.1, losses  # the 50 steps trained something

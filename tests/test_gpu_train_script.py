@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import gpu_train
 from memjax.config import ModelConfig, load_config
+from memjax.model.lm import block_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +151,7 @@ def test_oom_retries_with_more_microbatches(tmp_path, monkeypatch):
 def test_hybrid_125m_config_size():
     cfg = load_config(os.path.join(ROOT, "configs", "hybrid_125m.py"))
     m = cfg.model
-    names = m.block_names()
+    names = block_names(m)
     assert names.count("mlp") == 12 and names.count("memory_plus") == 1
     assert names.count("gated_deltanet") == 9 and names.count("attention") == 3
     assert (m.d_model, m.num_heads, m.vocab_size, cfg.data.seq_len) == (768, 12, 32768, 2048)
