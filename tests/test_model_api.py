@@ -54,21 +54,21 @@ def _copy_to_scanned(unscanned: dict, group: int, repeat: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("pattern", ["A,F,D", "M2,R,G"])
-def test_scanned_layers_equal_unrolled_layers(pattern):
-    cfg = ModelConfig(vocab_size=40, d_model=32, num_heads=2, pattern=pattern, pattern_repeat=3, scan_layers=False)
+def test_scanned_layers_equal_unrolled_layers():
+    pattern = "A,D,M2"
+    cfg = ModelConfig(vocab_size=40, d_model=32, num_heads=2, pattern=pattern, pattern_repeat=2, scan_layers=False)
     flat = LM(cfg, rngs=nnx.Rngs(0))
     scanned = LM(ModelConfig(**{**cfg.__dict__, "scan_layers": True}), rngs=nnx.Rngs(1))
     assert scanned.scanned and not flat.scanned
-    params = _copy_to_scanned(nnx.state(flat, nnx.Param).to_pure_dict(), len(pattern.split(",")), 3)
+    params = _copy_to_scanned(nnx.state(flat, nnx.Param).to_pure_dict(), len(pattern.split(",")), 2)
     nnx.update(scanned, nnx.State(params))
-    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 40)
-    seg = jnp.repeat(jnp.array([[1, 2, 3]]), 8, axis=1).repeat(2, 0)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 40)
+    seg = jnp.repeat(jnp.array([[1, 2]]), 8, axis=1).repeat(2, 0)
     fwd = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
     np.testing.assert_allclose(fwd(scanned, tokens, seg), fwd(flat, tokens, seg), rtol=1e-5, atol=1e-5)
     # the remat policies change what is saved, not the gradient
     grads = []
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "full"):
         scanned.remat = remat
         g = nnx.jit(nnx.grad(lambda m, t: m(t).astype(jnp.float32).std()))(scanned, tokens)
         grads.append(jax.tree.leaves(nnx.state(g, nnx.Param)))

@@ -121,8 +121,9 @@ class LM(nnx.Module):
             cls = get_block(name)
             shared[cls.name] = cls.shared_params(**block_arguments(cfg, name, seq_axis=seq_axis), rngs=rngs)
         repeat = cfg.pattern_repeat
-        self.scanned = cfg.scan_layers and repeat > 1 and all(get_block(n).scannable for n in names)
-        self.stack = self.blocks = self.norms = None
+        # (blocks sharing parameters across layers, or needing their layer index, are not stacked)
+        self.scanned = (cfg.scan_layers and repeat > 1 and all(get_block(n).scannable for n in names)
+                        and not any(shared.values()))
         if self.scanned:
             @nnx.split_rngs(splits=repeat)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -131,11 +132,13 @@ class LM(nnx.Module):
 
             with unbatched_init():  # (deferred draws cannot leave the vmap; the vmap batches them)
                 self.stack = make(rngs)
+            self.blocks = self.norms = None
         else:
             groups = [Group(cfg, names, first_layer=i * len(names), seq_axis=seq_axis, shared=shared, rngs=rngs)
                       for i in range(repeat)]
             self.blocks = nnx.List([b for g in groups for b in g.blocks])
             self.norms = nnx.List([n for g in groups for n in g.norms])
+            self.stack = None
         self.final_norm = RMSNorm(d, rngs=rngs, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(
             rngs, nnx.initializers.normal(d ** -0.5), (d, v), ("embed", "vocab"))
@@ -163,16 +166,18 @@ class LM(nnx.Module):
         return x, (None if caches is None else tuple(new))
 
     def _scanned(self, x, segment_ids, tokens, caches):
-        policy = REMAT_POLICIES[self.remat]
+        if caches is None:
+            def body(group, x):
+                return group(x, segment_ids=segment_ids, tokens=tokens)[0]
 
-        def body(group, x, cache):
-            return group(x, segment_ids=segment_ids, tokens=tokens, caches=cache)
+            if self.remat != "none":
+                body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
+            return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.stack, x), None
 
-        if self.remat != "none" and caches is None:
-            body = nnx.remat(body, policy=policy)
-        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0 if caches is not None else None),
-                        out_axes=(nnx.Carry, 0 if caches is not None else None))
-        return scan(self.stack, x, caches)
+        def step(group, x, cache):
+            return group(x, tokens=tokens, caches=cache)
+
+        return nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(self.stack, x, caches)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, cache: Any = None):
         """``tokens: [B, T] int`` -> ``logits: [B, T, vocab] float32``; with ``cache`` (from
