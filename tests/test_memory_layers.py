@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, validate
+from memjax.config import ModelConfig
 from memjax.model.lm import LM
-from memjax.nn.memory_layers import record_slots, slot_usage, summarize_slots
+from memjax.nn.cache import NoCache
+from memjax.nn.layers import logical_axes
+from memjax.nn.memory_layers import MemoryPlusLayer, PKMLayer, record_slots, slot_usage, summarize_slots
+from memjax.nn.ngram import STEMFFN, NgramCache, NgramMemory
 from memjax.nn.registry import get_block
+from tests.helpers import rel_err
 from tiny import mqar_losses
 
 TOL = 1e-5
@@ -23,14 +27,9 @@ ALIASES = ["P", "M", "N", "T"]
 
 
 def make(alias, **extra):
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2)
     cls = get_block(alias)
-    o = options_from_dict(cls.Options, {**SMALL[cls.name], **extra}, f"model.blocks.{cls.name}")
-    return cls(cfg, o, layer=0, shared={}, rngs=nnx.Rngs(0))
-
-
-def rel(x, ref):
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+    model = {"vocab_size": 64} if cls is STEMFFN else {}
+    return cls(d_model=32, **model, **{**SMALL[cls.name], **extra}, rngs=nnx.Rngs(0))
 
 
 def inputs(b=2, t=13, seed=1):
@@ -45,16 +44,16 @@ def test_prefill_then_steps_match_full_sequence(alias):
     blk = make(alias)
     x, tok = inputs()
     y = nnx.jit(lambda b, x, t: b(x, tokens=t))(blk, x, tok)
-    state = blk.init_state(2, 16)
-    prefill = nnx.jit(lambda b, x, st, t: b.prefill(x, st, tokens=t))
-    y1, state = prefill(blk, x[:, :1], state, tok[:, :1])  # shorter than an n-gram
-    y2, state = prefill(blk, x[:, 1:6], state, tok[:, 1:6])
+    cache = blk.init_cache(2, 16)
+    assert isinstance(cache, NgramCache if alias == "N" else NoCache)
+    decode = nnx.jit(lambda b, x, c, t: b(x, tokens=t, cache=c))
+    y1, cache = decode(blk, x[:, :1], cache, tok[:, :1])  # shorter than an n-gram
+    y2, cache = decode(blk, x[:, 1:6], cache, tok[:, 1:6])
     ys = [y1, y2]
-    step = nnx.jit(lambda b, xt, st, t: b.step(xt, st, token=t))
     for t in range(6, 13):
-        yt, state = step(blk, x[:, t], state, tok[:, t])
-        ys.append(yt[:, None])
-    assert rel(jnp.concatenate(ys, 1), y) < TOL
+        yt, cache = decode(blk, x[:, t:t + 1], cache, tok[:, t:t + 1])
+        ys.append(yt)
+    assert rel_err(jnp.concatenate(ys, 1), y) < TOL
 
 
 @pytest.mark.parametrize("alias", ALIASES)
@@ -69,27 +68,41 @@ def test_packed_equals_separate_documents(alias):
     for n in lengths:
         parts.append(call(blk, x[:, start:start + n], tok[:, start:start + n], None))
         start += n
-    assert rel(y, jnp.concatenate(parts, 1)) < TOL
+    assert rel_err(y, jnp.concatenate(parts, 1)) < TOL
     if alias == "N":  # n-grams do cross boundaries without segment_ids
-        assert rel(call(blk, x, tok, jnp.ones_like(seg)), y) > 1e-3
+        assert rel_err(call(blk, x, tok, jnp.ones_like(seg)), y) > 1e-3
 
 
 def test_token_blocks_need_tokens():
-    x, _ = inputs()
+    x, tok = inputs()
     for alias in ("N", "T"):
+        blk = make(alias)
         with pytest.raises(ValueError, match="token ids"):
-            make(alias)(x)
+            blk(x)
+        with pytest.raises(ValueError, match="token ids"):
+            blk(x[:, :1], cache=blk.init_cache(2, 4))
+        with pytest.raises(ValueError, match="tokens must be"):
+            blk(x, tokens=tok[:, :3])
+
+
+def test_registered_names_and_defaults():
+    for alias, cls in (("P", PKMLayer), ("M", MemoryPlusLayer), ("N", NgramMemory), ("T", STEMFFN)):
+        assert get_block(alias) is cls
+        blk = cls(64, rngs=nnx.Rngs(0))  # d_model and rngs suffice
+        assert blk.scannable == (cls is STEMFFN)  # P, M, N take `layer`
+    assert STEMFFN(8, rngs=nnx.Rngs(0)).embed.shape == (256, 32)  # vocab_size 256, 4 * d_model
+    assert STEMFFN(8, mlp_hidden=24, rngs=nnx.Rngs(0)).embed.shape == (256, 24)
 
 
 def test_parameters_carry_logical_axes_and_value_groups():
     for alias in ALIASES:
         params = nnx.state(make(alias), nnx.Param)
         for path, var in nnx.to_flat_state(params):
-            meta = var.get_metadata()
-            assert meta.get("logical_axes") is not None and len(meta["logical_axes"]) == var[...].ndim, (alias, path)
+            axes = logical_axes(var)
+            assert axes is not None and len(axes) == var[...].ndim, (alias, path)
             if path[-1] == "values":
-                assert meta["logical_axes"] == ("memory_slots", "memory_dim")
-                assert meta["optim_group"] == "memory_values"
+                assert axes == ("memory_slots", "memory_dim")
+                assert var.get_metadata()["optim_group"] == "memory_values"
 
 
 @pytest.mark.parametrize("alias", ["P", "M"])
@@ -106,6 +119,29 @@ def test_values_get_gradient_only_on_rows_read(alias):
     nonzero = np.flatnonzero(np.any(g != 0, axis=1))
     np.testing.assert_array_equal(nonzero, read)
     assert 0 < len(read) < blk.num_slots
+
+
+def test_shared_values_from_shared_params():
+    kw = dict(d_model=32, **SMALL["memory_plus"], shared_pool=True)
+    assert MemoryPlusLayer.shared_params(rngs=nnx.Rngs(0), **{**kw, "shared_pool": False}) == {}
+    shared = MemoryPlusLayer.shared_params(rngs=nnx.Rngs(0), **kw)
+    assert set(shared) == {"shared_values"} and shared["shared_values"].shape == (64, 32)
+    a = MemoryPlusLayer(**kw, **shared, layer=0, rngs=nnx.Rngs(1))
+    b = MemoryPlusLayer(**kw, **shared, layer=2, rngs=nnx.Rngs(2))
+    assert a.values is b.values is shared["shared_values"] and a.pool == b.pool == "memory_plus/shared"
+    x, _ = inputs()
+    with record_slots() as rec:
+        b(a(x))
+    assert set(rec["memory_plus/shared"]["layers"]) == {0, 2}
+    assert set(summarize_slots(rec)) == {"memory_plus/shared", "memory_plus/shared/layer0",
+                                        "memory_plus/shared/layer2"}
+    alone = MemoryPlusLayer(**kw, rngs=nnx.Rngs(0))  # shared_pool without a table: its own
+    assert alone.values.shape == (64, 32) and alone.pool == "memory_plus/shared"
+    with pytest.raises(ValueError, match="MemoryPlusLayer: shared_values has shape"):
+        MemoryPlusLayer(**{**kw, "n_keys": 4, "knn": 2}, **shared, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="shared_pool is False"):
+        MemoryPlusLayer(**{**kw, "shared_pool": False}, **shared, rngs=nnx.Rngs(0))
+    assert MemoryPlusLayer(32, layer=3, rngs=nnx.Rngs(0)).pool == "memory_plus/layer3"
 
 
 def test_shared_pool_is_one_table_for_all_memory_plus_blocks():
@@ -151,43 +187,40 @@ def test_slot_usage_helper():
 def test_sharded_values_inside_the_block(shard):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from memjax.config import MeshConfig
-    from memjax.model.sharding import make_mesh
-
     blk = make("M", shard=shard)
     x, _ = inputs()
     y_ref = nnx.jit(lambda b, x: b(x))(blk, x)  # no mesh: the local lookup
     g_ref = nnx.jit(nnx.grad(lambda b, x: jnp.sum(b(x) ** 2)))(blk, x)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=8))
+    mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = P("tensor", None) if shard == "rows" else P(None, "tensor")
     with jax.set_mesh(mesh):
         blk.values.set_value(jax.device_put(blk.values[...], NamedSharding(mesh, spec)))
         y = nnx.jit(lambda b, x: b(x))(blk, x)
         g = nnx.jit(nnx.grad(lambda b, x: jnp.sum(b(x) ** 2)))(blk, x)
-    assert rel(y, y_ref) < TOL
-    assert rel(g["values"][...], g_ref["values"][...]) < TOL and rel(g["query"]["kernel"][...],
-                                                                    g_ref["query"]["kernel"][...]) < TOL
+    assert rel_err(y, y_ref) < TOL
+    assert rel_err(g["values"][...], g_ref["values"][...]) < TOL
+    assert rel_err(g["query"]["kernel"][...], g_ref["query"]["kernel"][...]) < TOL
     assert g["values"][...].sharding.is_equivalent_to(NamedSharding(mesh, spec), 2)
 
 
 def test_options_are_validated():
-    cfg = Config()
-    cfg.model.pattern = "A,M"
     for opts, key in [({"knn": 40, "n_keys": 32}, "knn"), ({"k_dim": 7}, "k_dim"), ({"shard": "diag"}, "shard"),
-                      ({"impl": "cuda"}, "impl"), ({"heads": 0}, "heads"), ({"shard_axis": "model"}, "shard_axis")]:
-        cfg.model.blocks = {"memory_plus": opts}
-        with pytest.raises(ConfigError, match=f"memory_plus.{key}"):
-            validate(cfg)
-    cfg.model.blocks = {"ngram_mem": {"max_ngram": 1}}
-    with pytest.raises(ConfigError, match="ngram_mem.max_ngram"):
-        validate(cfg)
-    cfg.model.blocks = {"stem_ffn": {"hidden": -1}}
-    with pytest.raises(ConfigError, match="stem_ffn.hidden"):
-        validate(cfg)
-    cfg.model.pattern = "A,P,M,N,T"
-    cfg.model.blocks = {"pkm": {"n_keys": 16, "knn": 16}, "memory_plus": {"shared_pool": True, "shard": "cols"},
-                        "ngram_mem": {"one_bucket": True}, "stem_ffn": {"hidden": 64}}
-    validate(cfg)
+                      ({"impl": "cuda"}, "impl"), ({"heads": 0}, "heads"), ({"shard_axis": ""}, "shard_axis"),
+                      ({"value_dim": -1}, "value_dim")]:
+        with pytest.raises(ValueError, match=f"MemoryPlusLayer: {key}"):
+            MemoryPlusLayer(32, **opts, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="PKMLayer: knn"):
+        PKMLayer(32, knn=9, n_keys=8, rngs=nnx.Rngs(0))
+    for opts, key in [({"max_ngram": 1}, "max_ngram"), ({"heads": 0}, "heads"), ({"table_size": 0}, "table_size"),
+                      ({"embed_dim": -1}, "embed_dim"), ({"pad_id": -1}, "pad_id")]:
+        with pytest.raises(ValueError, match=f"NgramMemory: {key}"):
+            NgramMemory(32, **opts, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="STEMFFN: hidden"):
+        STEMFFN(32, hidden=-1, rngs=nnx.Rngs(0))
+    PKMLayer(32, n_keys=16, knn=16, rngs=nnx.Rngs(0))
+    MemoryPlusLayer(32, shared_pool=True, shard="cols", shard_axis="model", rngs=nnx.Rngs(0))
+    NgramMemory(32, one_bucket=True, rngs=nnx.Rngs(0))
+    STEMFFN(32, hidden=64, rngs=nnx.Rngs(0))
 
 
 def test_one_bucket_control_ignores_the_ngram():
@@ -195,8 +228,8 @@ def test_one_bucket_control_ignores_the_ngram():
     x, tok = inputs()
     y1 = blk(x, tokens=tok)
     y2 = blk(x, tokens=(tok + 17) % 64)
-    assert rel(y2, y1) < 1e-6
-    assert rel(make("N")(x, tokens=(tok + 17) % 64), make("N")(x, tokens=tok)) > 1e-2
+    assert rel_err(y2, y1) < 1e-6
+    assert rel_err(make("N")(x, tokens=(tok + 17) % 64), make("N")(x, tokens=tok)) > 1e-2
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from memjax.memory.mixture import mixture_of_memories
-from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 jmom = jax.jit(mixture_of_memories, static_argnames=("top_k", "memory", "shared_memory", "mode", "chunk_size"))
@@ -190,90 +189,3 @@ def test_input_validation():
     with pytest.raises(ValueError, match="chunk_size"):
         mixture_of_memories(**x, top_k=2, memory="delta", chunk_size=0)
 
-
-# ----------------------------------------------------------------------------- block
-
-
-def _block(alias, **opts):
-    from flax import nnx
-
-    from memjax.config import ModelConfig, options_from_dict
-    from memjax.nn.registry import get_block
-
-    cls = get_block(alias)
-    o = options_from_dict(cls.Options, opts, f"model.blocks.{cls.name}")
-    return cls(ModelConfig(d_model=32, num_heads=2), o, layer=0, shared={}, rngs=nnx.Rngs(0))
-
-
-def _rel(x, ref):
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
-
-
-def _train_mqar(pattern, blocks, steps=60, lr=3e-3):
-    """Loss of a 2-layer model trained with Adam on MQAR (first and last 5 steps averaged)."""
-
-    from memjax.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
-    losses = mqar_losses(cfg, steps=steps, lr=lr)
-    assert np.all(np.isfinite(losses))
-    return np.mean(losses[:5]), np.mean(losses[-5:])
-
-
-def test_block_prefill_then_steps_match_full_sequence():
-    """Prefill 2 tokens (fewer than the conv window), then decode 19 one by one (the recurrent
-    form, crossing chunk boundaries of the training form): the full-sequence output to 1e-4."""
-    from flax import nnx
-
-    blk = _block("MoM", chunk_size=8)
-    x = jax.random.normal(jax.random.key(1), (2, 21, 32))
-    y = nnx.jit(lambda b, x: b(x))(blk, x)
-    state = blk.init_state(2, 32)
-    assert state["memory"].shape == (2, blk.mp, 2, 16, 16)
-    prefill = nnx.jit(lambda b, x, st: b.prefill(x, st))
-    y1, state = prefill(blk, x[:, :2], state)
-    ys = [y1]
-    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
-    for t in range(2, 21):
-        yt, state = step(blk, x[:, t], state)
-        ys.append(yt[:, None])
-    assert _rel(jnp.concatenate(ys, 1), y) < 1e-4
-
-
-def test_block_packed_equals_separate_documents():
-    from flax import nnx
-
-    blk = _block("MoM", chunk_size=4)
-    lengths = [7, 10, 5]
-    x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 32))
-    seg = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
-    y = nnx.jit(lambda b, x, s: b(x, segment_ids=s))(blk, x, seg)
-    docs = jnp.concatenate([jnp.pad(x[:, s:s + n], ((0, 0), (0, 10 - n), (0, 0)))
-                            for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)])
-    y_docs = nnx.jit(lambda b, x: b(x))(blk, docs)
-    parts = [y_docs[i:i + 1, :n] for i, n in enumerate(lengths)]
-    assert _rel(y, jnp.concatenate(parts, 1)) < 1e-4
-
-
-def test_block_parameters_and_options():
-    from flax import nnx
-
-    from memjax.config import Config, ConfigError, validate
-
-    for path, var in nnx.to_flat_state(nnx.state(_block("MoM"), nnx.Param)):
-        axes = var.get_metadata().get("logical_axes")
-        assert axes is not None and len(axes) == var[...].ndim, path
-    cfg = Config()
-    cfg.model.pattern = "MoM"
-    for bad, key in (({"top_k": 5}, "top_k"), ({"memory": "softmax"}, "memory"), ({"num_memories": 0}, "num_memories")):
-        cfg.model.blocks = {"mom": bad}
-        with pytest.raises(ConfigError, match=f"mom.{key}"):
-            validate(cfg)
-    cfg.model.blocks = {"mom": {"num_memories": 2, "top_k": 1, "memory": "linear"}}
-    validate(cfg)
-
-
-@pytest.mark.slow
-def test_two_layer_mom_model_learns_mqar():
-    first, last = _train_mqar("MoM,MoM", {"mom": {"chunk_size": 16}}, steps=40, lr=1e-2)
-    assert last < first - 0.5, (first, last)

@@ -16,58 +16,60 @@ is causal softmax attention with ``beta`` as the inverse temperature, i.e. the `
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.hopfield import hopfield_retrieval
-from memjax.nn.block import Block
+from memjax.nn.block import Block, position_wise_result
 from memjax.nn.layers import Linear, RMSNorm, l2_normalize, param
 from memjax.nn.registry import register_block
+from memjax.nn.validate import check_heads, check_nonnegative, check_positive
 
 
 @register_block("hopfield", aliases=("H",))
 class HopfieldLayer(Block):
-    @dataclasses.dataclass
-    class Options:
-        num_patterns: int = 64  # stored patterns per head
-        steps: int = 1  # Hopfield update steps (the last one reads the values)
-        beta_init: float = 0.0  # initial inverse temperature; 0: sqrt(head_dim)
+    """Position-wise Hopfield retrieval from learned patterns, ``[B, T, d_model] -> [B, T, d_model]``.
 
-        def validate(self, m, where):
-            if self.num_patterns <= 0:
-                raise ConfigError(f"config key '{where}.num_patterns' must be positive, got {self.num_patterns}")
-            if self.steps <= 0:
-                raise ConfigError(f"config key '{where}.steps' must be positive, got {self.steps}")
-            if self.beta_init < 0:
-                raise ConfigError(f"config key '{where}.beta_init' must be >= 0, got {self.beta_init}")
+    Args:
+      d_model: model width.
+      num_heads, head_dim: heads and the head dim ``K`` (``None``: ``d_model // num_heads``).
+      num_patterns: stored patterns ``N`` per head.
+      steps: Hopfield update steps (the last one reads the values).
+      beta_init: initial inverse temperature; 0: ``sqrt(head_dim)``.
+      norm_eps: epsilon of the output RMSNorm.
+      dtype: compute dtype (parameters stay float32).
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.opts = opts
-        self.h, self.dk = cfg.num_heads, cfg.resolved_head_dim
-        d, h, dk, n = cfg.d_model, self.h, self.dk, opts.num_patterns
-        dt = jnp.dtype(cfg.compute_dtype)
+    Decoding cache: :class:`memjax.nn.cache.NoCache` (no state across tokens).
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, num_patterns: int = 64,
+                 steps: int = 1, beta_init: float = 0.0, norm_eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.h, self.dk = check_heads("HopfieldLayer", d_model, num_heads, head_dim)
+        check_positive("HopfieldLayer", num_patterns=num_patterns, steps=steps)
+        check_nonnegative("HopfieldLayer", beta_init=beta_init)
+        self.steps = steps
+        d, h, dk, n = d_model, self.h, self.dk, num_patterns
+        dt = jnp.dtype(dtype)
         self.wq = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.patterns = param(rngs, nnx.initializers.normal(1.0), (h, n, dk), ("heads", "memory_slots", "kv"))
         self.values = param(rngs, nnx.initializers.normal(1.0), (h, n, dk), ("heads", "memory_slots", "kv"))
-        beta0 = opts.beta_init or math.sqrt(dk)
+        beta0 = beta_init or math.sqrt(dk)
         self.log_beta = param(rngs, lambda k, s, t: jnp.full(s, math.log(beta0), t), (h,), ("heads",))
-        self.o_norm = RMSNorm(dk, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
+        self.o_norm = RMSNorm(dk, rngs=rngs, eps=norm_eps, axes=("kv",))
         self.wg = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wo = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache=None):
         b, t, _ = x.shape
         xi = l2_normalize(self.wq(x).reshape(b, t, self.h, self.dk))
         xi = jnp.swapaxes(xi, 1, 2)  # [B, H, T, K] against patterns [H, N, K]
         beta = jnp.exp(self.log_beta[...])[:, None]  # [H, 1], broadcast to [B, H, T]
         pats = l2_normalize(self.patterns[...]).astype(xi.dtype)
-        o = hopfield_retrieval(xi, pats, beta=beta, steps=self.opts.steps,
-                               values=self.values[...].astype(xi.dtype))
+        o = hopfield_retrieval(xi, pats, beta=beta, steps=self.steps, values=self.values[...].astype(xi.dtype))
         o = self.o_norm(jnp.swapaxes(o, 1, 2))
         o = o * jax.nn.silu(self.wg(x)).reshape(b, t, self.h, self.dk).astype(o.dtype)
-        return self.wo(o.reshape(b, t, self.h * self.dk))
+        return position_wise_result(self.wo(o.reshape(b, t, self.h * self.dk)), cache)

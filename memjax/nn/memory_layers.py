@@ -11,9 +11,15 @@ Both are position-wise residual sub-layers (usually in place of, or next to, an 
     qk-normalised queries and keys (RMSNorm on each query half and each sub-key, scores
     scaled by ``(d/2)^-1/2``), output ``y = (silu(x W_g) * mem(x)) W_o``. With
     ``shared_pool=True`` every ``memory_plus`` block of the model reads and writes one value
-    table (kept in the model's ``shared`` dict); keys, queries and projections stay per block.
+    table: :meth:`MemoryPlusLayer.shared_params` makes it (``{"shared_values": table}``, the
+    model calls it once) and each block gets it as ``shared_values=``; keys, queries and
+    projections stay per block.
 
-Value tables are ``nnx.Param`` with ``logical_axes=("memory_slots", "memory_dim")`` and
+Both are position-wise: the decoding cache is :class:`memjax.nn.cache.NoCache`. They take
+``layer`` (the block's index in the model) only to name their value table in the slot records
+(``"pkm/layer<i>"``), so they are not scannable.
+
+Value tables are ``nnx.Param`` with logical axes ``("memory_slots", "memory_dim")`` and
 ``optim_group="memory_values"`` (``optim.memory_values_lr`` gives them their own learning
 rate). ``shard="rows" | "cols"`` reads them with
 :func:`memjax.memory.sharded_lookup.sharded_embedding_bag` under the current mesh
@@ -28,21 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.kernels.embedding_bag_ops import IMPLS, embedding_bag
 from memjax.memory import product_keys
 from memjax.memory.sharded_lookup import axis_size, sharded_embedding_bag
-from memjax.nn.block import Block
+from memjax.nn.block import Block, position_wise_result
 from memjax.nn.layers import Linear, RMSNorm, param
 from memjax.nn.registry import register_block
-
-SHARED_VALUES_KEY = "memory_plus/values"
+from memjax.nn.validate import check_choice, check_nonnegative, check_positive
 
 # ----------------------------------------------------------------------------- slot recording
 
@@ -102,31 +105,7 @@ def _record(pool: str, num_slots: int, layer: int, idx) -> None:
 
 # ----------------------------------------------------------------------------- blocks
 
-
-@dataclasses.dataclass
-class _MemoryOptions:
-    n_keys: int = 32  # sub-keys per half; slots = n_keys^2
-    heads: int = 4
-    knn: int = 8  # slots read per head (k)
-    k_dim: int = 0  # query / key width (even); 0: d_model rounded down to even
-    impl: str = "auto"  # embedding-bag implementation (memjax.kernels.embedding_bag_ops)
-    shard: str = "none"  # "none" | "rows" | "cols": value table sharded over shard_axis
-    shard_axis: str = "tensor"
-
-    def validate(self, m, where):
-        for key in ("n_keys", "heads", "knn"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{where}.{key}' must be >= 1, got {getattr(self, key)}")
-        if self.knn > self.n_keys:
-            raise ConfigError(f"config key '{where}.knn' ({self.knn}) must be <= {where}.n_keys ({self.n_keys})")
-        if self.k_dim < 0 or self.k_dim % 2:
-            raise ConfigError(f"config key '{where}.k_dim' must be 0 or a positive even number, got {self.k_dim}")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"config key '{where}.impl' must be one of {IMPLS}, got {self.impl!r}")
-        if self.shard not in ("none", "rows", "cols"):
-            raise ConfigError(f"config key '{where}.shard' must be 'none', 'rows' or 'cols', got {self.shard!r}")
-        if self.shard_axis not in ("data", "fsdp", "tensor"):
-            raise ConfigError(f"config key '{where}.shard_axis' must be a mesh axis (data, fsdp, tensor), got {self.shard_axis!r}")
+SHARDS = ("none", "rows", "cols")
 
 
 def _values_param(rngs, num_slots: int, dim: int) -> nnx.Param:
@@ -135,28 +114,52 @@ def _values_param(rngs, num_slots: int, dim: int) -> nnx.Param:
 
 
 class _ProductKeyMemory(Block):
-    """Shared machinery: query projection, sub-keys, top-k, lookup (local or sharded)."""
+    """Shared machinery: query projection, sub-keys, top-k, lookup (local or sharded).
 
-    pool_prefix = "pkm"
+    Args (common to ``pkm`` and ``memory_plus``):
+      d_model: model width; ``x, y: [B, T, d_model]``.
+      n_keys: sub-keys per half; slots = ``n_keys^2``.
+      heads: query heads (each reads ``knn`` slots).
+      knn: slots read per head, ``<= n_keys``.
+      k_dim: query / key width (even); 0: ``d_model`` rounded down to even.
+      impl: embedding-bag implementation (:mod:`memjax.kernels.embedding_bag_ops`).
+      shard: ``"none" | "rows" | "cols"``: the value table is sharded over mesh axis ``shard_axis``
+        of the current mesh (``jax.set_mesh``) and read with
+        :func:`memjax.memory.sharded_lookup.sharded_embedding_bag` when that axis has > 1 device.
+      shard_axis: the mesh axis of ``shard``.
+      layer: the block's index in the model (names its table in the slot records).
+      dtype: compute dtype (parameters stay float32; scores are float32).
+    """
 
-    def _setup_keys(self, cfg, opts, layer, rngs):
-        self.opts, self.layer = opts, layer
-        self.dtype = jnp.dtype(cfg.compute_dtype)
-        self.k_dim = opts.k_dim or (cfg.d_model // 2) * 2
-        if self.k_dim < 2 or self.k_dim % 2:
-            raise ValueError(f"k_dim must be a positive even number, got {self.k_dim}")
-        self.heads, self.knn, self.n_keys = opts.heads, opts.knn, opts.n_keys
-        self.num_slots = opts.n_keys ** 2
+    scannable = False  # takes ``layer``
+
+    def _setup_keys(self, d_model, *, n_keys, heads, knn, k_dim, impl, shard, shard_axis, layer, dtype, rngs):
+        name = type(self).__name__
+        check_positive(name, d_model=d_model, n_keys=n_keys, heads=heads, knn=knn)
+        if knn > n_keys:
+            raise ValueError(f"{name}: knn ({knn}) must be <= n_keys ({n_keys})")
+        if k_dim < 0 or k_dim % 2:
+            raise ValueError(f"{name}: k_dim must be 0 or a positive even number, got {k_dim}")
+        check_choice(name, "impl", impl, IMPLS)
+        check_choice(name, "shard", shard, SHARDS)
+        if not isinstance(shard_axis, str) or not shard_axis:
+            raise ValueError(f"{name}: shard_axis must be a mesh axis name, got {shard_axis!r}")
+        self.layer, self.impl, self.shard, self.shard_axis = layer, impl, shard, shard_axis
+        self.dtype = jnp.dtype(dtype)
+        self.k_dim = k_dim or (d_model // 2) * 2
+        if self.k_dim < 2:
+            raise ValueError(f"{name}: k_dim must be a positive even number, got {self.k_dim} (d_model {d_model})")
+        self.heads, self.knn, self.n_keys = heads, knn, n_keys
+        self.num_slots = n_keys ** 2
         half = self.k_dim // 2
-        self.query = Linear(cfg.d_model, opts.heads * self.k_dim, ("embed", "heads"), rngs=rngs, dtype=self.dtype)
-        self.subkeys = param(rngs, nnx.initializers.normal(half ** -0.5), (opts.heads, 2, opts.n_keys, half),
+        self.query = Linear(d_model, heads * self.k_dim, ("embed", "heads"), rngs=rngs, dtype=self.dtype)
+        self.subkeys = param(rngs, nnx.initializers.normal(half ** -0.5), (heads, 2, n_keys, half),
                              (None, None, None, "kv"))
 
     def _lookup(self, values, idx, w):
-        o = self.opts
-        if o.shard != "none" and axis_size(o.shard_axis) > 1:
-            return sharded_embedding_bag(values, idx, w, scheme=o.shard, axis=o.shard_axis, impl=o.impl)
-        return embedding_bag(values, idx, w, impl=o.impl)
+        if self.shard != "none" and axis_size(self.shard_axis) > 1:
+            return sharded_embedding_bag(values, idx, w, scheme=self.shard, axis=self.shard_axis, impl=self.impl)
+        return embedding_bag(values, idx, w, impl=self.impl)
 
     def _read(self, q, subkeys, values, pool):
         """``q: [B, T, H, k_dim]`` -> memory read ``[B, T, D_v]`` (computed in float32 scores)."""
@@ -173,16 +176,20 @@ class _ProductKeyMemory(Block):
 
 @register_block("pkm", aliases=("P",))
 class PKMLayer(_ProductKeyMemory):
-    """Product-key memory layer (Lample et al. 2019); values ``[n_keys^2, d_model]``."""
+    """Product-key memory layer (Lample et al. 2019); values ``[n_keys^2, d_model]``.
 
-    @dataclasses.dataclass
-    class Options(_MemoryOptions):
-        query_norm: bool = True  # RMSNorm on each head's query (causal stand-in for batch-norm)
+    ``y = sum_{h, j} softmax_j(s_h) V[idx_hj]`` with ``(s, idx) = topk(norm(x W_q)_h, knn)``.
+    Options: the common ones (see :class:`_ProductKeyMemory`) and ``query_norm`` (RMSNorm on
+    each head's query, the causal stand-in for the original batch-norm).
+    """
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self._setup_keys(cfg, opts, layer, rngs)
-        self.q_norm = RMSNorm(self.k_dim, rngs=rngs, axes=("kv",)) if opts.query_norm else None
-        self.values = _values_param(rngs, self.num_slots, cfg.d_model)
+    def __init__(self, d_model: int, *, n_keys: int = 32, heads: int = 4, knn: int = 8, k_dim: int = 0,
+                 impl: str = "auto", shard: str = "none", shard_axis: str = "tensor", query_norm: bool = True,
+                 layer: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+        self._setup_keys(d_model, n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim, impl=impl, shard=shard,
+                         shard_axis=shard_axis, layer=layer, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(self.k_dim, rngs=rngs, axes=("kv",)) if query_norm else None
+        self.values = _values_param(rngs, self.num_slots, d_model)
 
     def _query_and_keys(self, x):
         b, t, _ = x.shape
@@ -191,44 +198,57 @@ class PKMLayer(_ProductKeyMemory):
             q = self.q_norm(q)
         return q.astype(jnp.float32), self.subkeys[...]
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache=None):
         q, keys = self._query_and_keys(x)
         y = self._read(q, keys, self.values[...], f"pkm/layer{self.layer}")
-        return y.astype(x.dtype)
+        return position_wise_result(y.astype(x.dtype), cache)
 
 
 @register_block("memory_plus", aliases=("M",))
 class MemoryPlusLayer(_ProductKeyMemory):
-    """Memory+ (Berges et al. 2024): qk-norm product keys, ``(silu(x W_g) * mem(x)) W_o``."""
+    """Memory+ (Berges et al. 2024): qk-norm product keys, ``y = (silu(x W_g) * mem(x)) W_o``.
 
-    @dataclasses.dataclass
-    class Options(_MemoryOptions):
-        value_dim: int = 0  # 0: d_model
-        shared_pool: bool = False  # one value table for all memory_plus blocks of the model
+    Options: the common ones (see :class:`_ProductKeyMemory`) and
+      value_dim: width of the value table (0: ``d_model``).
+      shared_pool: one value table for all ``memory_plus`` blocks of a model: the model makes it
+        with :meth:`shared_params` and passes it to every block as ``shared_values``; a block
+        built alone with ``shared_pool=True`` and no ``shared_values`` makes its own.
+      shared_values: the shared table ``[n_keys^2, value_dim]`` (only with ``shared_pool``).
+    """
 
-        def validate(self, m, where):
-            super().validate(m, where)
-            if self.value_dim < 0:
-                raise ConfigError(f"config key '{where}.value_dim' must be >= 0, got {self.value_dim}")
-
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self._setup_keys(cfg, opts, layer, rngs)
-        dv = opts.value_dim or cfg.d_model
+    def __init__(self, d_model: int, *, n_keys: int = 32, heads: int = 4, knn: int = 8, k_dim: int = 0,
+                 impl: str = "auto", shard: str = "none", shard_axis: str = "tensor", value_dim: int = 0,
+                 shared_pool: bool = False, shared_values: nnx.Param | None = None, layer: int = 0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self._setup_keys(d_model, n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim, impl=impl, shard=shard,
+                         shard_axis=shard_axis, layer=layer, dtype=dtype, rngs=rngs)
+        check_nonnegative("MemoryPlusLayer", value_dim=value_dim)
+        dv = value_dim or d_model
         half = self.k_dim // 2
         self.q_norm = RMSNorm(half, rngs=rngs, axes=("kv",))
         self.k_norm = RMSNorm(half, rngs=rngs, axes=("kv",))
-        self.gate = Linear(cfg.d_model, dv, ("embed", "mlp"), rngs=rngs, dtype=self.dtype)
-        self.out = Linear(dv, cfg.d_model, ("mlp", "embed"), rngs=rngs, dtype=self.dtype)
-        if opts.shared_pool:
-            if SHARED_VALUES_KEY not in shared:
-                shared[SHARED_VALUES_KEY] = _values_param(rngs, self.num_slots, dv)
-            self.values = shared[SHARED_VALUES_KEY]
-            if self.values.shape != (self.num_slots, dv):
-                raise ValueError(f"shared memory pool has shape {self.values.shape}, this block needs {(self.num_slots, dv)}")
-            self.pool = "memory_plus/shared"
+        self.gate = Linear(d_model, dv, ("embed", "mlp"), rngs=rngs, dtype=self.dtype)
+        self.out = Linear(dv, d_model, ("mlp", "embed"), rngs=rngs, dtype=self.dtype)
+        if shared_values is not None:
+            if not shared_pool:
+                raise ValueError("MemoryPlusLayer: shared_values is given but shared_pool is False")
+            if shared_values.shape != (self.num_slots, dv):
+                raise ValueError(f"MemoryPlusLayer: shared_values has shape {shared_values.shape}, this block needs "
+                                 f"{(self.num_slots, dv)} (n_keys^2, value_dim)")
+            self.values = shared_values
         else:
             self.values = _values_param(rngs, self.num_slots, dv)
-            self.pool = f"memory_plus/layer{layer}"
+        self.pool = "memory_plus/shared" if shared_pool else f"memory_plus/layer{layer}"
+
+    @classmethod
+    def shared_params(cls, *, rngs: nnx.Rngs, d_model: int, n_keys: int = 32, value_dim: int = 0,
+                      shared_pool: bool = False, **kwargs) -> dict:
+        """``{"shared_values": table [n_keys^2, value_dim or d_model]}`` with ``shared_pool``, else ``{}``."""
+        if not shared_pool:
+            return {}
+        check_positive("MemoryPlusLayer", d_model=d_model, n_keys=n_keys)
+        check_nonnegative("MemoryPlusLayer", value_dim=value_dim)
+        return {"shared_values": _values_param(rngs, n_keys ** 2, value_dim or d_model)}
 
     def _query_and_keys(self, x):
         b, t, _ = x.shape
@@ -238,7 +258,8 @@ class MemoryPlusLayer(_ProductKeyMemory):
         keys = self.k_norm(self.subkeys[...])
         return q.reshape(b, t, self.heads, self.k_dim), keys
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache=None):
         q, keys = self._query_and_keys(x)
         mem = self._read(q, keys, self.values[...], self.pool)
-        return self.out(jax.nn.silu(self.gate(x)) * mem.astype(self.dtype)).astype(x.dtype)
+        y = self.out(jax.nn.silu(self.gate(x)) * mem.astype(self.dtype)).astype(x.dtype)
+        return position_wise_result(y, cache)
