@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.config import Config, ConfigError, ModelConfig, options_from_dict, validate
-from memjax.nn.registry import get_block
+from memjax.config import ModelConfig
+from memjax.nn.layers import logical_axes
+from memjax.nn.titans_mac import TitansMAC
+from tests.helpers import rel_err
 from tiny import mqar_losses
 
 D, H = 32, 2
@@ -20,13 +22,7 @@ LENGTHS = [5, 2, 7]  # packed documents: starts at 5 and 7 fall inside blocks of
 
 
 def _block(**opts):
-    cls = get_block("MAC")
-    o = options_from_dict(cls.Options, {**OPTS, **opts}, "model.blocks.titans_mac")
-    return cls(ModelConfig(d_model=D, num_heads=H), o, layer=0, shared={}, rngs=nnx.Rngs(0))
-
-
-def _rel(x, ref):
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+    return TitansMAC(d_model=D, **{"num_heads": H, **OPTS, **opts}, rngs=nnx.Rngs(0))
 
 
 _call = nnx.jit(lambda b, x: b(x))
@@ -66,8 +62,8 @@ def _reference(blk, x, seg):
     retrieve from the memory at the segment start, attend with a hand-built mask over
     [P || h || x_seg], then write the memory token by token (gradient of ||M(k) - v||^2 at the
     segment-start weights, by a hand-written backward pass; momentum; decay) and read it."""
-    s, np_, dk, eps = blk.seg, blk.opts.num_persistent, blk.dk, 1e-6
-    act, dact = {"silu": _SILU, "gelu": _GELU}[blk.opts.activation]
+    s, np_, dk, eps = blk.seg, blk.num_persistent, blk.dk, 1e-6
+    act, dact = {"silu": _SILU, "gelu": _GELU}[blk.activation]
     mem, att = blk.memory, blk.attn
     x = np.asarray(x, np.float64)
     heads = lambda z: z.reshape(z.shape[0], H, dk)
@@ -155,7 +151,7 @@ def _reference(blk, x, seg):
 def test_packed_matches_reference_loop(blk, packed):
     """The general (packed) form against the hand-built per-segment mask and token loop."""
     x, seg, y = packed
-    assert _rel(y, _reference(blk, x, seg)) < 1e-4
+    assert rel_err(y, _reference(blk, x, seg)) < 1e-4
 
 
 def test_single_document_matches_reference_and_a_leaky_mask_does_not(blk, packed, monkeypatch):
@@ -164,7 +160,7 @@ def test_single_document_matches_reference_and_a_leaky_mask_does_not(blk, packed
     and perturbing token 2 leaves the outputs of tokens 0, 1 unchanged (causality)."""
     x, seg, y = packed
     ref = _reference(blk, x, jnp.ones_like(seg))
-    assert _rel(_call(blk, x), ref) < 1e-4
+    assert rel_err(_call(blk, x), ref) < 1e-4
     cls = type(blk)
     attend = cls._attend
 
@@ -173,10 +169,10 @@ def test_single_document_matches_reference_and_a_leaky_mask_does_not(blk, packed
         return attend(self, qr, qp, keys, kgroup, kidx.at[:, -2 * s:-s].set(-1), qgroup, qidx)
 
     monkeypatch.setattr(cls, "_attend", leaky)
-    assert _rel(nnx.jit(lambda b, x: b(x))(blk, x), ref) > 1e-2
+    assert rel_err(nnx.jit(lambda b, x: b(x))(blk, x), ref) > 1e-2
     monkeypatch.undo()
     y2 = _call_seg(blk, x.at[:, 2].add(1.0), seg)
-    assert _rel(y2[:, :2], y[:, :2]) < 1e-6 and _rel(y2[:, 2:4], y[:, 2:4]) > 1e-3
+    assert rel_err(y2[:, :2], y[:, :2]) < 1e-6 and rel_err(y2[:, 2:4], y[:, 2:4]) > 1e-3
 
 
 # ----------------------------------------------------------------------------- packing / decoding
@@ -190,7 +186,7 @@ def test_packed_equals_separate_documents(blk, packed):
     docs = jnp.concatenate([jnp.pad(x[:, s:s + n], ((0, 0), (0, 7 - n), (0, 0))) for s, n in zip(starts, LENGTHS)])
     y_docs = _call(blk, docs)
     parts = jnp.concatenate([y_docs[i:i + 1, :n] for i, n in enumerate(LENGTHS)], 1)
-    assert _rel(y, parts) < 1e-4
+    assert rel_err(y, parts) < 1e-4
 
 
 def test_prefill_then_steps_match_full_sequence(blk):
@@ -198,21 +194,21 @@ def test_prefill_then_steps_match_full_sequence(blk):
     crossing a boundary), 2 steps: the full-sequence outputs to 1e-4."""
     x = jax.random.normal(jax.random.key(1), (2, 14, D))
     y = _call(blk, x)
-    state = blk.init_state(2, 32)
-    prefill = nnx.jit(lambda b, x, st: b.prefill(x, st))
-    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
-    ys, t = [], 0
+    cache0 = blk.init_cache(2, 32)
+    call_cached = nnx.jit(lambda b, x, cache: b(x, cache=cache))
+    ys, t, cache = [], 0, cache0
     for n in (5, 1, 1, 5, 1, 1):
-        if n == 1:
-            yt, state = step(blk, x[:, t], state)
-            ys.append(yt[:, None])
-        else:
-            yt, state = prefill(blk, x[:, t:t + n], state)
-            ys.append(yt)
+        yt, cache = call_cached(blk, x[:, t:t + n], cache)
+        ys.append(yt)
         t += n
-    err = _rel(jnp.concatenate(ys, 1), y)
+    err = rel_err(jnp.concatenate(ys, 1), y)
     assert err < 1e-4, err
-    assert int(state["pos"]) == 14 and int(state["cache"].count) == 14 % 4
+    assert int(cache.pos) == 14 and int(cache.memory.count) == 14 % 4
+    assert jax.tree.structure(cache) == jax.tree.structure(cache0)
+    assert all(a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache0)))
+    with pytest.raises(ValueError, match="segment_ids"):
+        blk(x[:, :1], segment_ids=jnp.ones((2, 1), jnp.int32), cache=cache0)
 
 
 # ----------------------------------------------------------------------------- options
@@ -225,24 +221,21 @@ def test_edge_options_match_reference():
     assert blk.persistent is None and blk.q_conv is None
     x = jax.random.normal(jax.random.key(3), (1, 5, D))
     seg = jnp.asarray([[1, 1, 2, 2, 2]])
-    assert _rel(_call_seg(blk, x, seg), _reference(blk, x, seg)) < 1e-4
+    assert rel_err(_call_seg(blk, x, seg), _reference(blk, x, seg)) < 1e-4
 
 
 def test_parameters_and_options():
     for path, var in nnx.to_flat_state(nnx.state(_block(), nnx.Param)):
-        axes = var.get_metadata().get("logical_axes")
+        axes = logical_axes(var)
         assert axes is not None and len(axes) == var[...].ndim, path
-    cfg = Config()
-    cfg.model.pattern = "MAC"
     for bad, key in (({"segment": 0}, "segment"), ({"num_persistent": -1}, "num_persistent"),
                      ({"depth": 0}, "depth"), ({"memory_expansion": 0}, "memory_expansion"),
                      ({"conv_width": -1}, "conv_width"), ({"activation": "relu"}, "activation"),
-                     ({"theta_max": -0.1}, "theta_max")):
-        cfg.model.blocks = {"titans_mac": bad}
-        with pytest.raises(ConfigError, match=f"titans_mac.{key}"):
-            validate(cfg)
-    cfg.model.blocks = {"titans_mac": {"segment": 1, "num_persistent": 0}}
-    validate(cfg)
+                     ({"theta_max": -0.1}, "theta_max"), ({"num_heads": 3}, "num_heads")):
+        with pytest.raises(ValueError, match=f"TitansMAC.*{key}"):
+            _block(**bad)
+    _block(segment=1, num_persistent=0)
+    assert TitansMAC(64, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 64))).shape == (1, 3, 64)  # d_model and rngs suffice
 
 
 @pytest.mark.slow

@@ -25,26 +25,33 @@ SSM uses the un-rotated q and k (position enters through the decays); attention 
 Training computes the SSM over the input delayed by ``window`` positions (the state at ``t`` is the
 ordinary SSM state at ``t - window``). With ``segment_ids`` the attention is masked per document,
 RoPE positions restart, and the SSM read at ``t`` is zeroed when token ``t - window`` belongs to
-another document (its state then holds only that other document). Decoding state:
-``{"k", "v": [B, window, H, Dh], "dt": [B, window, H] float32, "ssm": [B, H, Dh, Dh] float32,
-"pos": int32}``; slot ``p % window`` holds token ``p``.
+another document (its state then holds only that other document).
+
+Decoding: ``y, cache = block(x, cache=cache)`` with :class:`SlidingWindowSSMCache` (a
+:class:`memjax.nn.cache.WindowKVCache` ring of the last ``window`` un-rotated keys and values,
+their step sizes ``dt: [B, window, H]`` float32 in the same slots, and ``ssm: [B, H, Dh, Dh]``
+float32). The cached window (oldest first) followed by the ``T`` new tokens is one stream; its
+first ``T`` tokens are those leaving the window, which the SSM consumes (chunked for ``T > 1``,
+recurrent for ``T = 1``). An empty slot has ``dt = 0``: evicting it is a no-op.
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
+from memjax.memory.segments import positions
 from memjax.memory.ssm import selective_scan
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, param, positions_in_segment
+from memjax.nn.cache import WindowKVCache, window_keep, window_stream
+from memjax.nn.layers import Linear, RMSNorm, param
 from memjax.nn.registry import register_block
 from memjax.nn.sequence_parallel import over_sequence
-from memjax.nn.ssm_blocks import dt_bias_init
+from memjax.nn.ssm_blocks import decode_mode, dt_bias_init
+from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_positive
 
 
 def _delay(x, n, fill_from_first=False):
@@ -57,55 +64,68 @@ def _delay(x, n, fill_from_first=False):
     return jnp.concatenate([head, x[:, : t - n]], axis=1)
 
 
+class SlidingWindowSSMCache(NamedTuple):
+    """Decoding cache of :class:`SlidingWindowSSM`: ``kv`` the last ``window`` un-rotated keys and
+    values (a ring, slot ``p % window`` holds position ``p``), ``dt: [B, window, H]`` float32 their
+    step sizes in the same slots (0 in empty slots), ``ssm: [B, H, Dh, Dh]`` float32 the state of
+    every evicted token."""
+
+    kv: WindowKVCache
+    dt: jax.Array
+    ssm: jax.Array
+
+
 @register_block("swa_ssm", aliases=("E",))
 class SlidingWindowSSM(Block):
-    """Sliding-window attention (eidetic) + selective-SSM state of the evicted tokens (fading)."""
+    """Sliding-window attention (eidetic) + selective-SSM state of the evicted tokens (fading).
 
-    @dataclasses.dataclass
-    class Options:
-        window: int = 128  # tokens kept exactly
-        combine: str = "gate"  # "gate": o_att + sigmoid(x W_g) * norm(o_ssm); "sum": o_att + norm(o_ssm)
-        chunk_size: int = 64
-        dt_min: float = 1e-3
-        dt_max: float = 1e-1
-        a_init_min: float = 1.0
-        a_init_max: float = 16.0
-        mode: str = "chunked"  # SSM training form: "chunked" | "recurrent"
+    ``[B, T, d_model] -> [B, T, d_model]`` (equations in the module docstring).
 
-        def validate(self, m, where):
-            if self.window <= 0:
-                raise ConfigError(f"config key '{where}.window' must be positive, got {self.window}")
-            if self.combine not in ("gate", "sum"):
-                raise ConfigError(f"config key '{where}.combine' must be 'gate' or 'sum', got {self.combine!r}")
-            if self.chunk_size <= 0:
-                raise ConfigError(f"config key '{where}.chunk_size' must be positive, got {self.chunk_size}")
-            if not 0 < self.dt_min <= self.dt_max:
-                raise ConfigError(f"config key '{where}.dt_min' / dt_max must satisfy 0 < dt_min <= dt_max")
-            if not 0 < self.a_init_min <= self.a_init_max:
-                raise ConfigError(f"config key '{where}.a_init_min' / a_init_max must satisfy 0 < min <= max")
-            if self.mode not in ("chunked", "recurrent"):
-                raise ConfigError(f"config key '{where}.mode' must be 'chunked' or 'recurrent', got {self.mode!r}")
-            if m.resolved_head_dim % 2:
-                raise ConfigError(f"config key '{where}': RoPE needs an even head dim, got {m.resolved_head_dim}")
+    Args:
+      d_model: model width; ``num_heads`` heads of ``head_dim`` (``None``: ``d_model // num_heads``, even: RoPE).
+      window: tokens kept exactly (attention span, the query included).
+      combine: ``"gate"``: ``o_att + sigmoid(x W_g) * norm(o_ssm)``; ``"sum"``: ``o_att + norm(o_ssm)``.
+      chunk_size: ``C`` of the SSM's chunked form.
+      dt_min, dt_max: ``softplus(dt_bias)`` starts log-uniform in ``[dt_min, dt_max]``.
+      a_init_min, a_init_max: ``A = -U(a_init_min, a_init_max)`` at init.
+      mode: SSM training form, ``"chunked"`` or ``"recurrent"``.
+      rope_theta, norm_eps, dtype: RoPE base, RMSNorm epsilon, compute dtype.
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
+    """
 
     stateful = True
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.opts = opts
-        self.h, self.dh = cfg.num_heads, cfg.resolved_head_dim
-        self.window, self.theta = opts.window, cfg.rope_theta
-        d, hd = cfg.d_model, cfg.num_heads * cfg.resolved_head_dim
-        dt = jnp.dtype(cfg.compute_dtype)
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, window: int = 128,
+                 combine: str = "gate", chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 a_init_min: float = 1.0, a_init_max: float = 16.0, mode: str = "chunked",
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, dtype=jnp.float32,
+                 seq_axis: str | None = None, rngs: nnx.Rngs):
+        name = "SlidingWindowSSM"
+        self.h, self.dh = check_heads(name, d_model, num_heads, head_dim)
+        check_positive(name, window=window, chunk_size=chunk_size, rope_theta=rope_theta)
+        check_choice(name, "combine", combine, ("gate", "sum"))
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"{name}: dt_min / dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if not 0 < a_init_min <= a_init_max:
+            raise ValueError(f"{name}: a_init_min / a_init_max must satisfy 0 < min <= max, "
+                             f"got {a_init_min}, {a_init_max}")
+        check_choice(name, "mode", mode, ("chunked", "recurrent"))
+        if self.dh % 2:
+            raise ValueError(f"{name}: head_dim must be even (RoPE), got {self.dh}")
+        self.window, self.theta = window, rope_theta
+        self.chunk_size, self.mode, self.seq_axis = chunk_size, mode, seq_axis
+        d, hd = d_model, self.h * self.dh
+        dt = jnp.dtype(dtype)
         self.dtype = dt
         self.wq = Linear(d, hd, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wk = Linear(d, hd, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wv = Linear(d, hd, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wdt = Linear(d, self.h, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.dt_bias = param(rngs, dt_bias_init(opts.dt_min, opts.dt_max), (self.h,), ("heads",))
-        self.a_log = param(rngs, lambda k, s, t: jnp.log(jax.random.uniform(k, s, t, opts.a_init_min, opts.a_init_max)),
+        self.dt_bias = param(rngs, dt_bias_init(dt_min, dt_max), (self.h,), ("heads",))
+        self.a_log = param(rngs, lambda k, s, t: jnp.log(jax.random.uniform(k, s, t, a_init_min, a_init_max)),
                            (self.h,), ("heads",))
-        self.ssm_norm = RMSNorm(self.dh, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
-        self.wg = Linear(d, self.h, ("embed", "heads"), rngs=rngs, dtype=dt) if opts.combine == "gate" else None
+        self.ssm_norm = RMSNorm(self.dh, rngs=rngs, eps=norm_eps, axes=("kv",))
+        self.wg = Linear(d, self.h, ("embed", "heads"), rngs=rngs, dtype=dt) if combine == "gate" else None
         self.wo = Linear(hd, d, ("heads", "embed"), rngs=rngs, dtype=dt)
 
     # ------------------------------------------------------------------ pieces
@@ -130,66 +150,45 @@ class SlidingWindowSSM(Block):
 
     # ------------------------------------------------------------------ Block interface
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: SlidingWindowSSMCache | None = None):
+        if cache is not None:
+            check_no_segments("SlidingWindowSSM", segment_ids)
+            return self._decode(x, cache)
         b, t, _ = x.shape
         w = self.window
         q, k, v, dt = self._project(x)
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None else positions_in_segment(segment_ids)
+        pos = positions(b, t, segment_ids)
         o_att = causal_attention(rope(q, pos, self.theta), rope(k, pos, self.theta), v,
                                  segment_ids=segment_ids, window=w)
         seg_d = None if segment_ids is None else _delay(segment_ids, w, fill_from_first=True)
         scan = lambda x, dt, B, C, segment_ids, A, seq_axis: selective_scan(
-            x, dt, A, B, C, segment_ids=segment_ids, mode=self.opts.mode, chunk_size=self.opts.chunk_size,
-            seq_axis=seq_axis)
+            x, dt, A, B, C, segment_ids=segment_ids, mode=self.mode, chunk_size=self.chunk_size, seq_axis=seq_axis)
         time_args = dict(x=_delay(v, w), dt=_delay(dt, w), B=_delay(k, w), C=q, segment_ids=seg_d)
-        o_ssm, _ = over_sequence(scan, time_args, dict(A=self._A()), enabled=self.opts.mode == "chunked")
+        o_ssm, _ = over_sequence(scan, time_args, dict(A=self._A()), axis=self.seq_axis,
+                                 enabled=self.mode == "chunked")
         if segment_ids is not None:  # the state at t - w belongs to another document
             o_ssm = jnp.where((seg_d == segment_ids)[..., None, None], o_ssm, 0)
         return self._combine(x, o_att, o_ssm)
 
-    def init_state(self, batch_size: int, max_len: int):
-        kv = (batch_size, self.window, self.h, self.dh)
-        return {"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype),
-                "dt": jnp.zeros(kv[:3], jnp.float32),  # dt = 0 marks an empty slot: evicting it is a no-op
-                "ssm": jnp.zeros((batch_size, self.h, self.dh, self.dh), jnp.float32),
-                "pos": jnp.zeros((), jnp.int32)}
-
-    def prefill(self, x, state, *, tokens=None):
-        """A prompt from ``state``: the cached window (oldest first) followed by the prompt is one
-        stream; the SSM consumes the first ``T`` tokens of it (those leaving the window)."""
-        b, t, _ = x.shape
-        w, pos0 = self.window, state["pos"]
+    def _decode(self, x, cache: SlidingWindowSSMCache):
+        """``T >= 1`` tokens from ``cache``: the cached window (oldest first) followed by the new
+        tokens is one stream of ``window + T``; the SSM consumes its first ``T`` tokens (those
+        leaving the window) and attention sees the last ``window`` of it per query."""
+        t = x.shape[1]
+        pos0 = cache.kv.pos
         q, k, v, dt = self._project(x)
-        chrono = lambda a: jnp.roll(a, -(pos0 % w), axis=1)  # ring -> oldest first (positions pos0 - w ...)
-        K = jnp.concatenate([chrono(state["k"]), k.astype(state["k"].dtype)], 1)
-        V = jnp.concatenate([chrono(state["v"]), v.astype(state["v"].dtype)], 1)
-        DT = jnp.concatenate([chrono(state["dt"]), dt], 1)
-        k_pos = jnp.broadcast_to(pos0 - w + jnp.arange(w + t), (b, w + t))
-        q_pos = jnp.broadcast_to(pos0 + jnp.arange(t), (b, t))
-        o_att = causal_attention(rope(q, q_pos, self.theta), rope(K, k_pos, self.theta), V, window=w,
-                                 q_positions=q_pos, k_positions=k_pos, k_valid=k_pos >= 0)
+        kv, K, V, k_pos, valid = cache.kv.update(k, v)
+        DT = window_stream(cache.dt, dt, pos0)
+        q_pos = cache.kv.positions(t)
+        o_att = causal_attention(rope(q, q_pos, self.theta), rope(K, k_pos, self.theta), V, window=self.window,
+                                 q_positions=q_pos, k_positions=k_pos, k_valid=valid)
         o_ssm, ssm = selective_scan(V[:, :t], DT[:, :t], self._A(), K[:, :t], q.astype(K.dtype),
-                                    initial_state=state["ssm"], mode="chunked", chunk_size=self.opts.chunk_size)
-        ring = lambda a: jnp.roll(a[:, t:], (pos0 + t) % w, axis=1)  # last w tokens -> slot p % w
-        new = {"k": ring(K), "v": ring(V), "dt": ring(DT), "ssm": ssm, "pos": pos0 + t}
+                                    initial_state=cache.ssm, mode=decode_mode(x, "chunked"),
+                                    chunk_size=self.chunk_size)
+        new = SlidingWindowSSMCache(kv, window_keep(cache.dt, dt, pos0), ssm.astype(cache.ssm.dtype))
         return self._combine(x, o_att, o_ssm.astype(o_att.dtype)), new
 
-    def step(self, x, state, *, token=None):
-        """One token at position ``p``: evict slot ``p % window`` (token ``p - window``) into the SSM,
-        read the SSM, write the new token into that slot, attend over the ring buffer."""
-        w, p = self.window, state["pos"]
-        q, k, v, dt = self._project(x[:, None])
-        slot = p % w
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, slot, axis=1, keepdims=True)
-        o_ssm, ssm = selective_scan(take(state["v"]), take(state["dt"]), self._A(), take(state["k"]),
-                                    q.astype(state["k"].dtype), initial_state=state["ssm"], mode="recurrent")
-        put = lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new.astype(a.dtype), slot, axis=1)
-        K, V, DT = put(state["k"], k), put(state["v"], v), put(state["dt"], dt)
-        b = x.shape[0]
-        slot_pos = p - jnp.remainder(p - jnp.arange(w), w)  # the position held by each slot
-        k_pos = jnp.broadcast_to(slot_pos, (b, w))
-        q_pos = jnp.full((b, 1), p)
-        o_att = causal_attention(rope(q, q_pos, self.theta), rope(K, k_pos, self.theta), V, window=w,
-                                 q_positions=q_pos, k_positions=k_pos, k_valid=k_pos >= 0)
-        y = self._combine(x[:, None], o_att, o_ssm.astype(o_att.dtype))
-        return y[:, 0], {"k": K, "v": V, "dt": DT, "ssm": ssm, "pos": p + 1}
+    def init_cache(self, batch_size: int, max_length: int) -> SlidingWindowSSMCache:
+        kv = WindowKVCache.init(batch_size, self.window, self.h, self.dh, self.dtype)
+        return SlidingWindowSSMCache(kv, jnp.zeros((batch_size, self.window, self.h), jnp.float32),
+                                     jnp.zeros((batch_size, self.h, self.dh, self.dh), jnp.float32))

@@ -6,25 +6,27 @@
     h    = RG-LRU(u, r_a, r_x; Lambda)                      (memjax.memory.rg_lru)
     y    = (gate * h) W_out
 
-Width ``W = expand * d_model`` split into ``model.num_heads`` blocks for the gate maps.
-``Lambda`` is initialised so that ``a = sigmoid(Lambda)`` has ``a^2 ~ U(min_rad^2, max_rad^2)``
-(Griffin: 0.9, 0.999). Decoding state ``{"conv": [B, W_conv - 1, W], "rnn": [B, W] float32}``.
+Width ``W = expand * d_model`` split into ``num_heads`` blocks for the gate maps. ``Lambda`` is
+initialised so that ``a = sigmoid(Lambda)`` has ``a^2 ~ U(min_rad^2, max_rad^2)`` (Griffin: 0.9,
+0.999). Decoding cache: :class:`RGLRUCache` (``conv: [B, W_conv - 1, W]``, ``rnn: [B, W]``
+float32); ``y, cache = block(x, cache=cache)`` runs the scan form for ``T > 1`` tokens and the
+recurrent form for ``T = 1``.
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.rg_lru import rglru
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, ShortConv, param
 from memjax.nn.registry import register_block
 from memjax.nn.sequence_parallel import over_sequence
-from memjax.nn.ssm_blocks import conv_with_state
+from memjax.nn.ssm_blocks import decode_mode
+from memjax.nn.validate import check_choice, check_no_segments, check_positive
 
 
 def _lambda_init(min_rad: float, max_rad: float):
@@ -34,52 +36,60 @@ def _lambda_init(min_rad: float, max_rad: float):
     return init
 
 
+class RGLRUCache(NamedTuple):
+    """Decoding cache of :class:`RGLRUBlock`: the short conv's last ``conv_width - 1`` inputs
+    ``conv: [B, conv_width - 1, W]`` (compute dtype) and the recurrence state ``rnn: [B, W]`` float32."""
+
+    conv: jax.Array
+    rnn: jax.Array
+
+
 @register_block("rglru", aliases=("R",))
 class RGLRUBlock(Block):
-    """Griffin's recurrent block: GeLU gate branch times conv + RG-LRU branch."""
+    """Griffin's recurrent block: GeLU gate branch times conv + RG-LRU branch; ``[B, T, d_model] -> [B, T, d_model]``.
 
-    @dataclasses.dataclass
-    class Options:
-        expand: float = 1.0  # recurrence width = expand * d_model (Griffin: 4/3 with an MLP block after)
-        conv_width: int = 4
-        c: float = 8.0
-        min_rad: float = 0.9
-        max_rad: float = 0.999
-        mode: str = "scan"  # training form: "scan" | "recurrent"
-
-        def validate(self, m, where):
-            width = int(m.d_model * self.expand)
-            if self.expand <= 0 or width % m.num_heads:
-                raise ConfigError(f"config key '{where}.expand': width {width} must be positive and divisible "
-                                  f"by model.num_heads ({m.num_heads})")
-            if self.conv_width < 1:
-                raise ConfigError(f"config key '{where}.conv_width' must be >= 1, got {self.conv_width}")
-            if self.c <= 0:
-                raise ConfigError(f"config key '{where}.c' must be positive, got {self.c}")
-            if not 0 < self.min_rad <= self.max_rad < 1:
-                raise ConfigError(f"config key '{where}.min_rad' / max_rad must satisfy 0 < min_rad <= max_rad < 1")
-            if self.mode not in ("scan", "recurrent"):
-                raise ConfigError(f"config key '{where}.mode' must be 'scan' or 'recurrent', got {self.mode!r}")
+    Args:
+      d_model: model width.
+      num_heads: blocks of the block-diagonal gate maps (must divide the width).
+      expand: recurrence width ``W = expand * d_model`` (Griffin: 4/3 with an MLP block after).
+      conv_width: width of the causal depthwise short convolution.
+      c: gate temperature of the RG-LRU (8 in Griffin).
+      min_rad, max_rad: ``a = sigmoid(Lambda)`` starts with ``a^2 ~ U(min_rad^2, max_rad^2)``.
+      mode: training form, ``"scan"`` or ``"recurrent"``.
+      dtype: compute dtype.
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
+    """
 
     stateful = True
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.opts = opts
-        d = cfg.d_model
-        self.w = int(d * opts.expand)
-        self.h = cfg.num_heads
+    def __init__(self, d_model: int, *, num_heads: int = 4, expand: float = 1.0, conv_width: int = 4, c: float = 8.0,
+                 min_rad: float = 0.9, max_rad: float = 0.999, mode: str = "scan", dtype=jnp.float32,
+                 seq_axis: str | None = None, rngs: nnx.Rngs):
+        check_positive("RGLRUBlock", d_model=d_model, num_heads=num_heads, conv_width=conv_width, c=c)
+        width = int(d_model * expand)
+        if expand <= 0 or width % num_heads:
+            raise ValueError(f"RGLRUBlock: expand: width {width} must be positive and divisible by num_heads "
+                             f"({num_heads})")
+        if not 0 < min_rad <= max_rad < 1:
+            raise ValueError(f"RGLRUBlock: min_rad / max_rad must satisfy 0 < min_rad <= max_rad < 1, "
+                             f"got {min_rad}, {max_rad}")
+        check_choice("RGLRUBlock", "mode", mode, ("scan", "recurrent"))
+        self.c, self.mode, self.seq_axis = c, mode, seq_axis
+        d = d_model
+        self.w = width
+        self.h = num_heads
         self.bw = self.w // self.h
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(dtype)
         self.dtype = dt
         self.w_gate = Linear(d, self.w, ("embed", "mlp"), rngs=rngs, dtype=dt)
         self.w_in = Linear(d, self.w, ("embed", "mlp"), rngs=rngs, dtype=dt)
-        self.conv = ShortConv(self.w, opts.conv_width, rngs=rngs, axes=("mlp",))
+        self.conv = ShortConv(self.w, conv_width, rngs=rngs, axes=("mlp",))
         block_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
         self.gate_a_w = param(rngs, block_init, (self.h, self.bw, self.bw), ("heads", "kv", "kv"))
         self.gate_x_w = param(rngs, block_init, (self.h, self.bw, self.bw), ("heads", "kv", "kv"))
         self.gate_a_b = param(rngs, nnx.initializers.zeros, (self.h, self.bw), ("heads", "kv"))
         self.gate_x_b = param(rngs, nnx.initializers.zeros, (self.h, self.bw), ("heads", "kv"))
-        self.lam = param(rngs, _lambda_init(opts.min_rad, opts.max_rad), (self.w,), ("mlp",))
+        self.lam = param(rngs, _lambda_init(min_rad, max_rad), (self.w,), ("mlp",))
         self.wo = Linear(self.w, d, ("mlp", "embed"), rngs=rngs, dtype=dt)
 
     def _gates(self, u):
@@ -89,29 +99,24 @@ class RGLRUBlock(Block):
         gx = jnp.einsum("bthi,hij->bthj", uh, self.gate_x_w[...]) + self.gate_x_b[...]
         return ga.reshape(b, t, self.w), gx.reshape(b, t, self.w)
 
-    def _run(self, x, *, segment_ids=None, state=None, mode):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: RGLRUCache | None = None):
         gate = jax.nn.gelu(self.w_gate(x))
-        u, conv_state = conv_with_state(self.conv, self.w_in(x), segment_ids, None if state is None else state["conv"])
+        if cache is None:
+            u, mode = self.conv(self.w_in(x), segment_ids), self.mode
+        else:
+            check_no_segments("RGLRUBlock", segment_ids)
+            (u, conv), mode = self.conv(self.w_in(x), cache=cache.conv), decode_mode(x, "scan")
         ga, gx = self._gates(u)
         scan = lambda u, ga, gx, segment_ids, lam, initial_state, seq_axis: rglru(
-            u, ga, gx, lam, c=self.opts.c, segment_ids=segment_ids, initial_state=initial_state, mode=mode,
+            u, ga, gx, lam, c=self.c, segment_ids=segment_ids, initial_state=initial_state, mode=mode,
             seq_axis=seq_axis)
         time_args = dict(u=u, ga=ga, gx=gx, segment_ids=segment_ids)
-        other_args = dict(lam=self.lam[...], initial_state=None if state is None else state["rnn"])
-        # training (no decoding state): time split over the mesh's seq axis, if any
-        h, s = over_sequence(scan, time_args, other_args, enabled=mode == "scan" and state is None)
-        return self.wo(gate * h.astype(gate.dtype)), {"conv": conv_state, "rnn": s.astype(jnp.float32)}
+        other_args = dict(lam=self.lam[...], initial_state=None if cache is None else cache.rnn)
+        # training (no cache): time split over seq_axis, if any
+        h, s = over_sequence(scan, time_args, other_args, axis=self.seq_axis,
+                             enabled=mode == "scan" and cache is None)
+        y = self.wo(gate * h.astype(gate.dtype))
+        return y if cache is None else (y, RGLRUCache(conv, s.astype(jnp.float32)))
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
-        return self._run(x, segment_ids=segment_ids, mode=self.opts.mode)[0]
-
-    def init_state(self, batch_size: int, max_len: int):
-        return {"conv": self.conv.init_state(batch_size, self.w, self.dtype),
-                "rnn": jnp.zeros((batch_size, self.w), jnp.float32)}
-
-    def prefill(self, x, state, *, tokens=None):
-        return self._run(x, state=state, mode="scan")
-
-    def step(self, x, state, *, token=None):
-        y, state = self._run(x[:, None], state=state, mode="recurrent")
-        return y[:, 0], state
+    def init_cache(self, batch_size: int, max_length: int) -> RGLRUCache:
+        return RGLRUCache(self.conv.init_cache(batch_size, self.dtype), jnp.zeros((batch_size, self.w), jnp.float32))

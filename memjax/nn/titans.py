@@ -26,117 +26,176 @@ each with its own residual::
 
 so the model's ``x + y`` equals ``h + swa(RMSNorm(h))``.
 
-``titans_mac`` (memory as context) lives in :mod:`memjax.nn.titans_mac`.
+``titans_mac`` (memory as context) lives in :mod:`memjax.nn.titans_mac`; it uses the same
+:class:`NeuralMemory` through its public methods (``project``, ``query``, ``update``,
+``retrieve``, ``initial_state``), so the memory's logic exists once.
 
-Decoding (MAG, MAL): the state holds the short-conv windows, the attention ring buffer of the last
-``window`` keys/values with the position counter, and a :class:`memjax.memory.neural_memory.TitansCache`
-(memory weights and momentum at the last chunk boundary plus the tokens of the unfinished chunk).
-``prefill`` and ``step`` both continue the chunked algorithm with
+Decoding (MAG, MAL): ``y, cache = block(x, cache=cache)`` with :class:`TitansBlockCache`: the
+memory's :class:`NeuralMemoryCache` (short-conv windows and a
+:class:`memjax.memory.neural_memory.TitansCache`: memory weights and momentum at the last chunk
+boundary plus the tokens of the unfinished chunk) and the attention's
+:class:`memjax.nn.cache.WindowKVCache` (ring of the last ``window`` rotated keys and values). For
+any ``T >= 1`` the memory continues the chunked algorithm with
 :func:`memjax.memory.neural_memory.titans_decode`, which advances the weights exactly where the
 training form does (every ``chunk_size`` tokens from the start of the sequence), so a prompt
-prefilled in any pieces and then decoded token by token reproduces ``__call__`` on the whole
-sequence. ``chunk_size = 1`` is the exact per-token update (then ``__call__`` uses the recurrent
-form, which gives the same result faster).
+prefilled in any pieces and then decoded token by token reproduces the call on the whole
+sequence. ``chunk_size = 1`` is the exact per-token update (then the training call uses the
+recurrent form, which gives the same result faster).
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.attention import causal_attention, rope
-from memjax.memory.neural_memory import ACTIVATIONS, titans, titans_decode, titans_init_cache
+from memjax.memory.neural_memory import ACTIVATIONS, TitansCache, TitansState, titans, titans_decode, titans_init_cache
+from memjax.memory.segments import positions
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param, positions_in_segment
+from memjax.nn.cache import WindowKVCache
+from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
+from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_nonnegative, check_positive
 
 
-@dataclasses.dataclass
-class TitansOptions:
-    chunk_size: int = 16  # tokens per chunk of the memory's training form (1: exact per-token)
-    window: int = 64  # sliding-window attention span
-    depth: int = 1  # memory MLP layers (1: linear memory K -> V)
-    memory_expansion: int = 2  # hidden width of the memory MLP = head_dim * memory_expansion
-    activation: str = "silu"  # between memory MLP layers: "silu" or "gelu"
-    conv_width: int = 4  # causal depthwise short conv on the memory's q, k, v; 0: none
-    # Upper bound of the memory learning rate theta; 0: 0.5 for a linear memory (for a repeated
-    # unit key the momentum update is stable iff 2 theta < (1 + eta)(2 - alpha), true for any
-    # eta, alpha), 0.1 for an MLP memory (0.5 diverged within a few training steps on MQAR).
-    theta_max: float = 0.0
-    eta_bias: float = 0.0  # initial momentum decay sigmoid(eta_bias)
-    alpha_bias: float = -5.0  # initial weight decay sigmoid(alpha_bias)
-
-    def validate(self, m, where):
-        for key in ("chunk_size", "window", "depth", "memory_expansion"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"config key '{where}.{key}' must be positive, got {getattr(self, key)}")
-        if self.conv_width < 0:
-            raise ConfigError(f"config key '{where}.conv_width' must be >= 0, got {self.conv_width}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"config key '{where}.activation' must be one of {tuple(ACTIVATIONS)}, "
-                              f"got {self.activation!r}")
-        if self.theta_max < 0:
-            raise ConfigError(f"config key '{where}.theta_max' must be >= 0, got {self.theta_max}")
+def check_memory_options(block: str, *, chunk_size: int, depth: int, memory_expansion: int, activation: str,
+                         conv_width: int, theta_max: float) -> None:
+    """The neural memory's constructor checks, with errors naming ``block``."""
+    check_positive(block, chunk_size=chunk_size, depth=depth, memory_expansion=memory_expansion)
+    check_nonnegative(block, conv_width=conv_width, theta_max=theta_max)
+    check_choice(block, "activation", activation, tuple(ACTIVATIONS))
 
 
 def _const(value):
     return lambda key, shape, dtype: jnp.full(shape, value, dtype)
 
 
-class NeuralMemory(nnx.Module):
-    """The Titans long-term memory branch; returns per-head reads ``[B, T, H, head_dim]``."""
+# ----------------------------------------------------------------------------- neural memory
 
-    def __init__(self, cfg, opts: TitansOptions, *, rngs: nnx.Rngs):
-        self.opts = opts
-        self.h, self.dk = cfg.num_heads, cfg.resolved_head_dim
-        d, h, dk = cfg.d_model, self.h, self.dk
-        dt = jnp.dtype(cfg.compute_dtype)
+
+class MemoryInputs(NamedTuple):
+    """What the memory reads and writes per token (the arguments of
+    :func:`memjax.memory.neural_memory.titans`, in its order): ``q, k: [B, T, H, K]``
+    (L2-normalised), ``v: [B, T, H, K]``, ``theta, eta, alpha: [B, T, H]`` float32."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    theta: jax.Array
+    eta: jax.Array
+    alpha: jax.Array
+
+
+class NeuralMemoryCache(NamedTuple):
+    """Decoding cache of :class:`NeuralMemory`: ``conv``, the last ``conv_width - 1`` inputs of the
+    q, k, v short convolutions (three ``[B, conv_width - 1, H K]``; ``None`` without conv), and
+    ``titans``, the chunked memory's :class:`memjax.memory.neural_memory.TitansCache`."""
+
+    conv: tuple | None
+    titans: TitansCache
+
+
+class NeuralMemory(nnx.Module):
+    """The Titans long-term memory: ``x [B, T, d_model] -> RMSNorm(M_t(q_t)) [B, T, H, K]`` per head.
+
+    ``q, k, v = SiLU(ShortConv(x W))`` per head (``q, k`` L2-normalised), gates
+    ``theta = theta_max sigmoid(x w_theta + b_theta)``, ``eta = sigmoid(x w_eta + b_eta)``,
+    ``alpha = sigmoid(x w_alpha + b_alpha)`` (``[B, T, H]``); the memory MLP (``depth`` layers
+    ``[H, D_in, D_out]``, hidden width ``K * memory_expansion``, initial weights ``params0`` learned
+    by the outer loop) is written with :func:`memjax.memory.neural_memory.titans` (chunks of
+    ``chunk_size``) and read at ``q``.
+
+    Public pieces (used by the Titans blocks, MAC included): :meth:`project` (x -> the memory's
+    :class:`MemoryInputs`), :meth:`query` (the read query alone, through a caller's short conv),
+    :meth:`update` (write and read over a sequence), :meth:`retrieve` (read given weights, no
+    write), :meth:`decode` (continue the chunked form from a cache), :meth:`initial_weights`,
+    :meth:`initial_state`, and ``o_norm`` (the per-head RMSNorm of the reads).
+
+    Args:
+      d_model: input width; ``num_heads`` heads of ``head_dim`` (``None``: ``d_model // num_heads``).
+      chunk_size: tokens per chunk of the memory's training form (1: exact per-token updates).
+      depth: memory MLP layers (1: linear memory ``K -> K``).
+      memory_expansion: hidden width of the memory MLP = ``head_dim * memory_expansion``.
+      activation: between memory MLP layers, ``"silu"`` or ``"gelu"``.
+      conv_width: causal depthwise short conv on q, k, v; 0: none.
+      theta_max: upper bound of the learning rate ``theta``; 0: 0.5 for a linear memory (for a
+        repeated unit key the momentum update is stable iff ``2 theta < (1 + eta)(2 - alpha)``,
+        true for any eta, alpha), 0.1 for an MLP memory (0.5 diverged within a few training steps
+        on MQAR).
+      eta_bias, alpha_bias: initial momentum decay ``sigmoid(eta_bias)`` and weight decay
+        ``sigmoid(alpha_bias)``.
+      norm_eps, dtype: RMSNorm epsilon, compute dtype of the projections.
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 16,
+                 depth: int = 1, memory_expansion: int = 2, activation: str = "silu", conv_width: int = 4,
+                 theta_max: float = 0.0, eta_bias: float = 0.0, alpha_bias: float = -5.0, norm_eps: float = 1e-6,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.h, self.dk = check_heads("NeuralMemory", d_model, num_heads, head_dim)
+        check_memory_options("NeuralMemory", chunk_size=chunk_size, depth=depth, memory_expansion=memory_expansion,
+                             activation=activation, conv_width=conv_width, theta_max=theta_max)
+        self.chunk_size, self.activation = chunk_size, activation
+        d, h, dk = d_model, self.h, self.dk
+        dt = jnp.dtype(dtype)
         self.dtype = dt
         self.wq = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wk = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.wv = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        w = opts.conv_width
-        self.convs = nnx.Dict({n: ShortConv(h * dk, w, rngs=rngs, axes=("heads",)) for n in ("q", "k", "v")}
-                              ) if w > 0 else None
-        self.theta_max = opts.theta_max or (0.5 if opts.depth == 1 else 0.1)
+        self.convs = nnx.Dict({n: ShortConv(h * dk, conv_width, rngs=rngs, axes=("heads",)) for n in ("q", "k", "v")}
+                              ) if conv_width > 0 else None
+        self.theta_max = theta_max or (0.5 if depth == 1 else 0.1)
         self.w_gates = Linear(d, 3 * h, ("embed", "heads"), rngs=rngs, dtype=dt)
         self.b_theta = param(rngs, _const(0.0), (h,), ("heads",))
-        self.b_eta = param(rngs, _const(opts.eta_bias), (h,), ("heads",))
-        self.b_alpha = param(rngs, _const(opts.alpha_bias), (h,), ("heads",))
+        self.b_eta = param(rngs, _const(eta_bias), (h,), ("heads",))
+        self.b_alpha = param(rngs, _const(alpha_bias), (h,), ("heads",))
         # Initial memory weights, learned by the outer loop. A linear memory starts empty; an
         # MLP needs non-zero weights to receive any gradient.
-        hidden = dk * opts.memory_expansion
-        dims = [dk] + [hidden] * (opts.depth - 1) + [dk]
-        axes = lambda i: ("heads", "kv" if i == 0 else "mlp", "kv" if i == opts.depth - 1 else "mlp")
-        init = (nnx.initializers.zeros if opts.depth == 1 else
+        hidden = dk * memory_expansion
+        dims = [dk] + [hidden] * (depth - 1) + [dk]
+        axes = lambda i: ("heads", "kv" if i == 0 else "mlp", "kv" if i == depth - 1 else "mlp")
+        init = (nnx.initializers.zeros if depth == 1 else
                 nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2,
                                                     batch_axis=0))
         self.params0 = nnx.List([param(rngs, init, (h, i, o), axes(n))
                                  for n, (i, o) in enumerate(zip(dims[:-1], dims[1:]))])
-        self.o_norm = RMSNorm(dk, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
+        self.o_norm = RMSNorm(dk, rngs=rngs, eps=norm_eps, axes=("kv",))
 
-    def _weights0(self):
+    # ------------------------------------------------------------------ public pieces
+
+    def initial_weights(self) -> tuple:
+        """``params0``: the memory's initial weights, ``depth`` arrays ``[H, D_in, D_out]``."""
         return tuple(p[...] for p in self.params0)
 
-    def _project(self, x, segment_ids=None, conv_state=None):
-        b, t, _ = x.shape
-        raw = {"q": self.wq(x), "k": self.wk(x), "v": self.wv(x)}
-        new_state = None
-        if self.convs is not None:
-            if conv_state is None:
-                raw = {n: self.convs[n](y, segment_ids) for n, y in raw.items()}
-            else:  # continue from the last conv_width - 1 inputs
-                w1 = self.opts.conv_width - 1
-                full = {n: jnp.concatenate([conv_state[n].astype(y.dtype), y], axis=1) for n, y in raw.items()}
-                raw = {n: self.convs[n](y)[:, w1:] for n, y in full.items()}
-                new_state = {n: y[:, y.shape[1] - w1:].astype(conv_state[n].dtype) for n, y in full.items()}
-        q, k, v = (jax.nn.silu(raw[n]).reshape(b, t, self.h, self.dk) for n in ("q", "k", "v"))
-        return l2_normalize(q), l2_normalize(k), v, new_state
+    def initial_state(self, batch_size: int) -> TitansState:
+        """The memory before any token: ``params0`` broadcast to ``[B, H, D_in, D_out]`` (float32)
+        with zero momentum."""
+        w = tuple(jnp.broadcast_to(p.astype(jnp.float32)[None], (batch_size,) + p.shape)
+                  for p in self.initial_weights())
+        return TitansState(w, tuple(jnp.zeros_like(x) for x in w))
 
-    def _gates(self, x):
+    def _branch(self, x, linear, conv, segment_ids, cache, normalize):
+        """``SiLU(conv(x W))`` per head ``[B, T, H, K]`` (L2-normalised if ``normalize``); with a
+        conv window ``cache`` also the new window, else ``None``."""
+        b, t, _ = x.shape
+        raw, window = linear(x), None
+        if conv is not None:
+            if cache is None:
+                raw = conv(raw, segment_ids)
+            else:
+                raw, window = conv(raw, cache=cache)
+        z = jax.nn.silu(raw).reshape(b, t, self.h, self.dk)
+        return (l2_normalize(z) if normalize else z), window
+
+    def query(self, x, *, conv: ShortConv | None = None, segment_ids=None, cache=None):
+        """The read query ``l2norm(SiLU(conv(x W_q)))``: ``x [B, T, d_model] -> [B, T, H, K]``,
+        through the caller's short conv ``conv`` (``None``: none). Returns ``(q, window)``, the
+        conv's new window when a window ``cache [B, W - 1, H K]`` is given, else ``None``."""
+        return self._branch(x, self.wq, conv, segment_ids, cache, True)
+
+    def gates(self, x):
+        """``(theta, eta, alpha)``, each ``[B, T, H]`` float32, from ``x [B, T, d_model]``."""
         z = self.w_gates(x).astype(jnp.float32)
         zt, ze, za = jnp.split(z, 3, axis=-1)
         theta = self.theta_max * jax.nn.sigmoid(zt + self.b_theta[...])
@@ -144,104 +203,166 @@ class NeuralMemory(nnx.Module):
         alpha = jax.nn.sigmoid(za + self.b_alpha[...])
         return theta, eta, alpha
 
-    def __call__(self, x, segment_ids=None):
-        q, k, v, _ = self._project(x, segment_ids)
-        theta, eta, alpha = self._gates(x)
-        c = self.opts.chunk_size
-        o, _ = titans(q, k, v, theta, eta, alpha, params0=self._weights0(), activation=self.opts.activation,
-                      segment_ids=segment_ids, mode="recurrent" if c == 1 else "chunked", chunk_size=c)
-        return self.o_norm(o)
+    def project(self, x, *, segment_ids=None, conv: tuple | None = None) -> tuple[MemoryInputs, tuple | None]:
+        """``x [B, T, d_model]`` -> ``(MemoryInputs, conv)``: q, k, v through this memory's short
+        convs (with ``segment_ids``, none reaches into a previous document) and the gates. With
+        ``conv`` (the three q, k, v windows of :class:`NeuralMemoryCache`) the convs continue from
+        them and the new windows are returned; else ``None``."""
+        convs = (None,) * 3 if self.convs is None else (self.convs["q"], self.convs["k"], self.convs["v"])
+        caches = (None,) * 3 if conv is None else conv
+        out = [self._branch(x, w, c, segment_ids, cache, norm)
+               for w, c, cache, norm in zip((self.wq, self.wk, self.wv), convs, caches, (True, True, False))]
+        windows = None if conv is None else tuple(window for _, window in out)
+        return MemoryInputs(*(z for z, _ in out), *self.gates(x)), windows
 
-    def init_state(self, batch_size: int):
-        conv = None
-        if self.convs is not None:
-            conv = {n: c.init_state(batch_size, c.weight.shape[1], self.dtype) for n, c in self.convs.items()}
-        cache = titans_init_cache(batch_size, self.h, self.dk, self.dk, params0=self._weights0(),
-                                  chunk_size=self.opts.chunk_size)
-        return {"conv": conv, "cache": cache}
+    def update(self, inputs: MemoryInputs, *, initial_state: TitansState | None = None,
+               segment_ids=None) -> tuple[jax.Array, TitansState]:
+        """Write the sequence into the memory and read it: :func:`memjax.memory.neural_memory.titans`
+        with this memory's ``params0``, activation and chunks (``chunk_size = 1``: the recurrent
+        form). ``initial_state`` (``None``: :meth:`initial_state`) sits at a chunk boundary; chunks
+        restart at every document of ``segment_ids``. Returns ``(o [B, T, H, K]`` (not normalised),
+        final :class:`TitansState`)."""
+        c = self.chunk_size
+        return titans(*inputs, params0=self.initial_weights(), initial_state=initial_state,
+                      activation=self.activation, segment_ids=segment_ids,
+                      mode="recurrent" if c == 1 else "chunked", chunk_size=c)
 
-    def prefill(self, x, state):
-        q, k, v, conv = self._project(x, conv_state=state["conv"])
-        theta, eta, alpha = self._gates(x)
-        o, cache = titans_decode(q, k, v, theta, eta, alpha, state["cache"], activation=self.opts.activation,
-                                 chunk_size=self.opts.chunk_size)
-        return self.o_norm(o), {"conv": conv, "cache": cache}
+    def retrieve(self, q: jax.Array, weights: tuple | None = None) -> jax.Array:
+        """``M_W(q)`` without a write: ``q [B, N, H, K]``, ``weights`` the layers ``[B, H, D_in,
+        D_out]`` (a state's ``weights``) or ``[H, D_in, D_out]`` (``None``: ``params0``). Float32
+        inside, output in ``q``'s dtype."""
+        ws = self.initial_weights() if weights is None else weights
+        act = ACTIVATIONS[self.activation]
+        z = q.astype(jnp.float32)
+        for i, w in enumerate(ws):
+            z = jnp.einsum("bnhd,bhde->bnhe" if w.ndim == 4 else "bnhd,hde->bnhe", z, w.astype(jnp.float32))
+            if i < len(ws) - 1:
+                z = act(z)
+        return z.astype(q.dtype)
+
+    def decode(self, inputs: MemoryInputs, cache: TitansCache) -> tuple[jax.Array, TitansCache]:
+        """Continue the chunked form for ``T >= 1`` tokens from ``cache``
+        (:func:`memjax.memory.neural_memory.titans_decode`); returns ``(o [B, T, H, K], cache)``."""
+        return titans_decode(*inputs, cache, activation=self.activation, chunk_size=self.chunk_size)
+
+    # ------------------------------------------------------------------ module API
+
+    def __call__(self, x, segment_ids=None, *, cache: NeuralMemoryCache | None = None):
+        """``RMSNorm(M_t(q_t)) [B, T, H, K]``; with a cache, ``(reads, cache)``."""
+        if cache is None:
+            inputs, _ = self.project(x, segment_ids=segment_ids)
+            return self.o_norm(self.update(inputs, segment_ids=segment_ids)[0])
+        inputs, conv = self.project(x, conv=cache.conv)
+        o, memory = self.decode(inputs, cache.titans)
+        return self.o_norm(o), NeuralMemoryCache(conv, memory)
+
+    def init_cache(self, batch_size: int) -> NeuralMemoryCache:
+        conv = None if self.convs is None else tuple(self.convs[n].init_cache(batch_size, self.dtype)
+                                                     for n in ("q", "k", "v"))
+        memory = titans_init_cache(batch_size, self.h, self.dk, self.dk, params0=self.initial_weights(),
+                                   chunk_size=self.chunk_size)
+        return NeuralMemoryCache(conv, memory)
+
+
+# ----------------------------------------------------------------------------- sliding window
 
 
 class SlidingWindowAttention(nnx.Module):
-    """Causal attention over the last ``window`` tokens (RoPE); per-head outputs ``[B, T, H, K]``.
+    """Causal attention over the last ``window`` tokens (RoPE): ``[B, T, d_model] -> [B, T, H, K]``
+    per-head outputs, RMS-normalised per head.
 
-    Decoding keeps a ring buffer of ``window`` rotated keys and values (slot ``p % window`` holds
-    position ``p``) and the number of tokens seen.
+    Decoding cache: :class:`memjax.nn.cache.WindowKVCache` of ``window`` rotated keys and values.
     """
 
-    def __init__(self, cfg, window: int, *, rngs: nnx.Rngs):
-        self.h, self.dk, self.window, self.theta = cfg.num_heads, cfg.resolved_head_dim, window, cfg.rope_theta
-        d, dt = cfg.d_model, jnp.dtype(cfg.compute_dtype)
-        self.wq = Linear(d, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wk = Linear(d, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wv = Linear(d, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.o_norm = RMSNorm(self.dk, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, window: int = 64,
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.h, self.dk = check_heads("SlidingWindowAttention", d_model, num_heads, head_dim)
+        check_positive("SlidingWindowAttention", window=window, rope_theta=rope_theta)
+        self.window, self.theta = window, rope_theta
+        dt = jnp.dtype(dtype)
+        self.wq = Linear(d_model, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wk = Linear(d_model, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wv = Linear(d_model, self.h * self.dk, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.o_norm = RMSNorm(self.dk, rngs=rngs, eps=norm_eps, axes=("kv",))
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, pos):
         b, t, _ = x.shape
         q, k, v = (w(x).reshape(b, t, self.h, self.dk) for w in (self.wq, self.wk, self.wv))
-        return rope(q, positions, self.theta), rope(k, positions, self.theta), v
+        return rope(q, pos, self.theta), rope(k, pos, self.theta), v
 
-    def __call__(self, x, segment_ids=None):
+    def __call__(self, x, segment_ids=None, *, cache: WindowKVCache | None = None):
         b, t, _ = x.shape
-        positions = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
-                     else positions_in_segment(segment_ids))
-        q, k, v = self._qkv(x, positions)
-        return self.o_norm(causal_attention(q, k, v, segment_ids=segment_ids, window=self.window))
+        if cache is None:  # RoPE positions restart at each packed document
+            q, k, v = self._qkv(x, positions(b, t, segment_ids))
+            return self.o_norm(causal_attention(q, k, v, segment_ids=segment_ids, window=self.window))
+        q_pos = cache.positions(t)
+        q, k, v = self._qkv(x, q_pos)
+        cache, keys, vals, k_pos, valid = cache.update(k, v)
+        o = causal_attention(q, keys, vals, window=self.window, q_positions=q_pos, k_positions=k_pos, k_valid=valid)
+        return self.o_norm(o), cache
 
-    def init_state(self, batch_size: int):
-        shape = (batch_size, self.window, self.h, self.dk)
-        return {"k": jnp.zeros(shape, self.wk.dtype), "v": jnp.zeros(shape, self.wv.dtype),
-                "pos": jnp.zeros((), jnp.int32)}
+    def init_cache(self, batch_size: int) -> WindowKVCache:
+        return WindowKVCache.init(batch_size, self.window, self.h, self.dk, self.wk.dtype)
 
-    def prefill(self, x, state):
-        b, t, _ = x.shape
-        w, pos0 = self.window, state["pos"]
-        q_pos = pos0 + jnp.arange(t)
-        q, k, v = self._qkv(x, jnp.broadcast_to(q_pos, (b, t)))
-        slots = jnp.arange(w)
-        slot_pos = pos0 - 1 - jnp.mod(pos0 - 1 - slots, w)  # latest position < pos0 held by each slot
-        k_pos = jnp.concatenate([slot_pos, q_pos])
-        keys = jnp.concatenate([state["k"].astype(k.dtype), k], axis=1)
-        vals = jnp.concatenate([state["v"].astype(v.dtype), v], axis=1)
-        o = causal_attention(q, keys, vals, window=w, q_positions=jnp.broadcast_to(q_pos, (b, t)),
-                             k_positions=jnp.broadcast_to(k_pos, (b, w + t)),
-                             k_valid=jnp.broadcast_to(k_pos >= 0, (b, w + t)))
-        keep = min(t, w)  # only the last `window` new tokens can stay in the buffer
-        new_slots = jnp.mod(pos0 + t - keep + jnp.arange(keep), w)
-        kc = state["k"].at[:, new_slots].set(k[:, t - keep:].astype(state["k"].dtype))
-        vc = state["v"].at[:, new_slots].set(v[:, t - keep:].astype(state["v"].dtype))
-        return self.o_norm(o), {"k": kc, "v": vc, "pos": pos0 + t}
+
+# ----------------------------------------------------------------------------- MAG, MAL
+
+
+class TitansBlockCache(NamedTuple):
+    """Decoding cache of :class:`TitansMAG` and :class:`TitansMAL`."""
+
+    memory: NeuralMemoryCache
+    attn: WindowKVCache
 
 
 class _TitansBlock(Block):
-    Options = TitansOptions
+    """MAG and MAL: one constructor (their options), each builds its layers in :meth:`_build`.
+
+    Args:
+      d_model: model width; ``num_heads`` heads of ``head_dim`` (``None``: ``d_model // num_heads``).
+      chunk_size, depth, memory_expansion, activation, conv_width, theta_max, eta_bias,
+        alpha_bias: of the neural memory (see :class:`NeuralMemory`).
+      window: sliding-window attention span.
+      rope_theta, norm_eps, dtype: RoPE base, RMSNorm epsilon, compute dtype.
+    """
+
     stateful = True
 
-    def init_state(self, batch_size: int, max_len: int):
-        return {"memory": self.memory.init_state(batch_size), "attn": self.attn.init_state(batch_size)}
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 16,
+                 window: int = 64, depth: int = 1, memory_expansion: int = 2, activation: str = "silu",
+                 conv_width: int = 4, theta_max: float = 0.0, eta_bias: float = 0.0, alpha_bias: float = -5.0,
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        name = type(self).__name__
+        h, dk = check_heads(name, d_model, num_heads, head_dim)
+        check_memory_options(name, chunk_size=chunk_size, depth=depth, memory_expansion=memory_expansion,
+                             activation=activation, conv_width=conv_width, theta_max=theta_max)
+        check_positive(name, window=window)
+        heads = dict(num_heads=num_heads, head_dim=head_dim, norm_eps=norm_eps, dtype=dtype)
+        memory = lambda: NeuralMemory(d_model, **heads, chunk_size=chunk_size, depth=depth,
+                                      memory_expansion=memory_expansion, activation=activation, conv_width=conv_width,
+                                      theta_max=theta_max, eta_bias=eta_bias, alpha_bias=alpha_bias, rngs=rngs)
+        attn = lambda: SlidingWindowAttention(d_model, **heads, window=window, rope_theta=rope_theta, rngs=rngs)
+        self._build(d_model, h * dk, memory, attn, norm_eps, jnp.dtype(dtype), rngs)
 
-    def step(self, x, state, *, token=None):
-        y, state = self.prefill(x[:, None, :], state)
-        return y[:, 0], state
+    def _build(self, d, hd, memory, attn, norm_eps, dt, rngs):
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_length: int) -> TitansBlockCache:
+        return TitansBlockCache(self.memory.init_cache(batch_size), self.attn.init_cache(batch_size))
 
 
 @register_block("titans_mag", aliases=("MAG",))
 class TitansMAG(_TitansBlock):
-    """Memory as a gate: sliding-window attention and neural memory mixed by a learned gate."""
+    """Memory as a gate: sliding-window attention and neural memory mixed by a learned gate,
+    ``y = W_o(g * swa(x) + (1 - g) * memory(x))``, ``g = sigmoid(x W_g)``; ``[B, T, d_model] -> [B, T, d_model]``.
+    Constructor arguments: those of :class:`_TitansBlock` (shared with :class:`TitansMAL`).
+    Decoding cache: :class:`TitansBlockCache`."""
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        h, dk, d, dt = cfg.num_heads, cfg.resolved_head_dim, cfg.d_model, jnp.dtype(cfg.compute_dtype)
-        self.memory = NeuralMemory(cfg, opts, rngs=rngs)
-        self.attn = SlidingWindowAttention(cfg, opts.window, rngs=rngs)
-        self.wg = Linear(d, h * dk, ("embed", "heads"), rngs=rngs, dtype=dt)
-        self.wo = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
+    def _build(self, d, hd, memory, attn, norm_eps, dt, rngs):
+        self.memory = memory()
+        self.attn = attn()
+        self.wg = Linear(d, hd, ("embed", "heads"), rngs=rngs, dtype=dt)
+        self.wo = Linear(hd, d, ("heads", "embed"), rngs=rngs, dtype=dt)
 
     def _combine(self, ya, ym, x):
         b, t = x.shape[:2]
@@ -249,40 +370,38 @@ class TitansMAG(_TitansBlock):
         y = g * ya + (1.0 - g) * ym.astype(ya.dtype)
         return self.wo(y.reshape(b, t, -1))
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
-        return self._combine(self.attn(x, segment_ids), self.memory(x, segment_ids), x)
-
-    def prefill(self, x, state, *, tokens=None):
-        ya, sa = self.attn.prefill(x, state["attn"])
-        ym, sm = self.memory.prefill(x, state["memory"])
-        return self._combine(ya, ym, x), {"memory": sm, "attn": sa}
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: TitansBlockCache | None = None):
+        if cache is None:
+            return self._combine(self.attn(x, segment_ids), self.memory(x, segment_ids), x)
+        check_no_segments("TitansMAG", segment_ids)
+        ya, attn = self.attn(x, cache=cache.attn)
+        ym, memory = self.memory(x, cache=cache.memory)
+        return self._combine(ya, ym, x), TitansBlockCache(memory, attn)
 
 
 @register_block("titans_mal", aliases=("MAL",))
 class TitansMAL(_TitansBlock):
-    """Memory as a layer: the neural-memory layer, then a sliding-window attention layer."""
+    """Memory as a layer: ``m = memory(x) W_m``, ``h = x + m``, ``y = m + W_o swa(RMSNorm(h))``;
+    ``[B, T, d_model] -> [B, T, d_model]``. Constructor arguments: those of :class:`_TitansBlock`
+    (shared with :class:`TitansMAG`). Decoding cache: :class:`TitansBlockCache`."""
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        h, dk, d, dt = cfg.num_heads, cfg.resolved_head_dim, cfg.d_model, jnp.dtype(cfg.compute_dtype)
-        self.memory = NeuralMemory(cfg, opts, rngs=rngs)
-        self.wm = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
-        self.norm = RMSNorm(d, rngs=rngs, eps=cfg.norm_eps)
-        self.attn = SlidingWindowAttention(cfg, opts.window, rngs=rngs)
-        self.wo = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
+    def _build(self, d, hd, memory, attn, norm_eps, dt, rngs):
+        self.memory = memory()
+        self.wm = Linear(hd, d, ("heads", "embed"), rngs=rngs, dtype=dt)
+        self.norm = RMSNorm(d, rngs=rngs, eps=norm_eps)
+        self.attn = attn()
+        self.wo = Linear(hd, d, ("heads", "embed"), rngs=rngs, dtype=dt)
 
     def _mem_out(self, ym, x):
         return self.wm(ym.reshape(*x.shape[:2], -1)).astype(x.dtype)
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
-        m = self._mem_out(self.memory(x, segment_ids), x)
-        ya = self.attn(self.norm(x + m), segment_ids)
-        return m + self.wo(ya.reshape(*x.shape[:2], -1))
-
-    def prefill(self, x, state, *, tokens=None):
-        ym, sm = self.memory.prefill(x, state["memory"])
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: TitansBlockCache | None = None):
+        if cache is None:
+            m = self._mem_out(self.memory(x, segment_ids), x)
+            ya = self.attn(self.norm(x + m), segment_ids)
+            return m + self.wo(ya.reshape(*x.shape[:2], -1))
+        check_no_segments("TitansMAL", segment_ids)
+        ym, memory = self.memory(x, cache=cache.memory)
         m = self._mem_out(ym, x)
-        ya, sa = self.attn.prefill(self.norm(x + m), state["attn"])
-        return m + self.wo(ya.reshape(*x.shape[:2], -1)), {"memory": sm, "attn": sa}
-
-
-# ----------------------------------------------------------------------------- MAC
+        ya, attn = self.attn(self.norm(x + m), cache=cache.attn)
+        return m + self.wo(ya.reshape(*x.shape[:2], -1)), TitansBlockCache(memory, attn)

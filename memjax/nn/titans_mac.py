@@ -10,65 +10,28 @@ and gates the attention output with the memory's read at ``y``::
     a = Attn(x; P, h, x) ;  y = a W_y ;  M_s = write(M_{s-1}; y) ;  out = W_o(a * sigmoid(RMSNorm(M_s(q(y)))))
 
 (``M_s`` read per token, written only with ``y_j, j <= i``; see :class:`TitansMAC` for the exact
-masking and packing rules). ``titans_mac`` has its own decoding state (see the class).
+masking and packing rules). Decoding: ``y, cache = block(x, cache=cache)`` with
+:class:`TitansMACCache` (see the class). Built on :class:`memjax.nn.titans.NeuralMemory`'s public
+methods (project, query, update, retrieve, initial_state).
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.config import ConfigError
 from memjax.memory.attention import rope
-from memjax.memory.neural_memory import ACTIVATIONS, TitansCache, TitansState, titans, titans_init_cache
+from memjax.memory.neural_memory import TitansCache
+from memjax.memory.segments import document_ids, positions_in_segment
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, ShortConv, l2_normalize, param
+from memjax.nn.layers import Linear, RMSNorm, ShortConv, param
 from memjax.nn.registry import register_block
-from memjax.nn.titans import NeuralMemory, SlidingWindowAttention, TitansOptions
-
-
-@dataclasses.dataclass
-class TitansMACOptions:
-    segment: int = 16  # segment length = the memory's chunk size (1: per-token memory updates)
-    num_persistent: int = 4  # learned persistent-memory tokens prepended to every segment (0: none)
-    depth: int = 1  # memory MLP layers (1: linear memory K -> V)
-    memory_expansion: int = 2  # hidden width of the memory MLP = head_dim * memory_expansion
-    activation: str = "silu"  # between memory MLP layers: "silu" or "gelu"
-    conv_width: int = 4  # causal depthwise short conv on the retrieval query; 0: none
-    theta_max: float = 0.0  # upper bound of the memory learning rate; 0: as in TitansOptions
-    eta_bias: float = 0.0  # initial momentum decay sigmoid(eta_bias)
-    alpha_bias: float = -5.0  # initial weight decay sigmoid(alpha_bias)
-
-    def memory_options(self) -> TitansOptions:
-        """The neural memory's options: chunk = segment; no short conv of its own (y already
-        mixes its segment; the retrieval query has its own conv)."""
-        return TitansOptions(chunk_size=self.segment, window=self.segment, depth=self.depth,
-                             memory_expansion=self.memory_expansion, activation=self.activation,
-                             conv_width=0, theta_max=self.theta_max, eta_bias=self.eta_bias,
-                             alpha_bias=self.alpha_bias)
-
-    def validate(self, m, where):
-        if self.segment < 1:
-            raise ConfigError(f"config key '{where}.segment' must be >= 1, got {self.segment}")
-        for key in ("num_persistent", "conv_width"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key '{where}.{key}' must be >= 0, got {getattr(self, key)}")
-        self.memory_options().validate(m, where)  # depth, memory_expansion, activation, theta_max
-
+from memjax.nn.titans import MemoryInputs, NeuralMemory, SlidingWindowAttention, check_memory_options
+from memjax.nn.validate import check_heads, check_no_segments, check_nonnegative, check_positive
 
 _NO_GROUP = -(2 ** 30)  # group id of empty key slots: equal to no query's group
-
-
-def _memory_read(ws, q, act):
-    """``M_W(q)`` without an update: ``q [B, N, H, K]``, ``ws`` layers ``[B, H, I, O]`` or ``[H, I, O]``."""
-    x = q.astype(jnp.float32)
-    for i, w in enumerate(ws):
-        x = jnp.einsum("bnhd,bhde->bnhe" if w.ndim == 4 else "bnhd,hde->bnhe", x, w.astype(jnp.float32))
-        if i < len(ws) - 1:
-            x = act(x)
-    return x.astype(q.dtype)
 
 
 def _window(x, start, n):
@@ -83,8 +46,27 @@ def _where_state(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-_KEYS = ("kx", "vx", "kh", "vh")  # attention keys / values of segment tokens and retrieved tokens
+_KEYS = ("kx", "vx", "kh", "vh")  # attention keys / values of segment tokens and retrieved tokens (cache order)
 _MEM = ("mk", "mv", "theta", "eta", "alpha")  # memory writes derived from the attention output y
+
+
+class TitansMACCache(NamedTuple):
+    """Decoding cache of :class:`TitansMAC`.
+
+    ``conv``: the retrieval query's short-conv window ``[B, conv_width - 1, H K]`` (``None``
+    without conv); ``memory``: :class:`memjax.memory.neural_memory.TitansCache` (the memory at the
+    start of the current segment and the memory writes of its tokens so far, ``memory.count`` of
+    them); ``kx, vx, kh, vh: [B, segment, H, K]``: attention keys/values of the current segment's
+    tokens and retrieved tokens (first ``memory.count`` slots valid); ``pos``: tokens seen.
+    """
+
+    conv: jax.Array | None
+    memory: TitansCache
+    kx: jax.Array
+    vx: jax.Array
+    kh: jax.Array
+    vh: jax.Array
+    pos: jax.Array
 
 
 @register_block("titans_mac", aliases=("MAC",))
@@ -128,29 +110,48 @@ class TitansMAC(Block):
     after the first window). With ``segment_ids`` the block is exact for packed documents (equal
     to running them one by one); without, blocks are the segments and the second pass is absent.
 
-    Decoding state: the memory cache (:class:`memjax.memory.neural_memory.TitansCache`: the memory at
-    the start of the current segment and the memory writes of its tokens so far), the attention
-    keys/values of the current segment's tokens and retrieved tokens, the short-conv window and
-    the position. ``prefill`` runs the same block scan starting mid-segment (its blocks start at
-    the first new token, as packed documents do) and ``step`` is a prefill of one token.
+    Decoding: ``y, cache = block(x, cache=cache)`` for any ``T >= 1`` with :class:`TitansMACCache`
+    (the memory at the start of the current segment and the memory writes of its tokens so far,
+    the attention keys/values of the current segment's tokens and retrieved tokens, the short-conv
+    window and the position) runs the same block scan starting mid-segment (its blocks start at
+    the first new token, as packed documents do).
+
+    Args:
+      d_model: model width; ``num_heads`` heads of ``head_dim`` (``None``: ``d_model // num_heads``).
+      segment: segment length = the memory's chunk size (1: per-token memory updates).
+      num_persistent: learned persistent-memory tokens prepended to every segment (0: none).
+      depth, memory_expansion, activation, theta_max, eta_bias, alpha_bias: of the neural memory
+        (see :class:`memjax.nn.titans.NeuralMemory`).
+      conv_width: causal depthwise short conv on the retrieval query; 0: none.
+      rope_theta, norm_eps, dtype: RoPE base, RMSNorm epsilon, compute dtype.
     """
 
-    Options = TitansMACOptions
     stateful = True
 
-    def __init__(self, cfg, opts, *, layer: int, shared: dict, rngs: nnx.Rngs):
-        self.opts = opts
-        self.seg = opts.segment
-        self.h, self.dk = cfg.num_heads, cfg.resolved_head_dim
-        h, dk, d, dt = self.h, self.dk, cfg.d_model, jnp.dtype(cfg.compute_dtype)
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, segment: int = 16,
+                 num_persistent: int = 4, depth: int = 1, memory_expansion: int = 2, activation: str = "silu",
+                 conv_width: int = 4, theta_max: float = 0.0, eta_bias: float = 0.0, alpha_bias: float = -5.0,
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.h, self.dk = check_heads("TitansMAC", d_model, num_heads, head_dim)
+        check_positive("TitansMAC", segment=segment)
+        check_nonnegative("TitansMAC", num_persistent=num_persistent)
+        check_memory_options("TitansMAC", chunk_size=segment, depth=depth, memory_expansion=memory_expansion,
+                             activation=activation, conv_width=conv_width, theta_max=theta_max)
+        self.seg, self.num_persistent, self.activation = segment, num_persistent, activation
+        h, dk, d, dt = self.h, self.dk, d_model, jnp.dtype(dtype)
         self.dtype = dt
-        self.memory = NeuralMemory(cfg, opts.memory_options(), rngs=rngs)
-        w = opts.conv_width
-        self.q_conv = ShortConv(h * dk, w, rngs=rngs, axes=("heads",)) if w > 0 else None
-        self.attn = SlidingWindowAttention(cfg, opts.segment, rngs=rngs)  # projections, RoPE, o_norm
-        self.persistent = (param(rngs, nnx.initializers.normal(1.0), (opts.num_persistent, d),
-                                 ("memory_slots", "embed")) if opts.num_persistent else None)
-        self.h_norm = RMSNorm(dk, rngs=rngs, eps=cfg.norm_eps, axes=("kv",))
+        heads = dict(num_heads=num_heads, head_dim=head_dim, norm_eps=norm_eps, dtype=dtype)
+        # The memory's chunk is the segment; no short conv of its own (y already mixes its
+        # segment; the retrieval query has its own conv).
+        self.memory = NeuralMemory(d, **heads, chunk_size=segment, depth=depth, memory_expansion=memory_expansion,
+                                   activation=activation, conv_width=0, theta_max=theta_max, eta_bias=eta_bias,
+                                   alpha_bias=alpha_bias, rngs=rngs)
+        self.q_conv = ShortConv(h * dk, conv_width, rngs=rngs, axes=("heads",)) if conv_width > 0 else None
+        # projections, RoPE, o_norm
+        self.attn = SlidingWindowAttention(d, **heads, window=segment, rope_theta=rope_theta, rngs=rngs)
+        self.persistent = (param(rngs, nnx.initializers.normal(1.0), (num_persistent, d),
+                                 ("memory_slots", "embed")) if num_persistent else None)
+        self.h_norm = RMSNorm(dk, rngs=rngs, eps=norm_eps, axes=("kv",))
         self.wh = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
         self.wy = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
         self.wo = Linear(h * dk, d, ("heads", "embed"), rngs=rngs, dtype=dt)
@@ -160,27 +161,15 @@ class TitansMAC(Block):
     def _heads(self, z):
         return z.reshape(*z.shape[:2], self.h, self.dk)
 
-    def _features(self, x, positions, segment_ids=None, conv_state=None):
-        """Position-wise projections of the segment tokens (retrieval query with its short conv)."""
-        raw = self.memory.wq(x)
-        new_conv = None
-        if self.q_conv is not None:
-            if conv_state is None:
-                raw = self.q_conv(raw, segment_ids)
-            else:
-                w1 = self.opts.conv_width - 1
-                full = jnp.concatenate([conv_state.astype(raw.dtype), raw], axis=1)
-                raw = self.q_conv(full)[:, w1:]
-                new_conv = full[:, full.shape[1] - w1:].astype(conv_state.dtype)
+    def _features(self, x, positions, segment_ids=None, conv_cache=None):
+        """Position-wise projections of the segment tokens (retrieval query with its short conv);
+        with ``conv_cache`` also the conv's new window."""
+        qx, new_conv = self.memory.query(x, conv=self.q_conv, segment_ids=segment_ids, cache=conv_cache)
         qa = self._heads(self.attn.wq(x))
-        return {"qx": l2_normalize(jax.nn.silu(self._heads(raw))), "qp": qa,
+        return {"qx": qx, "qp": qa,
                 "qr": rope(qa, positions, self.attn.theta),
                 "kx": rope(self._heads(self.attn.wk(x)), positions, self.attn.theta),
                 "vx": self._heads(self.attn.wv(x)), "pos": positions}, new_conv
-
-    def _fresh(self, b):
-        w = tuple(jnp.broadcast_to(p.astype(jnp.float32)[None], (b,) + p.shape) for p in self.memory._weights0())
-        return TitansState(w, tuple(jnp.zeros_like(x) for x in w))
 
     def _attend(self, qr, qp, keys, kgroup, kidx, qgroup, qidx):
         """Softmax attention of the segment queries over the persistent tokens and the context
@@ -226,16 +215,9 @@ class TitansMAC(Block):
         cat = lambda xs: jnp.concatenate(xs, axis=1)
         a = self._attend(inp["qr"], inp["qp"], (cat(ks), cat(vs)), cat(groups), cat(idxs), inp["group"], qidx)
         y = self.wy(a.reshape(b, s, -1))
-        mq, mk, mv, _ = self.memory._project(y)
-        theta, eta, alpha = self.memory._gates(y)
-        return {"a": a, "kh": kh, "vh": vh, "kx": inp["kx"], "vx": inp["vx"], "mq": mq, "mk": mk, "mv": mv,
-                "theta": theta, "eta": eta, "alpha": alpha}
-
-    def _write(self, cur, state, segment_ids=None):
-        c = self.seg
-        return titans(cur["mq"], cur["mk"], cur["mv"], cur["theta"], cur["eta"], cur["alpha"],
-                      params0=self.memory._weights0(), initial_state=state, activation=self.opts.activation,
-                      segment_ids=segment_ids, mode="recurrent" if c == 1 else "chunked", chunk_size=c)
+        m, _ = self.memory.project(y)
+        return {"a": a, "kh": kh, "vh": vh, "kx": inp["kx"], "vx": inp["vx"], "mq": m.q, "mk": m.k, "mv": m.v,
+                "theta": m.theta, "eta": m.eta, "alpha": m.alpha}
 
     def _scan(self, feats, state0, prev0, *, general, collect=False):
         """Blocks of ``segment`` positions over ``feats`` (``[B, L, ...]``, ``L`` a multiple).
@@ -249,9 +231,8 @@ class TitansMAC(Block):
         s = self.seg
         b, length = feats["qx"].shape[:2]
         nb = length // s
-        act = ACTIVATIONS[self.opts.activation]
-        w0 = self.memory._weights0()
-        fresh = self._fresh(b)
+        mem = self.memory
+        fresh = mem.initial_state(b)
         j = jnp.arange(s)
         blk = lambda x: jnp.moveaxis(x.reshape(b, nb, s, *x.shape[2:]), 1, 0)
         xs = {n: blk(x) for n, x in feats.items()}
@@ -259,8 +240,8 @@ class TitansMAC(Block):
 
         def aligned(carry, inp):
             st_g, _ = carry
-            cur = self._segment_pass(inp, _memory_read(st_g.weights, inp["qx"], act), None)
-            o, st2 = self._write(cur, st_g)
+            cur = self._segment_pass(inp, mem.retrieve(inp["qx"], st_g.weights), None)
+            o, st2 = mem.update(MemoryInputs(*(cur[n] for n in ("mq",) + _MEM)), initial_state=st_g)
             return (st2, None), {"a": cur["a"], "o": o}
 
         def body(carry, inp):
@@ -269,24 +250,23 @@ class TitansMAC(Block):
             g, doc_g = group[:, 0], doc[:, 0]
             st_g = _where_state(doc_g == prev["doc"][:, -1], st_g, fresh)  # a document starts here
             in_doc = doc == doc_g[:, None]
-            h0 = _memory_read(st_g.weights, inp["qx"], act)
-            h = jnp.where(in_doc[..., None, None], h0, _memory_read(w0, inp["qx"], act))
+            h0 = mem.retrieve(inp["qx"], st_g.weights)
+            h = jnp.where(in_doc[..., None, None], h0, mem.retrieve(inp["qx"]))
             cur = self._segment_pass(inp, h, prev)
             # Window 1: the group carried in, from its start g (possibly in the previous block).
             off2 = g - (inp["b0"] - s)  # in [1, s]
             cat = lambda n: jnp.concatenate([prev[n], cur[n] if n in cur else inp[n]], axis=1)
             win = lambda n: _window(cat(n), off2, s)
             q2 = _window(jnp.concatenate([jnp.zeros_like(cur["mq"]), cur["mq"]], axis=1), off2, s)
-            o2, st2 = titans(q2, *(win(n) for n in _MEM), params0=w0, initial_state=st_g,
-                             activation=self.opts.activation, segment_ids=win("doc"),
-                             mode="recurrent" if s == 1 else "chunked", chunk_size=s)
+            o2, st2 = mem.update(MemoryInputs(q2, *(win(n) for n in _MEM)), initial_state=st_g,
+                                 segment_ids=win("doc"))
             o_first = _window(jnp.concatenate([o2, o2], axis=1), s - off2, s)  # valid where j < off2
             first = j[None] < off2[:, None]
 
             def second(cur):
                 # Tokens at or after g + s: the next group of the carried document retrieves from
                 # the memory after window 1; then window 2 from the group start g4 of position g + s.
-                h1 = jnp.where((in_doc & ~first)[..., None, None], _memory_read(st2.weights, inp["qx"], act), h)
+                h1 = jnp.where((in_doc & ~first)[..., None, None], mem.retrieve(inp["qx"], st2.weights), h)
                 cur = self._segment_pass(inp, h1, prev)
                 j4 = jnp.minimum(off2, s - 1)[:, None]
                 cont = jnp.take_along_axis(doc, j4, 1)[:, 0] == doc_g
@@ -294,9 +274,8 @@ class TitansMAC(Block):
                 pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
                 win4 = lambda x: _window(pad(x), g4, s)
                 doc4 = _window(jnp.concatenate([doc, jnp.full_like(doc, -1)], axis=1), g4, s)
-                o4, _ = titans(win4(cur["mq"]), *(win4(cur[n]) for n in _MEM), params0=w0,
-                               initial_state=_where_state(cont, st2, fresh), activation=self.opts.activation,
-                               segment_ids=doc4, mode="recurrent" if s == 1 else "chunked", chunk_size=s)
+                o4, _ = mem.update(MemoryInputs(*(win4(cur[n]) for n in ("mq",) + _MEM)),
+                                   initial_state=_where_state(cont, st2, fresh), segment_ids=doc4)
                 o_second = jnp.take_along_axis(o4, jnp.clip(j[None] - g4[:, None], 0, s - 1)[..., None, None], 1)
                 return cur, jnp.where(first[..., None, None], o_first, o_second)
 
@@ -331,7 +310,10 @@ class TitansMAC(Block):
 
     # ------------------------------------------------------------------ Block API
 
-    def __call__(self, x, *, segment_ids=None, tokens=None):
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: TitansMACCache | None = None):
+        if cache is not None:
+            check_no_segments("TitansMAC", segment_ids)
+            return self._decode(x, cache)
         b, t, _ = x.shape
         s = self.seg
         length = s * (-(-t // s))
@@ -341,39 +323,36 @@ class TitansMAC(Block):
             seg = None
             doc = jnp.ones((b, length), jnp.int32)
             group = jnp.broadcast_to((i // s) * s, (b, length))
-            positions = jnp.broadcast_to(i, (b, length))
+            pos = jnp.broadcast_to(i, (b, length))
         else:
             seg = jnp.pad(segment_ids, ((0, 0), (0, length - t)), mode="edge")
-            starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-            doc = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
-            doc_start = jax.lax.cummax(jnp.where(starts, i, 0), axis=1)
-            positions = i - doc_start
-            group = doc_start + (positions // s) * s
-        feats, _ = self._features(x, positions, seg)
+            doc = document_ids(seg)
+            pos = positions_in_segment(seg)
+            group = (i - pos) + (pos // s) * s  # document start + whole segments
+        feats, _ = self._features(x, pos, seg)
         feats.update(doc=doc, group=group.astype(jnp.int32), valid=jnp.broadcast_to(i < t, (b, length)))
         general = segment_ids is not None
         prev0 = self._empty_prev(b, -1) if general else None
-        out = self._scan(feats, self._fresh(b), prev0, general=general)
+        out = self._scan(feats, self.memory.initial_state(b), prev0, general=general)
         return self._output(out["a"][:, :t], out["o"][:, :t])
 
-    def init_state(self, batch_size: int, max_len: int):
-        b, s = batch_size, self.seg
-        conv = None
-        if self.q_conv is not None:
-            conv = self.q_conv.init_state(b, self.h * self.dk, self.dtype)
-        cache = titans_init_cache(b, self.h, self.dk, self.dk, params0=self.memory._weights0(), chunk_size=s)
-        z = jnp.zeros((b, s, self.h, self.dk), self.dtype)
-        return {"conv": conv, "cache": cache, **{n: z for n in _KEYS}, "pos": jnp.zeros((), jnp.int32)}
+    def init_cache(self, batch_size: int, max_length: int) -> TitansMACCache:
+        b = batch_size
+        conv = None if self.q_conv is None else self.q_conv.init_cache(b, self.dtype)
+        z = jnp.zeros((b, self.seg, self.h, self.dk), self.dtype)
+        return TitansMACCache(conv, self.memory.init_cache(b).titans, z, z, z, z, jnp.zeros((), jnp.int32))
 
-    def prefill(self, x, state, *, tokens=None):
+    def _decode(self, x, cache: TitansMACCache):
+        """``T >= 1`` tokens from ``cache``: the block scan of the general form, its blocks starting
+        at the first new token and the buffered tokens of the current segment as the previous block."""
         b, t, _ = x.shape
         s = self.seg
-        pos0 = state["pos"]
+        pos0 = cache.pos
         c0 = pos0 % s
         length = s * (-(-t // s))
         i = jnp.arange(length)
         absolute = pos0 + i
-        feats, conv = self._features(x, jnp.broadcast_to(absolute[:t], (b, t)), conv_state=state["conv"])
+        feats, conv = self._features(x, jnp.broadcast_to(absolute[:t], (b, t)), conv_cache=cache.conv)
         feats = {n: jnp.pad(f, [(0, 0), (0, length - t)] + [(0, 0)] * (f.ndim - 2)) for n, f in feats.items()}
         feats["pos"] = jnp.broadcast_to(absolute, (b, length))
         group = jnp.broadcast_to((absolute // s) * s - pos0, (b, length)).astype(jnp.int32)
@@ -381,17 +360,17 @@ class TitansMAC(Block):
                      valid=jnp.broadcast_to(i < t, (b, length)))
         # The buffered tokens of the current segment (absolute pos0 - c0 + k, slot k) become the
         # tail of the "previous block" (local positions -s .. -1).
-        cache = state["cache"]
+        memory = cache.memory
         src = jnp.arange(s) - (s - c0)
         has = src >= 0
         roll = lambda buf: jnp.where(has.reshape((1, s) + (1,) * (buf.ndim - 2)),
                                      jnp.take(buf, jnp.clip(src, 0, s - 1), axis=1), 0).astype(buf.dtype)
-        bufs = {"mk": cache.k, "mv": cache.v, "theta": cache.theta, "eta": cache.eta, "alpha": cache.alpha,
-                **{n: state[n] for n in _KEYS}}
+        bufs = {"mk": memory.k, "mv": memory.v, "theta": memory.theta, "eta": memory.eta, "alpha": memory.alpha,
+                **{n: getattr(cache, n) for n in _KEYS}}
         prev0 = {n: roll(v) for n, v in bufs.items()}
         prev0.update(group=jnp.broadcast_to(jnp.where(has, -c0, _NO_GROUP), (b, s)).astype(jnp.int32),
                      doc=jnp.ones((b, s), jnp.int32))
-        out = self._scan(feats, cache.state, prev0, general=True, collect=True)
+        out = self._scan(feats, memory.state, prev0, general=True, collect=True)
         y = self._output(out["a"][:, :t], out["o"][:, :t])
         # Memory at the start of the segment holding position pos0 + t: after window 1 of the
         # last block if that window is complete, else the state that block started from.
@@ -409,10 +388,6 @@ class TitansMAC(Block):
             w = jax.lax.dynamic_slice_in_dim(full, start, s, axis=1)
             return jnp.where(keep.reshape((1, s) + (1,) * (w.ndim - 2)), w, 0).astype(bufs[n].dtype)
 
-        new_cache = TitansCache(mem_state, new_buf("mk"), new_buf("mv"), new_buf("theta"), new_buf("eta"),
-                                new_buf("alpha"), count.astype(jnp.int32))
-        return y, {"conv": conv, "cache": new_cache, **{n: new_buf(n) for n in _KEYS}, "pos": end}
-
-    def step(self, x, state, *, token=None):
-        y, state = self.prefill(x[:, None, :], state)
-        return y[:, 0], state
+        new_memory = TitansCache(mem_state, new_buf("mk"), new_buf("mv"), new_buf("theta"), new_buf("eta"),
+                                 new_buf("alpha"), count.astype(jnp.int32))
+        return y, TitansMACCache(conv, new_memory, *(new_buf(n) for n in _KEYS), end.astype(jnp.int32))

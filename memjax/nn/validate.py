@@ -38,3 +38,9 @@ def check_heads(block: str, d_model: int, num_heads: int, head_dim: int | None) 
     if d_model % num_heads:
         raise ValueError(f"{block}: num_heads ({num_heads}) must divide d_model ({d_model}), or give head_dim")
     return num_heads, d_model // num_heads
+
+
+def check_no_segments(block: str, segment_ids) -> None:
+    """A call with a decoding cache continues one stream per row: packed ``segment_ids`` are refused."""
+    if segment_ids is not None:
+        raise ValueError(f"{block}: segment_ids are not supported with a decoding cache")
