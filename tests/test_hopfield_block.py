@@ -14,7 +14,7 @@ from memjax.nn.cache import NoCache
 from memjax.nn.hopfield import HopfieldLayer
 from memjax.nn.layers import l2_normalize, logical_axes
 from memjax.nn.registry import get_block
-from tiny import mqar_losses
+from tiny import mqar_first_last
 
 
 def naive_update(xi, X, beta, mask=None):
@@ -29,17 +29,6 @@ def naive_update(xi, X, beta, mask=None):
 
 def _block(**opts):
     return HopfieldLayer(d_model=32, **{"num_heads": 2, **opts}, rngs=nnx.Rngs(0))
-
-
-def _train_mqar(pattern, blocks, steps=60, lr=3e-3):
-    """Loss of a 2-layer model trained with Adam on MQAR (first and last 5 steps averaged)."""
-
-    from memjax.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
-    losses = mqar_losses(cfg, steps=steps, lr=lr)
-    assert np.all(np.isfinite(losses))
-    return np.mean(losses[:5]), np.mean(losses[-5:])
 
 
 def test_block_registered_and_defaults():
@@ -97,5 +86,5 @@ def test_block_options_are_validated():
 def test_two_layer_hopfield_model_trains_on_mqar():
     """Position-wise, so it cannot do the recall itself: 'A,H' (attention then the Hopfield
     layer) shows the layer trains inside a model; the loss must fall."""
-    first, last = _train_mqar("A,H", {"hopfield": {"num_patterns": 32}}, steps=40, lr=1e-2)
+    first, last = mqar_first_last("A,H", {"hopfield": {"num_patterns": 32}}, steps=40, lr=1e-2)
     assert last < first - 0.5, (first, last)

@@ -14,22 +14,11 @@ from memjax.nn.layers import logical_axes
 from memjax.nn.mixture import MixtureOfMemories
 from memjax.nn.registry import get_block
 from tests.helpers import rel_err
-from tiny import mqar_losses
+from tiny import mqar_first_last
 
 
 def _block(**opts):
     return MixtureOfMemories(d_model=32, num_heads=2, **opts, rngs=nnx.Rngs(0))
-
-
-def _train_mqar(pattern, blocks, steps=60, lr=3e-3):
-    """Loss of a 2-layer model trained with Adam on MQAR (first and last 5 steps averaged)."""
-
-    from memjax.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
-    losses = mqar_losses(cfg, steps=steps, lr=lr)
-    assert np.all(np.isfinite(losses))
-    return np.mean(losses[:5]), np.mean(losses[-5:])
 
 
 def test_block_registered_and_defaults():
@@ -86,5 +75,5 @@ def test_block_parameters_and_options():
 
 @pytest.mark.slow
 def test_two_layer_mom_model_learns_mqar():
-    first, last = _train_mqar("MoM,MoM", {"mom": {"chunk_size": 16}}, steps=40, lr=1e-2)
+    first, last = mqar_first_last("MoM,MoM", {"mom": {"chunk_size": 16}}, steps=40, lr=1e-2)
     assert last < first - 0.5, (first, last)

@@ -215,13 +215,16 @@ def test_seq_axis_errors():
 
 
 def test_blocks_refuse_a_length_the_seq_axis_does_not_divide():
-    from memjax.nn.sequence_parallel import over_sequence, sequence_shards
+    from memjax.nn.sequence_parallel import over_sequence
 
-    assert sequence_shards() == 1
+    fn = lambda x, seq_axis: (x, x)
+    with pytest.raises(ValueError, match="seq_axis='seq' but the current mesh has no such axis"):
+        over_sequence(fn, {"x": jnp.zeros((1, 8))}, {}, axis="seq")
     with jax.set_mesh(seq_mesh(4)):
-        assert sequence_shards() == 4
         with pytest.raises(ValueError, match="x has length 6 along time, not divisible by the 4 devices"):
-            over_sequence(lambda x, seq_axis: (x, x), {"x": jnp.zeros((1, 6))}, {})
+            over_sequence(fn, {"x": jnp.zeros((1, 6))}, {}, axis="seq")
+        # nothing is inferred from the ambient mesh: without an axis the whole sequence runs here
+        assert over_sequence(fn, {"x": jnp.zeros((1, 6))}, {}, axis=None)[0].shape == (1, 6)
 
 
 def test_diagonal_ssm_scan_sharded_equals_single_device():

@@ -58,3 +58,15 @@ def mqar_losses(model_cfg, *, steps: int, lr: float, batch: int = 16, seq_len: i
         b = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ("inputs", "targets", "mask")}
         losses.append(float(train_step(model, opt, b["inputs"], b["targets"], b["mask"])))
     return losses
+
+
+def mqar_first_last(pattern: str, blocks: dict, *, steps: int = 60, lr: float = 3e-3) -> tuple[float, float]:
+    """Mean loss of the first and of the last 5 steps of a 2-layer ``pattern`` model on MQAR."""
+    import numpy as np
+
+    from memjax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern=pattern, blocks=blocks)
+    losses = mqar_losses(cfg, steps=steps, lr=lr)
+    assert np.all(np.isfinite(losses))
+    return float(np.mean(losses[:5])), float(np.mean(losses[-5:]))

@@ -68,6 +68,20 @@ def block_arguments(cfg: ModelConfig, name: str, *, layer: int = 0, seq_axis: st
     return {**{k: settings[k] for k in model_args}, **cfg.blocks.get(cls.name, {})}
 
 
+def residual_stack(norms, blocks, x, segment_ids, tokens, caches):
+    """``x <- x + block(norm(x))`` for each block in order; with ``caches`` (one per block) the
+    decoding form, returning the new caches. Returns ``(x, caches or None)``."""
+    new = []
+    for i, (norm, block) in enumerate(zip(norms, blocks)):
+        if caches is None:
+            y = block(norm(x), segment_ids=segment_ids, tokens=tokens)
+        else:
+            y, c = block(norm(x), tokens=tokens, cache=caches[i])
+            new.append(c)
+        x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
+    return x, (None if caches is None else tuple(new))
+
+
 class Group(nnx.Module):
     """One repeat of the pattern: pre-norm residual blocks in order."""
 
@@ -83,15 +97,7 @@ class Group(nnx.Module):
         self.norms = nnx.List(norms)
 
     def __call__(self, x, *, segment_ids=None, tokens=None, caches=None):
-        new = []
-        for j, (norm, block) in enumerate(zip(self.norms, self.blocks)):
-            if caches is None:
-                y = block(norm(x), segment_ids=segment_ids, tokens=tokens)
-            else:
-                y, c = block(norm(x), tokens=tokens, cache=caches[j])
-                new.append(c)
-            x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
-        return x, (None if caches is None else tuple(new))
+        return residual_stack(self.norms, self.blocks, x, segment_ids, tokens, caches)
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
         return tuple(b.init_cache(batch_size, max_length) for b in self.blocks)
@@ -155,15 +161,7 @@ class LM(nnx.Module):
                        preferred_element_type=jnp.float32)
 
     def _unrolled(self, x, segment_ids, tokens, caches):
-        new = []
-        for i, (norm, block) in enumerate(zip(self.norms, self.blocks)):
-            if caches is None:
-                y = block(norm(x), segment_ids=segment_ids, tokens=tokens)
-            else:
-                y, c = block(norm(x), tokens=tokens, cache=caches[i])
-                new.append(c)
-            x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
-        return x, (None if caches is None else tuple(new))
+        return residual_stack(self.norms, self.blocks, x, segment_ids, tokens, caches)
 
     def _scanned(self, x, segment_ids, tokens, caches):
         if caches is None:
