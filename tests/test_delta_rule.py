@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_linear_attention import _largest_intermediate, rel
 
 from memjax.memory.delta import delta_rule, unit_lower_inverse
+from tests.helpers import TOL64, largest_intermediate, rel_err, rel_rmse
 
-TOL64 = 1e-10
 dr = jax.jit(delta_rule, static_argnames=("mode", "chunk_size"))
 
 
@@ -80,10 +79,10 @@ def test_forms_match_reference(x64, T, packed, forms):
                                                   segment_ids=seg, mode=mode, chunk_size=c)
         o, s, grads = value_and_grads(fn, q, k, v, beta, g, s0, co, cs)
         assert o.dtype == s.dtype == jnp.float64
-        assert rel(o, ref[0]) < TOL64, (mode, c)
-        assert rel(s, ref[1]) < TOL64, (mode, c)
+        assert rel_err(o, ref[0]) < TOL64, (mode, c)
+        assert rel_err(s, ref[1]) < TOL64, (mode, c)
         for i, (a, b) in enumerate(zip(grads, ref[2])):
-            assert rel(a, b) < TOL64, (mode, c, "grad", i)
+            assert rel_err(a, b) < TOL64, (mode, c, "grad", i)
 
 
 def test_no_decay_unnormalised_keys_default_scale_packed(x64):
@@ -98,7 +97,7 @@ def test_no_decay_unnormalised_keys_default_scale_packed(x64):
     fn = lambda q, k, v, b, g, s0: delta_rule(q, k, v, b, segment_ids=seg, chunk_size=8)
     got = value_and_grads(fn, q, k, v, beta, None, zero, co, cs)
     for a, b in zip(jax.tree.leaves(got[:2]) + list(got[2][:4]), jax.tree.leaves(ref[:2]) + list(ref[2][:4])):
-        assert rel(a, b) < TOL64
+        assert rel_err(a, b) < TOL64
 
 
 @pytest.mark.parametrize("mode", ["chunked", "recurrent"])
@@ -109,8 +108,8 @@ def test_chaining_two_halves_equals_one_pass(x64, mode):
     a, b = slice(0, 23), slice(23, None)
     o1, s1 = dr(q[:, a], k[:, a], v[:, a], beta[:, a], g=g[:, a], initial_state=s0, **kw)
     o2, s2 = dr(q[:, b], k[:, b], v[:, b], beta[:, b], g=g[:, b], initial_state=s1, **kw)
-    assert rel(jnp.concatenate([o1, o2], 1), o) < TOL64
-    assert rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([o1, o2], 1), o) < TOL64
+    assert rel_err(s2, s) < TOL64
 
 
 def test_packed_equals_separate_documents(x64):
@@ -125,8 +124,8 @@ def test_packed_equals_separate_documents(x64):
         oi, si = dr(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], g=g[:, sl], initial_state=init, chunk_size=16)
         parts.append(oi)
         start += n
-    assert rel(o, jnp.concatenate(parts, 1)) < TOL64
-    assert rel(s, si) < TOL64
+    assert rel_err(o, jnp.concatenate(parts, 1)) < TOL64
+    assert rel_err(s, si) < TOL64
 
 
 def test_strong_decay_and_resets_stay_finite():
@@ -153,9 +152,8 @@ def test_bf16_matches_float32():
     bf = lambda x: x.astype(jnp.bfloat16)
     o16, s16 = dr(bf(q), bf(k), bf(v), bf(beta), g=bf(g), initial_state=s0, chunk_size=32)
     assert o16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
-    rmse = lambda x, ref: float(jnp.linalg.norm(x.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    assert rmse(o16, o32) < 1e-2
-    assert rmse(s16, s32) < 1e-2
+    assert rel_rmse(o16, o32) < 1e-2
+    assert rel_rmse(s16, s32) < 1e-2
 
 
 def test_no_per_token_state_in_chunked_graph():
@@ -168,9 +166,9 @@ def test_no_per_token_state_in_chunked_graph():
         o, s = delta_rule(q, k, v, beta, g=-g, chunk_size=32)
         return jnp.sum(o) + jnp.sum(s)
 
-    assert _largest_intermediate(jax.grad(loss, (0, 1, 2, 3, 4)), q, k, v, beta, g) < B * T * H * K * V
+    assert largest_intermediate(jax.grad(loss, (0, 1, 2, 3, 4)), q, k, v, beta, g) < B * T * H * K * V
     rec = lambda q, k, v, beta, g: jnp.sum(delta_rule(q, k, v, beta, g=-g, mode="recurrent")[0])
-    assert _largest_intermediate(jax.grad(rec, (0, 1, 2, 3, 4)), q, k, v, beta, g) >= B * T * H * K * V
+    assert largest_intermediate(jax.grad(rec, (0, 1, 2, 3, 4)), q, k, v, beta, g) >= B * T * H * K * V
 
 
 def test_unit_lower_inverse(x64):
@@ -181,7 +179,7 @@ def test_unit_lower_inverse(x64):
         L = 0.3 * np.random.default_rng(c).normal(size=(2, 3, c, c))
         got = jax.jit(unit_lower_inverse)(jnp.asarray(L))
         ref = np.linalg.inv(np.tril(L, -1) + np.eye(c))
-        assert rel(got, ref) < 1e-10, c
+        assert rel_err(got, ref) < 1e-10, c
 
 
 def test_unit_lower_inverse_rejects_non_square():
@@ -195,14 +193,15 @@ def _ok():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(q=jnp.zeros((2, 8, 3))), "q must be"),
-    (dict(k=jnp.zeros((2, 8, 2, 4))), "k must be"),
-    (dict(v=jnp.zeros((1, 8, 3, 5))), "v must be"),
-    (dict(beta=jnp.zeros((2, 8, 3, 1))), "beta must be"),
-    (dict(beta=None), "beta must be"),
-    (dict(g=jnp.zeros((2, 8, 4))), "g must be"),
-    (dict(initial_state=jnp.zeros((2, 3, 4))), "initial_state must be"),
-    (dict(segment_ids=jnp.zeros((8,), jnp.int32)), "segment_ids must be"),
+    (dict(q=jnp.zeros((2, 8, 3))), r"q must have shape \[B, T, H, K\]"),
+    (dict(k=jnp.zeros((2, 8, 2, 4))), "k must have shape"),
+    (dict(v=jnp.zeros((1, 8, 3, 5))), "v must have shape"),
+    (dict(beta=jnp.zeros((2, 8, 3, 1))),
+     r"delta_rule: beta must have shape \[B, T, H\] = \(2, 8, 3\), got \(2, 8, 3, 1\)"),
+    (dict(beta=None), r"beta must have shape \[B, T, H\] = \(2, 8, 3\), got None"),
+    (dict(g=jnp.zeros((2, 8, 4))), "g must have shape"),
+    (dict(initial_state=jnp.zeros((2, 3, 4))), r"initial_state must have shape \[B, H, K, V\] = \(2, 3, 4, 5\)"),
+    (dict(segment_ids=jnp.zeros((8,), jnp.int32)), r"segment_ids must have shape \[B, T\] = \(2, 8\)"),
     (dict(chunk_size=-4), "chunk_size"),
     (dict(mode="parallel"), "mode"),
 ])
@@ -210,3 +209,9 @@ def test_bad_inputs_raise(change, match):
     kw = {**_ok(), **change}
     with pytest.raises(ValueError, match=match):
         delta_rule(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("beta"), **kw)
+
+
+def test_integer_beta_raises_type_error():
+    kw = _ok()
+    with pytest.raises(TypeError, match="delta_rule: beta must have a floating dtype .*got int32"):
+        delta_rule(kw["q"], kw["k"], kw["v"], jnp.ones((2, 8, 3), jnp.int32))

@@ -142,4 +142,8 @@ def test_input_validation():
         hopfield_retrieval(xi, pats, beta=jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="steps"):
         hopfield_retrieval(xi, pats, beta=1.0, steps=0)
+    with pytest.raises(TypeError, match="hopfield_retrieval: xi must have a floating dtype .*got int32"):
+        hopfield_retrieval(xi.astype(jnp.int32), pats, beta=1.0)
+    with pytest.raises(TypeError, match="hopfield_energy: patterns must have a floating dtype .*got bool"):
+        hopfield_energy(xi, pats.astype(bool), beta=1.0)
 

@@ -11,8 +11,8 @@ import pytest
 
 from memjax.memory import feature_maps as fm
 from memjax.memory.linear import linear_attention
+from tests.helpers import TOL64, largest_intermediate, rel_err, rel_rmse
 
-TOL64 = 1e-10
 # Jitted once per shape: eager dispatch of the chunked form compiles every op separately (slow).
 la = jax.jit(linear_attention, static_argnames=("mode", "chunk_size"))
 
@@ -46,10 +46,6 @@ def inputs(B=2, T=63, H=2, K=5, V=4, seed=0, decay=True):
     return q, k, v, g, s0, co, cs
 
 
-def rel(x, ref):
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-300))
-
-
 def value_and_grads(fn, q, k, v, g, s0, co, cs, jit=True):
     def loss(q, k, v, g, s0):
         o, s = fn(q, k, v, g, s0)
@@ -81,10 +77,10 @@ def test_forms_match_reference(x64, T, packed, forms):
                                                      segment_ids=seg, mode=mode, chunk_size=c)
         o, s, grads = value_and_grads(fn, q, k, v, g, s0, co, cs)
         assert o.dtype == s.dtype == jnp.float64
-        assert rel(o, ref[0]) < TOL64, (mode, c)
-        assert rel(s, ref[1]) < TOL64, (mode, c)
+        assert rel_err(o, ref[0]) < TOL64, (mode, c)
+        assert rel_err(s, ref[1]) < TOL64, (mode, c)
         for i, (a, b) in enumerate(zip(grads, ref[2])):
-            assert rel(a, b) < TOL64, (mode, c, "grad", i)
+            assert rel_err(a, b) < TOL64, (mode, c, "grad", i)
 
 
 def test_no_decay_default_scale_packed(x64):
@@ -97,7 +93,7 @@ def test_no_decay_default_scale_packed(x64):
     fn = lambda q, k, v, g, s0: linear_attention(q, k, v, segment_ids=seg, chunk_size=8)
     got = value_and_grads(fn, q, k, v, None, zero, co, cs)
     for a, b in zip(jax.tree.leaves(got[:2]) + list(got[2][:3]), jax.tree.leaves(ref[:2]) + list(ref[2][:3])):
-        assert rel(a, b) < TOL64
+        assert rel_err(a, b) < TOL64
 
 
 @pytest.mark.parametrize("mode", ["chunked", "recurrent"])
@@ -107,8 +103,8 @@ def test_chaining_two_halves_equals_one_pass(x64, mode):
     o, s = la(q, k, v, g=g, initial_state=s0, **kw)
     o1, s1 = la(q[:, :23], k[:, :23], v[:, :23], g=g[:, :23], initial_state=s0, **kw)
     o2, s2 = la(q[:, 23:], k[:, 23:], v[:, 23:], g=g[:, 23:], initial_state=s1, **kw)
-    assert rel(jnp.concatenate([o1, o2], 1), o) < TOL64
-    assert rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([o1, o2], 1), o) < TOL64
+    assert rel_err(s2, s) < TOL64
 
 
 def test_packed_equals_separate_documents(x64):
@@ -123,8 +119,8 @@ def test_packed_equals_separate_documents(x64):
         oi, si = la(q[:, sl], k[:, sl], v[:, sl], g=g[:, sl], initial_state=init, chunk_size=16)
         parts.append(oi)
         start += n
-    assert rel(o, jnp.concatenate(parts, 1)) < TOL64
-    assert rel(s, si) < TOL64
+    assert rel_err(o, jnp.concatenate(parts, 1)) < TOL64
+    assert rel_err(s, si) < TOL64
 
 
 def test_strong_decay_and_resets_stay_finite():
@@ -152,9 +148,8 @@ def test_bf16_matches_float32():
     bf = lambda x: x.astype(jnp.bfloat16)
     o16, s16 = la(bf(q), bf(k), bf(v), g=bf(g), initial_state=s0, chunk_size=32)
     assert o16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
-    rmse = lambda x, ref: float(jnp.linalg.norm(x.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    assert rmse(o16, o32) < 1e-2
-    assert rmse(s16, s32) < 1e-2
+    assert rel_rmse(o16, o32) < 1e-2
+    assert rel_rmse(s16, s32) < 1e-2
 
 
 def test_no_per_token_state_in_chunked_graph():
@@ -168,26 +163,10 @@ def test_no_per_token_state_in_chunked_graph():
         o, s = linear_attention(q, k, v, g=g, chunk_size=32)
         return jnp.sum(o) + jnp.sum(s)
 
-    assert _largest_intermediate(jax.grad(loss, (0, 1, 2, 3)), q, k, v, g) < B * T * H * K * V
+    assert largest_intermediate(jax.grad(loss, (0, 1, 2, 3)), q, k, v, g) < B * T * H * K * V
     # Sanity check of the probe itself: the recurrent form's gradient does store one state per token.
     rec = lambda q, k, v, g: jnp.sum(linear_attention(q, k, v, g=g, mode="recurrent")[0])
-    assert _largest_intermediate(jax.grad(rec, (0, 1, 2, 3)), q, k, v, g) >= B * T * H * K * V
-
-
-def _largest_intermediate(fn, *args):
-    def walk(jaxpr):
-        best = 0
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        best = max(best, walk(inner))
-        return best
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert largest_intermediate(jax.grad(rec, (0, 1, 2, 3)), q, k, v, g) >= B * T * H * K * V
 
 
 def _ok():
@@ -196,20 +175,32 @@ def _ok():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(q=jnp.zeros((8, 3, 4))), "q must be"),
-    (dict(k=jnp.zeros((2, 8, 3, 5))), "k must be"),
-    (dict(v=jnp.zeros((2, 7, 3, 5))), "v must be"),
-    (dict(g=jnp.zeros((2, 8))), "g must be"),
-    (dict(initial_state=jnp.zeros((2, 3, 5, 4))), "initial_state must be"),
-    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids must be"),
-    (dict(segment_ids=jnp.zeros((2, 8))), "segment_ids must be an integer"),
+    (dict(q=jnp.zeros((8, 3, 4))), r"q must have shape \[B, T, H, K\], got \(8, 3, 4\)"),
+    (dict(k=jnp.zeros((2, 8, 3, 5))), r"k must have shape \[B, T, H, K\] = \(2, 8, 3, 4\), got \(2, 8, 3, 5\)"),
+    (dict(v=jnp.zeros((2, 7, 3, 5))), r"v must have shape \[B, T, H, V\] = \(2, 8, 3, V\)"),
+    (dict(g=jnp.zeros((2, 8))), r"linear_attention: g must have shape \[B, T, H\] = \(2, 8, 3\), got \(2, 8\)"),
+    (dict(initial_state=jnp.zeros((2, 3, 5, 4))), "initial_state must have shape"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids must have shape"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(mode="fused"), "mode"),
     (dict(scale=jnp.ones(3)), "scale"),
+    (dict(impl="triton"), "impl must be one of"),
 ])
 def test_bad_inputs_raise(change, match):
     kw = {**_ok(), **change}
     with pytest.raises(ValueError, match=match):
+        linear_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=jnp.zeros((2, 8, 3, 4), jnp.int32)), "linear_attention: q must have a floating dtype .*got int32"),
+    (dict(v=jnp.zeros((2, 8, 3, 5), bool)), "v must have a floating dtype .*got bool"),
+    (dict(g=jnp.zeros((2, 8, 3), jnp.int32)), "g must have a floating dtype"),
+    (dict(segment_ids=jnp.zeros((2, 8))), "segment_ids must have an integer dtype, got float32"),
+])
+def test_bad_dtypes_raise_type_error(change, match):
+    kw = {**_ok(), **change}
+    with pytest.raises(TypeError, match=match):
         linear_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
 
 

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 
 from memjax.memory.rg_lru import rglru
+from tests.helpers import TOL64, rel_err, rel_rmse
 
-TOL64 = 1e-10
 C = 8.0
 run = jax.jit(rglru, static_argnames=("mode", "normalize_at_reset", "c"))
-
-
-def rel(x, ref):
-    x, ref = np.asarray(x), np.asarray(ref)
-    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-300))
 
 
 def naive(x, ga, gx, lam, h0, seg, normalize_at_reset=True):
@@ -67,10 +62,10 @@ def grads_of(fn, args, co, cs):
 
 
 def check_all(got, ref, what):
-    assert rel(got[0], ref[0]) < TOL64, (what, "y")
-    assert rel(got[1], ref[1]) < TOL64, (what, "state")
+    assert rel_err(got[0], ref[0]) < TOL64, (what, "y")
+    assert rel_err(got[1], ref[1]) < TOL64, (what, "state")
     for i, (a, b) in enumerate(zip(got[2], ref[2])):
-        assert rel(a, b) < TOL64, (what, "grad", i, rel(a, b))
+        assert rel_err(a, b) < TOL64, (what, "grad", i, rel_err(a, b))
 
 
 def packed_ids(T):
@@ -100,13 +95,13 @@ def test_recurrentgemma_convention_no_normalisation_at_document_starts(x64):
                    (x, ga, gx, lam), co, cs)
     check_all(got, ref, "scan")
     y_rec, _ = run(x, ga, gx, lam, segment_ids=seg, mode="recurrent", normalize_at_reset=False)
-    assert rel(y_rec, ref[0]) < TOL64
+    assert rel_err(y_rec, ref[0]) < TOL64
     x, ga, gx = x[:, :36], ga[:, :36], gx[:, :36]  # no segments from here on
     y, s = run(x, ga, gx, lam, normalize_at_reset=False)
-    assert rel(y[:, 0], jax.nn.sigmoid(gx[:, 0]) * x[:, 0]) < 1e-14  # un-normalised first token
+    assert rel_err(y[:, 0], jax.nn.sigmoid(gx[:, 0]) * x[:, 0]) < 1e-14  # un-normalised first token
     y1, s1 = run(x[:, :18], ga[:, :18], gx[:, :18], lam, normalize_at_reset=False)
     y2, s2 = run(x[:, 18:], ga[:, 18:], gx[:, 18:], lam, initial_state=s1, normalize_at_reset=False)
-    assert rel(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel_err(s2, s) < TOL64
 
 
 @pytest.mark.parametrize("mode", ["scan", "recurrent"])
@@ -115,7 +110,7 @@ def test_chaining_two_halves_equals_one_pass(x64, mode):
     y, s = run(x, ga, gx, lam, initial_state=h0, mode=mode)
     y1, s1 = run(x[:, :25], ga[:, :25], gx[:, :25], lam, initial_state=h0, mode=mode)  # equal halves: one compile
     y2, s2 = run(x[:, 25:], ga[:, 25:], gx[:, 25:], lam, initial_state=s1, mode=mode)
-    assert rel(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel_err(s2, s) < TOL64
 
 
 def test_packed_equals_separate_documents(x64):
@@ -124,7 +119,7 @@ def test_packed_equals_separate_documents(x64):
     y, s = run(x, ga, gx, lam, initial_state=h0, segment_ids=seg)
     ya, _ = run(x[:, :29], ga[:, :29], gx[:, :29], lam, initial_state=h0)
     yb, sb = run(x[:, 29:], ga[:, 29:], gx[:, 29:], lam)
-    assert rel(y, jnp.concatenate([ya, yb], 1)) < TOL64 and rel(s, sb) < TOL64
+    assert rel_err(y, jnp.concatenate([ya, yb], 1)) < TOL64 and rel_err(s, sb) < TOL64
 
 
 def test_long_memory_normaliser_is_accurate_in_float32():
@@ -141,7 +136,7 @@ def test_long_memory_normaliser_is_accurate_in_float32():
         a64 = jnp.exp(-C * 0.5 * jax.nn.softplus(-lam64))
         naive32 = np.sqrt(1 - np.float32(a64) ** 2)  # the cancelling formula, in float32
         exact = np.sqrt(np.asarray(-jnp.expm1(2 * jnp.log(a64))))
-    assert rel(y32, y64) < 1e-5
+    assert rel_err(y32, y64) < 1e-5
     assert np.max(np.abs(naive32 - exact) / exact) > 1e-2  # the alternative really is inaccurate
 
 
@@ -163,8 +158,7 @@ def test_bf16_matches_float32():
     bf = lambda v: v.astype(jnp.bfloat16)
     y16, s16 = run(bf(x), bf(ga), bf(gx), lam, initial_state=h0)
     assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
-    rmse = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b))
-    assert rmse(y16.astype(jnp.float32), y32) < 1e-2 and rmse(s16, s32) < 1e-2
+    assert rel_rmse(y16, y32) < 1e-2 and rel_rmse(s16, s32) < 1e-2
 
 
 def _ok():
@@ -173,16 +167,27 @@ def _ok():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(x=jnp.zeros((8, 4))), "x must be"),
-    (dict(gate_a=jnp.zeros((2, 8, 3))), "gate_a must be"),
-    (dict(gate_x=jnp.zeros((2, 7, 4))), "gate_x must be"),
-    (dict(lam=jnp.zeros((2, 4))), "lam must be"),
-    (dict(initial_state=jnp.zeros((2, 5))), "initial_state must be"),
-    (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "segment_ids must be an integer"),
+    (dict(x=jnp.zeros((8, 4))), r"rglru: x must have shape \[batch, T, D\], got \(8, 4\)"),
+    (dict(gate_a=jnp.zeros((2, 8, 3))), r"gate_a must have shape \[batch, T, D\] = \(2, 8, 4\), got \(2, 8, 3\)"),
+    (dict(gate_x=jnp.zeros((2, 7, 4))), "gate_x must have shape"),
+    (dict(lam=jnp.zeros((2, 4))), r"lam must have shape \[D\] = \(4,\)"),
+    (dict(initial_state=jnp.zeros((2, 5))), r"initial_state must have shape \[batch, D\] = \(2, 4\)"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids must have shape"),
     (dict(mode="chunked"), "mode"),
     (dict(c=0.0), "c must be"),
 ])
 def test_bad_inputs_raise(change, match):
     kw = {**_ok(), **change}
     with pytest.raises(ValueError, match=match):
+        rglru(kw.pop("x"), kw.pop("gate_a"), kw.pop("gate_x"), kw.pop("lam"), **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "rglru: segment_ids must have an integer dtype, got float32"),
+    (dict(x=jnp.zeros((2, 8, 4), jnp.int32)), "rglru: x must have a floating dtype .*got int32"),
+    (dict(gate_a=jnp.zeros((2, 8, 4), bool)), "gate_a must have a floating dtype .*got bool"),
+])
+def test_bad_dtypes_raise_type_error(change, match):
+    kw = {**_ok(), **change}
+    with pytest.raises(TypeError, match=match):
         rglru(kw.pop("x"), kw.pop("gate_a"), kw.pop("gate_x"), kw.pop("lam"), **kw)

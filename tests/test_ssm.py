@@ -14,20 +14,10 @@ import numpy as np
 import pytest
 
 from memjax.memory.ssm import diagonal_ssm, linear_scan, selective_scan
+from tests.helpers import TOL64, largest_intermediate, rel_err, rel_rmse
 
-TOL64 = 1e-10
 sel = jax.jit(selective_scan, static_argnames=("mode", "chunk_size"))
 diag = jax.jit(diagonal_ssm, static_argnames=("mode", "chunk_size"))
-
-
-def rel(x, ref):  # NumPy: eager jnp ops would each compile
-    x, ref = np.asarray(x), np.asarray(ref)
-    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-300))
-
-
-def rmse(x, ref):
-    x, ref = np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x), np.asarray(ref)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def grads_of(fn, args, co, cs):
@@ -43,10 +33,10 @@ def grads_of(fn, args, co, cs):
 
 def check_all(got, ref, what):
     y, s, g = got
-    assert rel(y, ref[0]) < TOL64, (what, "y", rel(y, ref[0]))
-    assert rel(s, ref[1]) < TOL64, (what, "state", rel(s, ref[1]))
+    assert rel_err(y, ref[0]) < TOL64, (what, "y", rel_err(y, ref[0]))
+    assert rel_err(s, ref[1]) < TOL64, (what, "state", rel_err(s, ref[1]))
     for i, (a, b) in enumerate(zip(g, ref[2])):
-        assert rel(a, b) < TOL64, (what, "grad", i, rel(a, b))
+        assert rel_err(a, b) < TOL64, (what, "grad", i, rel_err(a, b))
 
 
 def packed_ids(T, B=2):
@@ -124,7 +114,7 @@ def test_diagonal_chunked_packed_equals_separate_documents(x64):
         yi, si = diagonal_ssm(x[:, sl], A, B, C, dt, D=D, initial_state=s0 if i == 0 else None, mode="recurrent")
         ys.append(yi)
         ss.append(si)
-    assert rel(y, jnp.concatenate(ys, 1)) < TOL64 and rel(s, ss[-1]) < TOL64
+    assert rel_err(y, jnp.concatenate(ys, 1)) < TOL64 and rel_err(s, ss[-1]) < TOL64
 
 
 def test_diagonal_chunked_has_no_per_token_state():
@@ -140,8 +130,8 @@ def test_diagonal_chunked_has_no_per_token_state():
         y, s = diagonal_ssm(x, A, Bm, Bm, jnp.ones(h), segment_ids=seg, mode=mode, chunk_size=8)
         return jnp.sum(y) + jnp.sum(jnp.abs(s))
 
-    assert _largest_intermediate(jax.grad(lambda *a: loss(*a, "chunked"), (0, 1)), x, Bm) < b * t * h * n
-    assert _largest_intermediate(jax.grad(lambda *a: loss(*a, "scan"), (0, 1)), x, Bm) >= b * t * h * n
+    assert largest_intermediate(jax.grad(lambda *a: loss(*a, "chunked"), (0, 1)), x, Bm) < b * t * h * n
+    assert largest_intermediate(jax.grad(lambda *a: loss(*a, "scan"), (0, 1)), x, Bm) >= b * t * h * n
 
 
 def test_diagonal_packed_matches_reference_and_separate_documents(x64):
@@ -152,7 +142,7 @@ def test_diagonal_packed_matches_reference_and_separate_documents(x64):
                                                             segment_ids=seg, mode="scan"), args, co, cs)
     check_all(got, ref, "scan")
     y_rec, s_rec = diag(*args[:5], D=args[5], initial_state=args[6], segment_ids=seg, mode="recurrent")
-    assert rel(y_rec, ref[0]) < TOL64 and rel(s_rec, ref[1]) < TOL64
+    assert rel_err(y_rec, ref[0]) < TOL64 and rel_err(s_rec, ref[1]) < TOL64
     # Packed == each document on its own (initial_state reaches only the first document).
     x, A, B, C, dt, D, s0 = args
     y, _ = diag(x[1:], A, B, C, dt, D=D, initial_state=s0[1:], segment_ids=seg[1:], mode="scan")
@@ -161,7 +151,7 @@ def test_diagonal_packed_matches_reference_and_separate_documents(x64):
         yi, _ = diag(x[1:, start:start + n], A, B, C, dt, D=D, initial_state=s0[1:] if i == 0 else None, mode="conv")
         parts.append(yi)
         start += n
-    assert rel(y, jnp.concatenate(parts, 1)) < TOL64
+    assert rel_err(y, jnp.concatenate(parts, 1)) < TOL64
 
 
 @pytest.mark.parametrize("mode", ["conv", "scan", "chunked"])
@@ -171,7 +161,7 @@ def test_diagonal_chaining_two_halves_equals_one_pass(x64, mode):
     y, s = diag(x, A, B, C, dt, initial_state=s0, **kw)
     y1, s1 = diag(x[:, :21], A, B, C, dt, initial_state=s0, **kw)  # equal halves: one compile
     y2, s2 = diag(x[:, 21:], A, B, C, dt, initial_state=s1, **kw)
-    assert rel(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel_err(s2, s) < TOL64
 
 
 def test_diagonal_bf16_matches_float32():
@@ -183,7 +173,7 @@ def test_diagonal_bf16_matches_float32():
         y32, s32 = diag(x32, A, B, C, dt, D=D, initial_state=s0, mode=mode)
         y16, s16 = diag(x32.astype(jnp.bfloat16), A, B, C, dt, D=D, initial_state=s0, mode=mode)
         assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.complex64
-        assert rmse(y16, y32) < 1e-2 and rmse(s16, s32) < 1e-2, mode
+        assert rel_rmse(y16, y32) < 1e-2 and rel_rmse(s16, s32) < 1e-2, mode
 
 
 def test_diagonal_zero_eigenvalue_is_finite(x64):
@@ -200,15 +190,16 @@ def _diag_ok():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(x=jnp.zeros((8, 3))), "x must be"),
-    (dict(A=-jnp.ones((2, 4))), "A must be"),
-    (dict(B=jnp.ones((3, 5))), "B must be"),
-    (dict(C=jnp.ones((4,))), "C must be"),
-    (dict(dt=jnp.ones((2, 8, 3))), "dt must be"),
-    (dict(D=jnp.ones((4,))), "D must be"),
-    (dict(initial_state=jnp.zeros((2, 3, 5))), "initial_state must be"),
+    (dict(x=jnp.zeros((8, 3))), r"diagonal_ssm: x must have shape \[batch, T, H\], got \(8, 3\)"),
+    (dict(A=-jnp.ones((2, 4))), r"A must have shape \[H, N\] = \(3, N\)"),
+    (dict(B=jnp.ones((3, 5))), r"B must have shape \[H, N\] = \(3, 4\)"),
+    (dict(C=jnp.ones((4,))), "C must have shape"),
+    (dict(dt=jnp.ones((2, 8, 3))), r"dt must have shape \[H\] = \(3,\)"),
+    (dict(D=jnp.ones((4,))), "D must have shape"),
+    (dict(initial_state=jnp.zeros((2, 3, 5))), r"initial_state must have shape \[batch, H, N\] = \(2, 3, 4\)"),
     (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)), "segment_ids are not supported with mode='conv'"),
-    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32), mode="scan"), "segment_ids must be"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32), mode="scan"), "segment_ids must have shape"),
+    (dict(seq_axis="seq"), "seq_axis needs mode='scan'"),
     (dict(mode="parallel"), "mode"),
     (dict(mode="chunked", chunk_size=0), "chunk_size"),
     (dict(mode="chunked", chunk_size=True), "chunk_size"),
@@ -277,7 +268,7 @@ def test_selective_chaining_two_halves_equals_one_pass(x64, mode):
     y, s = sel(x, dt, A, B, C, initial_state=s0, **kw)
     y1, s1 = sel(x[:, :25], dt[:, :25], A, B[:, :25], C[:, :25], initial_state=s0, **kw)  # equal halves: one compile
     y2, s2 = sel(x[:, 25:], dt[:, 25:], A, B[:, 25:], C[:, 25:], initial_state=s1, **kw)
-    assert rel(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel(s2, s) < TOL64
+    assert rel_err(jnp.concatenate([y1, y2], 1), y) < TOL64 and rel_err(s2, s) < TOL64
 
 
 def test_selective_packed_equals_separate_documents(x64):
@@ -292,7 +283,7 @@ def test_selective_packed_equals_separate_documents(x64):
                      chunk_size=16)
         parts.append(yi)
         start += n
-    assert rel(y, jnp.concatenate(parts, 1)) < TOL64 and rel(s, si) < TOL64
+    assert rel_err(y, jnp.concatenate(parts, 1)) < TOL64 and rel_err(s, si) < TOL64
 
 
 def test_selective_strong_decay_stays_finite():
@@ -319,7 +310,7 @@ def test_selective_bf16_matches_float32():
     bf = lambda v: v.astype(jnp.bfloat16)
     y16, s16 = sel(bf(x), bf(dt), A, bf(B), bf(C), D=D, initial_state=s0, chunk_size=32)
     assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
-    assert rmse(y16, y32) < 1e-2 and rmse(s16, s32) < 1e-2
+    assert rel_rmse(y16, y32) < 1e-2 and rel_rmse(s16, s32) < 1e-2
 
 
 def test_no_per_token_state_in_chunked_graph():
@@ -335,25 +326,9 @@ def test_no_per_token_state_in_chunked_graph():
         return jnp.sum(y) + jnp.sum(s)
 
     chunked = jax.grad(lambda *a: loss(*a, "chunked"), (0, 1, 2))
-    assert _largest_intermediate(chunked, x, dt, Bm) < b * t * h * p * n
+    assert largest_intermediate(chunked, x, dt, Bm) < b * t * h * p * n
     recurrent = jax.grad(lambda *a: loss(*a, "recurrent"), (0, 1, 2))  # the probe does see per-token states
-    assert _largest_intermediate(recurrent, x, dt, Bm) >= b * t * h * p * n
-
-
-def _largest_intermediate(fn, *args):
-    def walk(jaxpr):
-        best = 0
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
-            for prm in eqn.params.values():
-                for sub in prm if isinstance(prm, (tuple, list)) else (prm,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        best = max(best, walk(inner))
-        return best
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert largest_intermediate(recurrent, x, dt, Bm) >= b * t * h * p * n
 
 
 def _sel_ok():
@@ -362,23 +337,35 @@ def _sel_ok():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(x=jnp.zeros((2, 8, 12))), "x must be"),
-    (dict(dt=jnp.ones((2, 8))), r"dt must be \[batch, T, H\]"),
-    (dict(dt=jnp.ones((2, 8, 3))), "dt must be"),
-    (dict(A=-jnp.ones((4, 1))), "A must be"),
-    (dict(B=jnp.zeros((2, 8, 5))), "B must be"),
-    (dict(C=jnp.zeros((2, 8, 2, 4))), "C must be"),
+    (dict(x=jnp.zeros((2, 8, 12))), r"selective_scan: x must have shape \[batch, T, H, P\]"),
+    (dict(dt=jnp.ones((2, 8))), r"dt must have shape \[batch, T, H\] = \(2, 8, 4\), got \(2, 8\)"),
+    (dict(dt=jnp.ones((2, 8, 3))), "dt must have shape"),
+    (dict(A=-jnp.ones((4, 1))), r"A must have shape \[H\] = \(4,\)"),
+    (dict(B=jnp.zeros((2, 8, 5))), r"B must have shape \[batch, T, G, N\] = \(2, 8, G, N\)"),
+    (dict(C=jnp.zeros((2, 8, 2, 4))), r"C must have shape \[batch, T, G, N\] = \(2, 8, 2, 5\)"),
     (dict(B=jnp.zeros((2, 8, 3, 5)), C=jnp.zeros((2, 8, 3, 5))), "must be divisible by the number of groups G = 3"),
-    (dict(D=jnp.ones((4, 3))), "D must be"),
-    (dict(initial_state=jnp.zeros((2, 4, 5, 3))), "initial_state must be"),
-    (dict(segment_ids=jnp.zeros((2, 8))), "segment_ids must be an integer"),
+    (dict(D=jnp.ones((4, 3))), "D must have shape"),
+    (dict(initial_state=jnp.zeros((2, 4, 5, 3))), r"initial_state must have shape \[batch, H, P, N\] = \(2, 4, 3, 5\)"),
+    (dict(segment_ids=jnp.zeros((2, 5), jnp.int32)), "segment_ids must have shape"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(mode="parallel"), "mode"),
+    (dict(impl="triton"), "impl must be one of"),
 ])
 def test_selective_bad_inputs_raise(change, match):
     kw = {**_sel_ok(), **change}
     with pytest.raises(ValueError, match=match):
         selective_scan(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
+
+
+def test_bad_dtypes_raise_type_error():
+    with pytest.raises(TypeError, match="selective_scan: segment_ids must have an integer dtype, got float32"):
+        selective_scan(**_sel_ok(), segment_ids=jnp.zeros((2, 8)))
+    with pytest.raises(TypeError, match="selective_scan: x must have a floating dtype .*got int32"):
+        selective_scan(**dict(_sel_ok(), x=jnp.zeros((2, 8, 4, 3), jnp.int32)))
+    with pytest.raises(TypeError, match="diagonal_ssm: x must have a floating dtype .*got complex64"):
+        diagonal_ssm(**dict(_diag_ok(), x=jnp.zeros((2, 8, 3), jnp.complex64)))
+    with pytest.raises(TypeError, match="diagonal_ssm: dt must have a floating dtype .*got int32"):
+        diagonal_ssm(**dict(_diag_ok(), dt=jnp.ones(3, jnp.int32)))
 
 
 def test_linear_scan_matches_loop(x64):
@@ -389,4 +376,4 @@ def test_linear_scan_matches_loop(x64):
     for t in range(9):
         h = a[:, t] * h + b[:, t]
         ref.append(h)
-    assert rel(linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0)), jnp.stack(ref, 1)) < 1e-13
+    assert rel_err(linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0)), jnp.stack(ref, 1)) < 1e-13

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memjax.memory.neural_memory import TitansCache, TitansState, titans, titans_decode, titans_init_cache
+from tests.helpers import rel_rmse
 from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -258,9 +259,8 @@ def test_bf16_close_to_float32():
     xb = {n: a.astype(jnp.bfloat16) for n, a in x.items()}
     ob, sb = jtitans(**xb, params0=params0, initial_state=state, chunk_size=8)
     assert ob.dtype == jnp.bfloat16 and sb.weights[0].dtype == jnp.float32
-    rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-    assert rel(ob, o32) < 2e-2, rel(ob, o32)
-    assert rel(sb.weights[1], s32.weights[1]) < 2e-2
+    assert rel_rmse(ob, o32) < 2e-2, rel_rmse(ob, o32)
+    assert rel_rmse(sb.weights[1], s32.weights[1]) < 2e-2
 
 
 def test_extreme_gates_stay_finite():
@@ -284,13 +284,13 @@ def test_extreme_gates_stay_finite():
 
 def test_input_validation():
     x, params0, state = make_inputs(11, t=5, dtype=np.float32)
-    with pytest.raises(ValueError, match="q must be"):
+    with pytest.raises(ValueError, match="q must have shape"):
         titans(**dict(x, q=x["q"][0]), params0=params0)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k must have shape"):
         titans(**dict(x, k=x["k"][:, :, :, :2]), params0=params0)
-    with pytest.raises(ValueError, match="v must be"):
+    with pytest.raises(ValueError, match="v must have shape"):
         titans(**dict(x, v=x["v"][:, :3]), params0=params0)
-    with pytest.raises(ValueError, match="theta must be"):
+    with pytest.raises(ValueError, match="theta must have shape"):
         titans(**dict(x, theta=x["theta"][..., None]), params0=params0)
     with pytest.raises(ValueError, match="chunk_size"):
         titans(**x, params0=params0, chunk_size=0)
@@ -308,14 +308,18 @@ def test_input_validation():
         titans(**dict(x, v=x["v"][..., :2]), params0=params0)
     with pytest.raises(ValueError, match=r"initial_state.momentum\[0\]"):
         titans(**x, initial_state=TitansState(state.weights, (state.momentum[0][:1], state.momentum[1])))
-    with pytest.raises(ValueError, match="segment_ids must be"):
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
         titans(**x, params0=params0, segment_ids=jnp.zeros((2, 4), jnp.int32))
     cache = titans_init_cache(2, 2, 3, 4, params0=params0, chunk_size=4)
-    with pytest.raises(ValueError, match=r"cache.k must be"):
+    with pytest.raises(ValueError, match=r"cache.k must have shape \[B, chunk_size, H, K\] = \(2, 8, 2, 3\)"):
         titans_decode(**x, cache=cache, chunk_size=8)
     with pytest.raises(ValueError, match="TitansCache"):
         titans_decode(**x, cache=cache.state, chunk_size=4)
     assert isinstance(cache, TitansCache)
+    with pytest.raises(TypeError, match="titans: alpha must have a floating dtype .*got int32"):
+        titans(**dict(x, alpha=jnp.zeros(x["alpha"].shape, jnp.int32)), params0=params0)
+    with pytest.raises(TypeError, match=r"titans: params0\[0\] must have a floating dtype"):
+        titans(**x, params0=(params0[0].astype(jnp.int32), params0[1]))
 
 
 # ----------------------------------------------------------------------------- blocks

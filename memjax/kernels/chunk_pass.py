@@ -14,6 +14,12 @@ Shapes (heads-major chunk stacks): ``qg, ke, w: [B, H, N, C, K]``, ``p: [B, H, N
 ``u: [B, H, N, C, V]``, ``a: [B, H, N]``, ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
 in u's dtype, ``S_N [B, H, K, V]`` float32, or float64 for float64 inputs).
 
+Dtypes (both implementations): the chunk tensors keep their dtype (bf16 for bf16 models) and
+every matmul accumulates in the state's dtype (float32, or float64); the state is carried in
+that dtype, and where it (or ``delta_n``) is the operand of a matmul with 16-bit chunk tensors
+it is rounded to their dtype for that product only (:func:`as_operand`), as
+flash-linear-attention does.
+
 For gated linear attention ``qg = scale exp(G_i) q_i`` (queries times the decay from the chunk
 start), ``p = scale (Q K^T * D)`` (causal decayed scores), ``u = V``, ``ke = exp(G_last - G_j) k_j``
 and ``a = exp(G_last)``; for the gated delta rule ``u = T V`` and ``w = T diag(gamma) K`` (the UT
@@ -93,25 +99,38 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
 # ----------------------------------------------------------------------------- reference (XLA)
 
 
+def as_operand(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` (the float32 state, or the per-chunk corrections) as the other operand of a matmul
+    with ``like``: in ``like``'s dtype when that is a 16-bit float (as the Pallas kernels and
+    flash-linear-attention round it for the tensor cores; the product still accumulates in
+    float32), unchanged otherwise (float32 / float64 chunk tensors read it at full precision)."""
+    if jnp.dtype(like.dtype).itemsize < 4 and jnp.dtype(like.dtype).itemsize < jnp.dtype(x.dtype).itemsize:
+        return x.astype(like.dtype)
+    return x
+
+
 def _states_xla(u, w, ke, a, s0):
-    """``(S_N, S_n for every chunk [B, H, N, K, V], delta [B, H, N, C, V])`` by ``lax.scan``."""
+    """``(S_N, S_n for every chunk [B, H, N, K, V], delta [B, H, N, C, V])`` by ``lax.scan``.
+    The state is carried in ``s0``'s dtype (float32 or float64); every matmul accumulates in it."""
     acc = s0.dtype
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
     if w is None:
         # Every chunk's own write is known up front: the scan only adds.
-        ds = jnp.einsum("bhnck,bhncv->bhnkv", ke, u, preferred_element_type=acc)
+        ds = jnp.einsum("bhnck,bhncv->bhnkv", ke, as_operand(u, ke), preferred_element_type=acc)
 
         def carry(s, inp):
             ds_n, a_n = inp
-            return a_n[..., None, None] * s + ds_n, s
+            return a_n[..., None, None].astype(acc) * s + ds_n, s
 
         s, s_in = jax.lax.scan(carry, s0, (chunk_major(ds), chunk_major(a)))
         return s, jnp.moveaxis(s_in, 0, 2), u
 
     def carry(s, inp):
         u_n, w_n, k_n, a_n = inp
-        delta = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s, preferred_element_type=acc)
-        s_next = a_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, delta, preferred_element_type=acc)
+        ws = jnp.einsum("bhck,bhkv->bhcv", w_n, as_operand(s, w_n), preferred_element_type=acc)
+        delta = u_n.astype(acc) - ws
+        s_next = (a_n[..., None, None].astype(acc) * s
+                  + jnp.einsum("bhck,bhcv->bhkv", k_n, as_operand(delta, k_n), preferred_element_type=acc))
         return s_next, (s, delta)
 
     s, (s_in, delta) = jax.lax.scan(carry, s0, tuple(chunk_major(x) for x in (u, w, ke, a)))
@@ -119,8 +138,8 @@ def _states_xla(u, w, ke, a, s0):
 
 
 def _outputs(qg, p, s_in, delta, acc):
-    return (jnp.einsum("bhnck,bhnkv->bhncv", qg, s_in, preferred_element_type=acc)
-            + jnp.einsum("bhnij,bhnjv->bhniv", p, delta, preferred_element_type=acc))
+    return (jnp.einsum("bhnck,bhnkv->bhncv", qg, as_operand(s_in, qg), preferred_element_type=acc)
+            + jnp.einsum("bhnij,bhnjv->bhniv", p, as_operand(delta, p), preferred_element_type=acc))
 
 
 def xla_chunk_recurrence(qg, p, u, w, ke, a, s0):

@@ -1,12 +1,13 @@
 """Pure-function memories (no Flax): ``memjax.memory.delta(q, k, v, beta, ...)`` etc.
 
 Sequence memories return ``(output, final_state)``, accept ``initial_state`` and offer
-``mode="chunked" | "recurrent"`` (and ``"parallel"`` where a quadratic form exists).
+``mode="chunked" | "recurrent"`` (and ``"parallel"`` where a quadratic form exists); ``contract``
+holds their shared contract (signature, layout, dtypes, errors) and the checks that enforce it.
 Modules with several entry points are exported as modules: ``hippo``, ``ssm``,
 ``product_keys``, ``ngram_memory``, ``feature_maps``, ``reparam``, ``sharded_lookup``,
 ``sequence_parallel`` (the state exchange behind every ``seq_axis=`` argument).
 """
-from memjax.memory import (feature_maps, hippo, ngram_memory, product_keys, reparam, sequence_parallel,
+from memjax.memory import (contract, feature_maps, hippo, ngram_memory, product_keys, reparam, sequence_parallel,
                            sharded_lookup, ssm)
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta import delta_rule
@@ -18,7 +19,7 @@ from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "causal_attention", "delta_rule", "diagonal_ssm", "feature_maps", "hippo", "hopfield_energy",
+    "causal_attention", "contract", "delta_rule", "diagonal_ssm", "feature_maps", "hippo", "hopfield_energy",
     "hopfield_retrieval", "linear_attention", "mixture_of_memories", "ngram_memory", "product_keys",
     "reparam", "rglru", "rope", "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
 ]

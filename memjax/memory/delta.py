@@ -42,8 +42,9 @@ import jax.numpy as jnp
 
 from memjax.kernels.manual_axes import common_varying
 from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
+                                    state_dtype)
 from memjax.memory.segments import segment_resets
-from memjax.memory.linear import check_inputs, compute_dtype
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent")
@@ -78,38 +79,44 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
         value columns (the ``K x K`` map from the incoming state). Chunked mode only.
 
     Returns:
-      ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, H, K, V]`` float32, or float64
-      for float64 inputs).
+      ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, H, K, V]`` float32, or float64 for
+      float64 inputs). Dtypes follow :mod:`memjax.memory.contract`: q, k, v stay in their dtype
+      for the matmuls (float32 accumulation); beta, decays, the UT system's solve and the state
+      are float32 / float64.
     """
-    b, t, h, dk, dv = check_inputs("delta_rule", q, k, v, beta=beta, g=g, initial_state=initial_state,
-                                   segment_ids=segment_ids, mode=mode, modes=MODES,
-                                   chunk_size=chunk_size, scale=scale, impl=impl, seq_axis=seq_axis)
-    if beta is None:
-        raise ValueError("delta_rule: beta must be [B, T, H], got None")
-    out_dtype = jnp.result_type(q, k, v)
-    cd = compute_dtype(q, k, v, beta, g, initial_state)
-    scale = dk ** -0.5 if scale is None else scale
-    q, k, v, beta = (x.astype(cd) for x in (q, k, v, beta))
-    g = None if g is None else g.astype(cd)
-    s0 = jnp.zeros((b, h, dk, dv), cd) if initial_state is None else initial_state.astype(cd)
+    b, t, h, dk, dv = check_matrix_memory("delta_rule", q, k, v, gates={"beta": beta, "g": g}, required=("beta",),
+                                          initial_state=initial_state, segment_ids=segment_ids, scale=scale,
+                                          mode=mode, modes=MODES, chunk_size=chunk_size, impl=impl,
+                                          seq_axis=seq_axis)
+    out_dtype = output_dtype(q)
+    acc = state_dtype(q, k, v, beta, g, initial_state)
+    md = operand_dtype(q, k, v)
+    scale = resolve_scale(scale, dk)
+    q, k, v = (x.astype(md) for x in (q, k, v))  # (a no-op unless q, k, v differ in dtype)
+    beta = beta.astype(acc)
+    g = None if g is None else g.astype(acc)
+    s0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
     if mode == "recurrent":
-        o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale)
-    else:
-        o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret,
-                        seq_axis=seq_axis)
+        return _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale, out_dtype)
+    o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret,
+                    seq_axis=seq_axis)
     return o.astype(out_dtype), s
 
 
-def _recurrent(q, k, v, beta, g, s0, resets, scale):
+def _recurrent(q, k, v, beta, g, s0, resets, scale, out_dtype):
+    """Token-by-token scan; inputs enter in their dtype, each token is promoted inside the step."""
+    acc = s0.dtype
+
     def step(s, inp):
         qt, kt, vt, bt, gt, rt = inp
+        qt, kt, vt = (x.astype(acc) for x in (qt, kt, vt))
         if gt is not None:
             s = s * jnp.exp(gt)[..., None, None]
         if rt is not None:
             s = jnp.where(rt[:, None, None, None], 0.0, s)
         pred = jnp.einsum("bhk,bhkv->bhv", kt, s)
         s = s + kt[..., :, None] * (bt[..., None] * (vt - pred))[..., None, :]
-        return s, jnp.einsum("bhk,bhkv->bhv", qt, s) * scale
+        return s, (jnp.einsum("bhk,bhkv->bhv", qt, s) * scale).astype(out_dtype)
 
     tm = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
     s, o = jax.lax.scan(step, s0, (tm(q), tm(k), tm(v), tm(beta), tm(g), tm(resets)))
@@ -124,20 +131,25 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
     bc = to_head_chunks(beta, c)  # [B, H, N, C]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
     resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
-    dec = chunk_decays(gc, resets, (b, n, c, h), q.dtype).heads_major()
+    acc, md = s0.dtype, q.dtype
+    dec = chunk_decays(gc, resets, (b, n, c, h), acc).heads_major()
     gamma = dec.from_start[..., None]  # [B, H, N, C, 1]
 
-    # UT transform: [U, W] = (I + L)^{-1} diag(beta) [V, diag(gamma) K].
+    # UT transform: [U, W] = (I + L)^{-1} diag(beta) [V, diag(gamma) K]. L and its inverse in
+    # `acc`; the inverse and the right-hand side go back to the input dtype for the matmul, and so
+    # do U and W, the chunk pass's operands (flash-linear-attention's practice).
     # (unit_lower_inverse reads only the strictly lower part, so no mask is needed here.)
-    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc, preferred_element_type=acc)
     inv = unit_lower_inverse(bc[..., :, None] * kk * dec.matrix)
-    rhs = bc[..., None] * jnp.concatenate([vc, gamma * kc], axis=-1)
-    uw = jnp.einsum("bhnij,bhnjx->bhnix", inv, rhs)
+    rhs = bc[..., None] * jnp.concatenate([vc.astype(acc), gamma * kc], axis=-1)
+    uw = jnp.einsum("bhnij,bhnjx->bhnix", inv.astype(md), rhs.astype(md), preferred_element_type=acc).astype(md)
     u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
 
     # The chunk pass: delta = U - W S, O = scale (diag(gamma) Q S + (Q K^T * D) delta).
-    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * dec.matrix * scale
-    o, s = sharded_chunk_recurrence(qc * gamma * scale, scores, u, kc * dec.to_end[..., None], dec.chunk, s0, w=w,
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, preferred_element_type=acc) * dec.matrix * scale
+    qg = qc * gamma * scale
+    ke = kc * dec.to_end[..., None]
+    o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
 

@@ -26,12 +26,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.memory.contract import check_floating
+
 
 def _check(fn, xi, patterns, values, mask, beta, steps):
     if getattr(xi, "ndim", 0) < 2:
         raise ValueError(f"{fn}: xi must be [..., Q, D], got shape {getattr(xi, 'shape', None)}")
     if getattr(patterns, "ndim", 0) < 2:
         raise ValueError(f"{fn}: patterns must be [..., N, D], got shape {getattr(patterns, 'shape', None)}")
+    # (integer inputs would otherwise come back as integers: the result is cast to their dtype)
+    for name, x in (("xi", xi), ("patterns", patterns), ("values", values)):
+        if x is not None:
+            check_floating(fn, name, x)
     if patterns.shape[-1] != xi.shape[-1]:
         raise ValueError(f"{fn}: patterns must be [..., N, D={xi.shape[-1]}] like xi, got {patterns.shape}")
     try:

@@ -39,15 +39,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.memory import delta, linear
+from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_scale,
+                                    check_segment_ids, check_seq_axis, check_sequence, check_shape, check_state,
+                                    output_dtype, resolve_scale, shape_of)
 from memjax.memory.delta import delta_rule
 from memjax.memory.linear import linear_attention
 
 MEMORIES = ("linear", "delta")
-
-
-def _shape(x):
-    return getattr(x, "shape", None)
-
+MODES = {"linear": linear.MODES, "delta": delta.MODES}
 
 def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits: jax.Array, *,
                         top_k: int, beta: jax.Array | None = None, g: jax.Array | None = None,
@@ -75,38 +75,38 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
         ``jax.shard_map``, time split over this mesh axis; :mod:`memjax.memory.sequence_parallel`).
 
     Returns:
-      ``(o [B, T, H, V]``, ``final_state [B, M', H, K, V]`` float32, or float64 for float64 inputs).
+      ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, M', H, K, V]`` float32, or float64 for
+      float64 inputs); dtypes as in :mod:`memjax.memory.contract`.
     """
     fn = "mixture_of_memories"
     if memory not in MEMORIES:
         raise ValueError(f"{fn}: memory must be one of {MEMORIES}, got {memory!r}")
-    if getattr(q, "ndim", None) != 4:
-        raise ValueError(f"{fn}: q must be [B, T, H, K], got shape {_shape(q)}")
-    b, t, h, dk = q.shape
+    check_mode(fn, mode, MODES[memory])
+    check_chunk_size(fn, chunk_size)
+    check_scale(fn, scale)
+    b, t, h, dk = check_sequence(fn, "q", q, "[B, T, H, K]")
     if getattr(router_logits, "ndim", None) not in (3, 4) or router_logits.shape[:2] != (b, t) or (
             router_logits.ndim == 4 and router_logits.shape[2] != h):
-        raise ValueError(f"{fn}: router_logits must be [B, T, M] = [{b}, {t}, M] or [B, T, H, M] = "
-                         f"[{b}, {t}, {h}, M], got {_shape(router_logits)}")
+        raise ValueError(f"{fn}: router_logits must have shape [B, T, M] = ({b}, {t}, M) or [B, T, H, M] = "
+                         f"({b}, {t}, {h}, M), got {shape_of(router_logits)}")
+    check_floating(fn, "router_logits", router_logits)
     m = router_logits.shape[-1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= m:
         raise ValueError(f"{fn}: top_k must be an int in [1, M={m}], got {top_k!r}")
     mp = m + 1 if shared_memory else m
-    if _shape(k) != (b, t, mp, h, dk):
-        raise ValueError(f"{fn}: k must be [B, T, M', H, K] = {(b, t, mp, h, dk)} "
-                         f"(M' = M{' + 1 shared' if shared_memory else ''}), got {_shape(k)}")
-    if getattr(v, "ndim", None) != 5 or v.shape[:4] != (b, t, mp, h):
-        raise ValueError(f"{fn}: v must be [B, T, M', H, V] = [{b}, {t}, {mp}, {h}, V], got {_shape(v)}")
-    dv = v.shape[-1]
-    for name, x in (("beta", beta), ("g", g)):
-        if x is not None and _shape(x) != (b, t, mp, h):
-            raise ValueError(f"{fn}: {name} must be [B, T, M', H] = {(b, t, mp, h)}, got {_shape(x)}")
+    check_shape(fn, "k", k, (b, t, mp, h, dk), "[B, T, M', H, K]")
+    check_floating(fn, "k", k)
+    dv = check_shape(fn, "v", v, (b, t, mp, h, None), "[B, T, M', H, V]")[4]
+    check_floating(fn, "v", v)
+    check_gate(fn, "beta", beta, (b, t, mp, h), "[B, T, M', H]")
+    check_gate(fn, "g", g, (b, t, mp, h), "[B, T, M', H]")
     if memory == "delta" and beta is None:
         raise ValueError(f"{fn}: memory='delta' needs beta [B, T, M', H] = {(b, t, mp, h)}")
     if memory == "linear" and beta is not None:
         raise ValueError(f"{fn}: beta is only used by memory='delta'; got beta with memory='linear'")
-    if initial_state is not None and _shape(initial_state) != (b, mp, h, dk, dv):
-        raise ValueError(f"{fn}: initial_state must be [B, M', H, K, V] = {(b, mp, h, dk, dv)}, "
-                         f"got {_shape(initial_state)}")
+    check_state(fn, initial_state, (b, mp, h, dk, dv), "[B, M', H, K, V]")
+    check_segment_ids(fn, segment_ids, (b, t))
+    check_seq_axis(fn, seq_axis, mode, tuple(x for x in MODES[memory] if x != "recurrent"))
 
     weights, selected = route(router_logits, top_k, h)  # [B, T, H, M] each
     if shared_memory:
@@ -115,7 +115,7 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
         weights = jnp.pad(weights, pad, constant_values=1.0)
     sel = jnp.swapaxes(selected, 2, 3)  # [B, T, M', H]
     fold = lambda x: x.reshape(b, t, mp * h, *x.shape[4:])  # memories into the head axis
-    kw = dict(scale=dk ** -0.5 if scale is None else scale, segment_ids=segment_ids, mode=mode,
+    kw = dict(scale=resolve_scale(scale, dk), segment_ids=segment_ids, mode=mode,
               chunk_size=chunk_size, seq_axis=seq_axis,
               initial_state=None if initial_state is None else initial_state.reshape(b, mp * h, dk, dv))
     if g is not None:
@@ -126,8 +126,9 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
     else:
         o, s = delta_rule(qf, fold(k), fold(v), fold(jnp.where(sel, beta, 0.0)), **kw)
     o = o.reshape(b, t, mp, h, dv)
-    w = jnp.swapaxes(weights, 2, 3)[..., None].astype(o.dtype)  # [B, T, M', H, 1], 0 if unselected
-    return jnp.sum(w * o, axis=2), s.reshape(b, mp, h, dk, dv)
+    w = jnp.swapaxes(weights, 2, 3)[..., None]  # [B, T, M', H, 1], 0 if unselected; float32 / float64
+    # The mix accumulates in the router weights' precision; the output is in q's dtype.
+    return jnp.sum(w * o.astype(w.dtype), axis=2).astype(output_dtype(q)), s.reshape(b, mp, h, dk, dv)
 
 
 def route(router_logits: jax.Array, top_k: int, num_heads: int) -> tuple[jax.Array, jax.Array]:

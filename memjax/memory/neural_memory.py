@@ -73,6 +73,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_qkv,
+                                    check_segment_ids, check_shape, operand_dtype, output_dtype, shape_of,
+                                    state_dtype)
+
 MODES = ("chunked", "recurrent")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
 
@@ -104,24 +108,11 @@ class TitansCache(NamedTuple):
 # ----------------------------------------------------------------------------- validation
 
 
-def _shape(x):
-    return getattr(x, "shape", None)
-
-
 def _check_common(fn, q, k, v, theta, eta, alpha):
-    if getattr(q, "ndim", None) != 4:
-        raise ValueError(f"{fn}: q must be [B, T, H, K], got shape {_shape(q)}")
-    b, t, h, dk = q.shape
-    if t == 0:
-        raise ValueError(f"{fn}: q has an empty time axis (T = 0)")
-    if _shape(k) != q.shape:
-        raise ValueError(f"{fn}: k must be [B, T, H, K] = {q.shape} like q, got {_shape(k)}")
-    if getattr(v, "ndim", None) != 4 or v.shape[:3] != (b, t, h):
-        raise ValueError(f"{fn}: v must be [B, T, H, V] = [{b}, {t}, {h}, V], got {_shape(v)}")
+    b, t, h, dk, dv = check_qkv(fn, q, k, v)
     for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
-        if _shape(x) != (b, t, h):
-            raise ValueError(f"{fn}: {name} must be [B, T, H] = {(b, t, h)}, got {_shape(x)}")
-    return b, t, h, dk, v.shape[3]
+        check_gate(fn, name, x, (b, t, h), required=True)
+    return b, t, h, dk, dv
 
 
 def _check_memory(fn, b, h, dk, dv, depth, params0, initial_state):
@@ -131,13 +122,14 @@ def _check_memory(fn, b, h, dk, dv, depth, params0, initial_state):
         if not isinstance(params0, (tuple, list)) or len(params0) == 0:
             raise ValueError(f"{fn}: params0 must be a non-empty tuple of [H, D_in, D_out] arrays")
         for i, w in enumerate(params0):
-            if getattr(w, "ndim", None) != 3 or w.shape[0] != h:
-                raise ValueError(f"{fn}: params0[{i}] must be [H={h}, D_in, D_out], got {_shape(w)}")
+            check_shape(fn, f"params0[{i}]", w, (h, None, None), "[H, D_in, D_out]")
+            check_floating(fn, f"params0[{i}]", w)
         dims = [params0[0].shape[1]] + [w.shape[2] for w in params0]
         for i in range(1, len(params0)):
             if params0[i].shape[1] != params0[i - 1].shape[2]:
-                raise ValueError(f"{fn}: params0[{i}] must be [H, {params0[i - 1].shape[2]}, D_out] "
-                                 f"to follow params0[{i - 1}], got {params0[i].shape}")
+                raise ValueError(f"{fn}: params0[{i}] must have shape [H, D_in, D_out] = "
+                                 f"({h}, {params0[i - 1].shape[2]}, D_out) to follow params0[{i - 1}], "
+                                 f"got {params0[i].shape}")
     if initial_state is not None:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
             raise ValueError(f"{fn}: initial_state must be TitansState(weights, momentum)")
@@ -146,15 +138,13 @@ def _check_memory(fn, b, h, dk, dv, depth, params0, initial_state):
             raise ValueError(f"{fn}: initial_state.weights and .momentum must be tuples of equal length")
         sdims = []
         for i, (w, m) in enumerate(zip(ws, ms)):
-            if getattr(w, "ndim", None) != 4 or w.shape[:2] != (b, h):
-                raise ValueError(f"{fn}: initial_state.weights[{i}] must be [B={b}, H={h}, D_in, D_out], "
-                                 f"got {_shape(w)}")
-            if _shape(m) != w.shape:
-                raise ValueError(f"{fn}: initial_state.momentum[{i}] must be {w.shape} like the weights, "
-                                 f"got {_shape(m)}")
+            check_shape(fn, f"initial_state.weights[{i}]", w, (b, h, None, None), "[B, H, D_in, D_out]")
+            check_shape(fn, f"initial_state.momentum[{i}]", m, w.shape, "[B, H, D_in, D_out]")
+            check_floating(fn, f"initial_state.weights[{i}]", w)
+            check_floating(fn, f"initial_state.momentum[{i}]", m)
             if i and w.shape[2] != ws[i - 1].shape[3]:
-                raise ValueError(f"{fn}: initial_state.weights[{i}] must be [B, H, {ws[i - 1].shape[3]}, D_out], "
-                                 f"got {w.shape}")
+                raise ValueError(f"{fn}: initial_state.weights[{i}] must have shape [B, H, D_in, D_out] = "
+                                 f"({b}, {h}, {ws[i - 1].shape[3]}, D_out), got {w.shape}")
             sdims = [ws[0].shape[2]] + [w.shape[3] for w in ws]
         if dims is not None and sdims != dims:
             raise ValueError(f"{fn}: initial_state layer widths {sdims} differ from params0's {dims}")
@@ -172,10 +162,8 @@ def _check_memory(fn, b, h, dk, dv, depth, params0, initial_state):
 
 
 def _check_options(fn, mode, chunk_size, activation):
-    if mode not in MODES:
-        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_mode(fn, mode, MODES)
+    check_chunk_size(fn, chunk_size)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
 
@@ -206,17 +194,24 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.
       chunk_size: ``C`` for ``"chunked"``.
 
     Returns:
-      ``(o [B, T, H, V]`` in v's dtype, ``final_state`` :class:`TitansState` after the last token).
+      ``(o [B, T, H, V]`` in q's dtype, ``final_state`` :class:`TitansState` after the last token,
+      float32, or float64 for float64 inputs). Dtypes follow :mod:`memjax.memory.contract`: q, k, v
+      keep their dtype (``q k^T`` is a matmul in it, accumulating in float32; where they meet the
+      float32 memory weights they are promoted, so the memory is never rounded); the gates, the
+      decay sums and the memory are float32.
     """
     fn = "titans"
     _check_options(fn, mode, chunk_size, activation)
     b, t, h, dk, dv = _check_common(fn, q, k, v, theta, eta, alpha)
     dims = _check_memory(fn, b, h, dk, dv, depth, params0, initial_state)
-    _check_segments(fn, segment_ids, b, t)
-    out_dtype = v.dtype
-    cd = _compute_dtype(q, k, v, theta, eta, alpha, params0, initial_state)
+    check_segment_ids(fn, segment_ids, (b, t))
+    out_dtype = output_dtype(q)
+    cd = state_dtype(q, k, v, theta, eta, alpha, params0, initial_state)
+    md = operand_dtype(q, k, v)
     act = ACTIVATIONS[activation]
-    q, k, v, theta, eta, alpha = (x.astype(cd) for x in (q, k, v, theta, eta, alpha))
+    # q, k, v keep their dtype (matmuls accumulate in cd); the gates and the memory are cd.
+    q, k, v = (x.astype(md) for x in (q, k, v))
+    theta, eta, alpha = (x.astype(cd) for x in (theta, eta, alpha))
     reset_w = _reset_weights(params0, b, h, dims, cd)
     state = _initial(initial_state, reset_w, cd)
     if mode == "recurrent":
@@ -261,9 +256,9 @@ def titans_decode(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, et
     for name, x, shape in (("k", cache.k, (b, c, h, dk)), ("v", cache.v, (b, c, h, dv)),
                            ("theta", cache.theta, (b, c, h)), ("eta", cache.eta, (b, c, h)),
                            ("alpha", cache.alpha, (b, c, h))):
-        if _shape(x) != shape:
-            raise ValueError(f"{fn}: cache.{name} must be {shape} (chunk_size={c}), got {_shape(x)}")
-    cd = _compute_dtype(q, k, v, theta, eta, alpha, cache.state)
+        dims = "[B, chunk_size, H" + {"k": ", K]", "v": ", V]"}.get(name, "]")
+        check_shape(fn, f"cache.{name}", x, shape, dims)
+    cd = state_dtype(q, k, v, theta, eta, alpha, cache.state)
     act = ACTIVATIONS[activation]
     n0 = cache.count
     # Sequence seen by the chunked core: the buffered tokens at [0, n0), the new ones at
@@ -285,7 +280,7 @@ def titans_decode(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, et
     state = jax.tree.map(lambda x: x.astype(cd), cache.state)
     meta = _chunk_meta(None, valid, b, length, c, full_only=True)
     o, state = _chunked(qa, ka, va, tha, eta_a, ala, state, None, meta, act, c)
-    o = jnp.take(o, jnp.arange(t) + n0, axis=1).astype(v.dtype)
+    o = jnp.take(o, jnp.arange(t) + n0, axis=1).astype(output_dtype(q))
     total = n0 + t
     start = (total // c) * c
     pad = lambda x: jnp.pad(x, [(0, 0), (0, c)] + [(0, 0)] * (x.ndim - 2))
@@ -298,20 +293,6 @@ def titans_decode(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, et
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_segments(fn, segment_ids, b, t):
-    if segment_ids is None:
-        return
-    if _shape(segment_ids) != (b, t):
-        raise ValueError(f"{fn}: segment_ids must be [B, T] = {(b, t)}, got {_shape(segment_ids)}")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
-
-
-def _compute_dtype(*xs):
-    leaves = [x for x in jax.tree.leaves(xs) if x is not None]
-    return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
 
 def _bcast(mask, like):
@@ -333,9 +314,17 @@ def _initial(initial_state, reset_w, cd):
                        tuple(m.astype(cd) for m in initial_state[1]))
 
 
+def _dot(spec, *xs):
+    """``einsum`` accumulating in float32 (float64 for float64 operands) whatever the operands'
+    dtype: ``q k^T`` of bf16 inputs is a bf16 matmul with a float32 result; a bf16 input meeting
+    the float32 memory is promoted (the memory is never rounded)."""
+    acc = jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+    return jnp.einsum(spec, *xs, preferred_element_type=acc)
+
+
 def _mlp(ws, x, act):
     for i, w in enumerate(ws):
-        x = jnp.einsum("bhnd,bhde->bhne", x, w)
+        x = _dot("bhnd,bhde->bhne", x, w)
         if i < len(ws) - 1:
             x = act(x)
     return x
@@ -353,12 +342,12 @@ def _key_grads(ws, k, v, act):
     x = k
     for i, w in enumerate(ws):
         a.append(x)
-        zi = jnp.einsum("bhnd,bhde->bhne", x, w)
+        zi = _dot("bhnd,bhde->bhne", x, w)
         z.append(zi)
         x = act(zi) if i < len(ws) - 1 else zi
     deltas = [2.0 * (x - v)]
     for i in range(len(ws) - 1, 0, -1):
-        back = jnp.einsum("bhne,bhde->bhnd", deltas[0], ws[i])
+        back = _dot("bhne,bhde->bhnd", deltas[0], ws[i])
         _, dact = jax.jvp(act, (z[i - 1],), (jnp.ones_like(z[i - 1]),))
         deltas.insert(0, back * dact)
     return a, deltas
@@ -370,8 +359,11 @@ def _recurrent(q, k, v, theta, eta, alpha, state, reset_w, segment_ids, act):
         resets = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
                                   segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
+    out_dtype = output_dtype(q)
+
     def step(st, inp):
         qt, kt, vt, tht, et, at, rt = inp
+        qt, kt, vt = (x.astype(tht.dtype) for x in (qt, kt, vt))  # one token: promoted inside the step
         ws, ms = st
         if rt is not None:
             r = rt[:, None, None, None]
@@ -379,9 +371,9 @@ def _recurrent(q, k, v, theta, eta, alpha, state, reset_w, segment_ids, act):
             ms = tuple(jnp.where(r, 0.0, m) for m in ms)
         a, d = _key_grads(ws, kt[:, :, None], vt[:, :, None], act)
         e4, th4, al4 = (x[:, :, None, None] for x in (et, tht, at))
-        ms = tuple(e4 * m - th4 * jnp.einsum("bhnd,bhne->bhde", ai, di) for m, ai, di in zip(ms, a, d))
+        ms = tuple(e4 * m - th4 * _dot("bhnd,bhne->bhde", ai, di) for m, ai, di in zip(ms, a, d))
         ws = tuple((1.0 - al4) * w + m for w, m in zip(ws, ms))
-        return TitansState(ws, ms), _mlp(ws, qt[:, :, None], act)[:, :, 0]
+        return TitansState(ws, ms), _mlp(ws, qt[:, :, None], act)[:, :, 0].astype(out_dtype)
 
     tm = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
     state, o = jax.lax.scan(step, state, tuple(map(tm, (q, k, v, theta, eta, alpha, resets))))
@@ -466,7 +458,7 @@ def _chunked(q, k, v, theta, eta, alpha, state, reset_w, meta, act, c):
 
     def body(carry, inp):
         carry, o = _block(carry, inp, reset_w, act, c)
-        return carry, o
+        return carry, o.astype(q.dtype)  # the inputs' dtype: the stacked outputs move those bytes
 
     (state, _), o = jax.lax.scan(body, carry, xs)
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, length, h, -1)
@@ -491,7 +483,7 @@ def _block(carry, inp, reset_w, act, c):
     idx = jnp.arange(c)
     causal = idx[:, None] >= idx[None, :]
     mask = (causal & (group[:, :, None] == group[:, None, :]))[:, None]  # [B, 1, C, C]
-    maskf = mask.astype(q.dtype)
+    maskf = mask.astype(la.dtype)
     decay_a = _segsum_decay(la, mask)  # A_t / A_i
     decay_e = _segsum_decay(le, mask)  # E_i / E_j
     a_vec = jnp.exp(jnp.einsum("bxtj,bhj->bht", maskf, la))  # A_t since the group start
@@ -506,8 +498,8 @@ def _block(carry, inp, reset_w, act, c):
         pick = lambda m: jnp.einsum("bt,bht...->bh...", row, m)
         at, dt, et = (pick(x)[..., None, None] for x in (a_vec, d_vec, e_vec))
         cr, er = pick(cw), pick(ew)
-        upd_w = [jnp.einsum("bhj,bhjd,bhje->bhde", cr, ai, di) for ai, di in zip(a, d)]
-        upd_m = [jnp.einsum("bhj,bhjd,bhje->bhde", er, ai, di) for ai, di in zip(a, d)]
+        upd_w = [_dot("bhj,bhjd,bhje->bhde", cr, ai, di) for ai, di in zip(a, d)]
+        upd_m = [_dot("bhj,bhjd,bhje->bhde", er, ai, di) for ai, di in zip(a, d)]
         ws = tuple(at * w + dt * m - u for w, m, u in zip(ws_base, ms_base, upd_w))
         ms = tuple(et * m - u for m, u in zip(ms_base, upd_m))
         return ws, ms
@@ -538,8 +530,8 @@ def _block(carry, inp, reset_w, act, c):
 
     # Read o_t = M_{W_t}(q_t) layer by layer without forming W_t.
     x = q
-    dense = lambda x, i, wb, mb: (a_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, wb[i])
-                                  + d_vec[..., None] * jnp.einsum("bhtd,bhde->bhte", x, mb[i]))
+    dense = lambda x, i, wb, mb: (a_vec[..., None] * _dot("bhtd,bhde->bhte", x, wb[i])
+                                  + d_vec[..., None] * _dot("bhtd,bhde->bhte", x, mb[i]))
     for i in range(len(ws0)):
         z = dense(x, i, *bases[0])
         if sel is not None:
@@ -548,8 +540,8 @@ def _block(carry, inp, reset_w, act, c):
                     z = jnp.where(sel == j, dense(x, i, *bases[j]), z)
                 return z
             z = jax.lax.cond(jnp.any(base > 0), other_bases, lambda z: z, z)
-        scores = jnp.einsum("bhtd,bhjd->bhtj", x, a[i]) * cw
-        z = z - jnp.einsum("bhtj,bhje->bhte", scores, d[i])
+        scores = _dot("bhtd,bhjd->bhtj", x, a[i]) * cw  # layer 0: q k^T in the inputs' dtype
+        z = z - _dot("bhtj,bhje->bhte", scores, d[i])
         x = act(z) if i < len(ws0) - 1 else z
 
     if base is None:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.memory.contract import (check_gate, check_mode, check_segment_ids, check_seq_axis, check_sequence,
+                                    check_state, output_dtype, state_dtype)
 from memjax.memory.linear_scan import linear_scan
-from memjax.memory.sequence_parallel import check_axis, is_first_shard, sequence_resets, sharded_linear_scan
-from memjax.memory.ssm import real_dtype
+from memjax.memory.sequence_parallel import is_first_shard, sequence_resets, sharded_linear_scan
 
 MODES = ("scan", "recurrent")
 MAX_SQRT_GRAD = 1000.0
@@ -83,35 +84,22 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
     Returns ``(y [batch, T, D]`` in x's dtype, ``final_state [batch, D]`` float32 / float64).
     """
     fn = "rglru"
-    if mode not in MODES:
-        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
-    if getattr(x, "ndim", None) != 3:
-        raise ValueError(f"{fn}: x must be [batch, T, D], got shape {getattr(x, 'shape', None)}")
-    b, t, d = x.shape
-    if t == 0:
-        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
-    for name, v in (("gate_a", gate_a), ("gate_x", gate_x)):
-        if getattr(v, "shape", None) != x.shape:
-            raise ValueError(f"{fn}: {name} must be [batch, T, D] = {x.shape} like x, got shape {getattr(v, 'shape', None)}")
-    if getattr(lam, "shape", None) != (d,):
-        raise ValueError(f"{fn}: lam must be [D] = {(d,)}, got shape {getattr(lam, 'shape', None)}")
-    if initial_state is not None and getattr(initial_state, "shape", None) != (b, d):
-        raise ValueError(f"{fn}: initial_state must be [batch, D] = {(b, d)}, got shape {getattr(initial_state, 'shape', None)}")
-    if segment_ids is not None:
-        if getattr(segment_ids, "shape", None) != (b, t):
-            raise ValueError(f"{fn}: segment_ids must be [batch, T] = {(b, t)}, got shape {getattr(segment_ids, 'shape', None)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+    check_mode(fn, mode, MODES)
+    b, t, d = check_sequence(fn, "x", x, "[batch, T, D]")
+    check_gate(fn, "gate_a", gate_a, (b, t, d), "[batch, T, D]", required=True)
+    check_gate(fn, "gate_x", gate_x, (b, t, d), "[batch, T, D]", required=True)
+    check_gate(fn, "lam", lam, (d,), "[D]", required=True)
+    check_state(fn, initial_state, (b, d), "[batch, D]")
+    check_segment_ids(fn, segment_ids, (b, t), "[batch, T]")
     if not c > 0:
         raise ValueError(f"{fn}: c must be > 0, got {c!r}")
-    if seq_axis is not None:
-        if mode != "scan":
-            raise ValueError(f"{fn}: seq_axis needs mode='scan' (the recurrent form is the single-device decoding form)")
-        check_axis(fn, seq_axis)
+    check_seq_axis(fn, seq_axis, mode, ("scan",))
 
-    out_dtype = x.dtype
-    cd = real_dtype(x, gate_a, gate_x, lam, initial_state)
-    x, gate_a, gate_x, lam = (v.astype(cd) for v in (x, gate_a, gate_x, lam))
+    # Gates (decays) and the state in float32 (float64 for float64 inputs); x is promoted only
+    # where it is multiplied into the state's write (an element-wise recurrence: no matmul).
+    out_dtype = output_dtype(x)
+    cd = state_dtype(x, gate_a, gate_x, lam, initial_state)
+    gate_a, gate_x, lam = (v.astype(cd) for v in (gate_a, gate_x, lam))
     a, norm, i = rglru_gates(gate_a, gate_x, lam, c)
     resets = sequence_resets(segment_ids, seq_axis)
     if not normalize_at_reset and initial_state is None:
@@ -121,7 +109,7 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
         a = jnp.where(resets[..., None], 0.0, a)
         if not normalize_at_reset:
             norm = jnp.where(resets[..., None], 1.0, norm)
-    u = norm * i * x
+    u = (norm * i) * x.astype(cd)
     h0 = jnp.zeros((b, d), cd) if initial_state is None else initial_state.astype(cd)
     if seq_axis is not None:
         y, s = sharded_linear_scan(a, u, h0, axis_name=seq_axis)

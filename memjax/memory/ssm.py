@@ -27,35 +27,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_pass import IMPLS as CHUNK_IMPLS
 from memjax.memory.linear_scan import linear_scan  # noqa: F401  (also part of this module's API)
+from memjax.kernels.chunk_pass import as_operand
 from memjax.memory.chunking import chunk_decays, from_chunks, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_impl, check_mode,
+                                    check_segment_ids, check_seq_axis, check_sequence, check_shape, check_state,
+                                    operand_dtype, output_dtype, state_dtype)
 from memjax.memory.segments import segment_resets
-from memjax.memory.sequence_parallel import check_axis, sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
+from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
 
 DIAG_MODES = ("conv", "chunked", "scan", "recurrent")
 SELECTIVE_MODES = ("chunked", "recurrent")
-
-
-def _shape(x):
-    return getattr(x, "shape", None)
-
-
-def _check_segments(fn, segment_ids, b, t):
-    if segment_ids is None:
-        return
-    if _shape(segment_ids) != (b, t):
-        raise ValueError(f"{fn}: segment_ids must be [B, T] = {(b, t)}, got {_shape(segment_ids)}")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {segment_ids.dtype}")
-
-
-def real_dtype(*xs):
-    """float32 for bf16/f16/f32 inputs, float64 when any input is float64 / complex128."""
-    dt = jnp.result_type(*[x for x in xs if x is not None])
-    if jnp.issubdtype(dt, jnp.complexfloating):
-        dt = jnp.finfo(dt).dtype
-    return jnp.promote_types(dt, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- diagonal SSM
@@ -116,45 +98,33 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     Returns:
       ``(y [batch, T, H]`` in x's dtype, ``final_state [batch, H, N]``): the state is complex when
       any of ``A, B, C, initial_state`` is complex, real otherwise; float32 / complex64 precision
-      (float64 / complex128 for float64 inputs).
+      (float64 / complex128 for float64 inputs). ``"chunked"`` keeps x in its dtype for its
+      matmuls (float32 accumulation; :mod:`memjax.memory.contract`); ``"conv"`` (the FFT),
+      ``"scan"`` and ``"recurrent"`` (element-wise updates of the state) work at the state's
+      precision.
     """
     fn = "diagonal_ssm"
-    if mode not in DIAG_MODES:
-        raise ValueError(f"{fn}: mode must be one of {DIAG_MODES}, got {mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    if getattr(x, "ndim", None) != 3:
-        raise ValueError(f"{fn}: x must be [batch, T, H], got shape {_shape(x)}")
-    if jnp.iscomplexobj(x):
-        raise ValueError(f"{fn}: x must be real, got dtype {x.dtype}")
-    b, t, h = x.shape
-    if t == 0:
-        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
-    if getattr(A, "ndim", None) != 2 or A.shape[0] != h:
-        raise ValueError(f"{fn}: A must be [H, N] with H = {h}, got shape {_shape(A)}")
-    n = A.shape[1]
+    check_mode(fn, mode, DIAG_MODES)
+    check_chunk_size(fn, chunk_size)
+    b, t, h = check_sequence(fn, "x", x, "[batch, T, H]")
+    n = check_shape(fn, "A", A, (h, None), "[H, N]")[1]
+    check_floating(fn, "A", A, complex_ok=True)
     for name, v in (("B", B), ("C", C)):
-        if _shape(v) != (h, n):
-            raise ValueError(f"{fn}: {name} must be [H, N] = {(h, n)}, got shape {_shape(v)}")
-    if _shape(dt) != (h,):
-        raise ValueError(f"{fn}: dt must be [H] = {(h,)}, got shape {_shape(dt)}")
-    if D is not None and _shape(D) != (h,):
-        raise ValueError(f"{fn}: D must be [H] = {(h,)}, got shape {_shape(D)}")
-    if initial_state is not None and _shape(initial_state) != (b, h, n):
-        raise ValueError(f"{fn}: initial_state must be [batch, H, N] = {(b, h, n)}, got shape {_shape(initial_state)}")
-    _check_segments(fn, segment_ids, b, t)
+        check_shape(fn, name, v, (h, n), "[H, N]")
+        check_floating(fn, name, v, complex_ok=True)
+    check_gate(fn, "dt", dt, (h,), "[H]", required=True)
+    check_gate(fn, "D", D, (h,), "[H]")
+    check_state(fn, initial_state, (b, h, n), "[batch, H, N]", complex_ok=True)
+    check_segment_ids(fn, segment_ids, (b, t), "[batch, T]")
     if segment_ids is not None and mode == "conv":
         raise ValueError(f"{fn}: segment_ids are not supported with mode='conv' (resets break time "
                          "invariance); use mode='chunked', 'scan' or 'recurrent'")
-    if seq_axis is not None:
-        if mode != "scan":
-            raise ValueError(f"{fn}: seq_axis needs mode='scan', got {mode!r}")
-        check_axis(fn, seq_axis)
+    check_seq_axis(fn, seq_axis, mode, ("scan",))
 
-    rd = real_dtype(x, A, B, C, dt, initial_state)
+    rd = state_dtype(x, A, B, C, dt, initial_state)
     is_complex = any(v is not None and jnp.iscomplexobj(v) for v in (A, B, C, initial_state))
     sd = jnp.result_type(rd, jnp.complex64) if is_complex else rd
-    out_dtype = x.dtype
+    out_dtype = output_dtype(x)
     xf = x.astype(rd)
     A, B, C = A.astype(sd), B.astype(sd), C.astype(sd)
     dtA = dt.astype(rd)[:, None] * A  # [H, N]
@@ -164,7 +134,7 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
         y, s = _diag_conv(xf, dtA, Abar, Bbar, C, None if initial_state is None else initial_state.astype(sd))
     elif mode == "chunked":
         s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
-        y, s = _diag_chunked(xf, dtA, Bbar, C, s0, segment_ids, chunk_size)
+        y, s = _diag_chunked(x, dtA, Bbar, C, s0, segment_ids, chunk_size)  # x in its dtype for the matmuls
     else:
         s0 = jnp.zeros((b, h, n), sd) if initial_state is None else initial_state.astype(sd)
         resets = sequence_resets(segment_ids, seq_axis)
@@ -223,38 +193,45 @@ def _re_dot(spec, a, b):
     return _real(jnp.einsum(spec, a, b))
 
 
-def _real_dot(spec, x, w):
-    """``einsum(spec, x, w)`` for real ``x`` and real or complex ``w``, without casting ``x`` to complex."""
+def _real_dot(spec, x, w, acc):
+    """``einsum(spec, x, w)`` for real ``x`` and real or complex ``w``, without casting ``x`` to
+    complex; ``x`` keeps its dtype (``w``'s parts are rounded to it when it is 16-bit, as the
+    decayed keys of the chunked linear attention) and the products accumulate in ``acc``."""
+    dot = lambda part: jnp.einsum(spec, x, as_operand(part, x), preferred_element_type=acc)
     if jnp.iscomplexobj(w):
-        return jax.lax.complex(jnp.einsum(spec, x, w.real), jnp.einsum(spec, x, w.imag))
-    return jnp.einsum(spec, x, w)
+        return jax.lax.complex(dot(w.real), dot(w.imag))
+    return dot(w)
 
 
 def _diag_chunked(x, dtA, Bbar, C, s0, segment_ids, chunk_size):
+    """``x`` in its dtype (the matmul operand); kernel, powers and state in float32 / complex64
+    (float64 / complex128 for float64 inputs). Returns ``y`` in that real precision."""
     b, t, h = x.shape
+    rd = _real(dtA).dtype
     c = min(chunk_size, t)  # a chunk longer than the sequence would only be padding
     nz = -(-t // c)
     last = t - (nz - 1) * c  # real positions in the last chunk, 1..c
-    powers = jnp.exp(jnp.arange(c + 1, dtype=x.dtype)[:, None, None] * dtA)  # [c+1, H, N]: Abar^l
+    powers = jnp.exp(jnp.arange(c + 1, dtype=rd)[:, None, None] * dtA)  # [c+1, H, N]: Abar^l
     K = _re_dot("hn,lhn->hl", C * Bbar, powers[:c])  # [H, c]
     lag = jnp.arange(c)[:, None] - jnp.arange(c)[None, :]
     toeplitz = jnp.where(lag >= 0, K[:, jnp.maximum(lag, 0)], 0)  # [H, c, c]: K_{i-j}, causal
     xc = to_chunks(pad_time(x, c), c)  # [b, nz, c, H]; padded x = 0 writes nothing
     if segment_ids is None:
-        y = jnp.einsum("hij,bzjh->bzih", toeplitz, xc)
+        y = jnp.einsum("hij,bzjh->bzih", as_operand(toeplitz, xc), xc, preferred_element_type=rd)
         first = tail = keep = None
     else:
         # Edge padding starts no segment, so the padded tail shares the last real position's r.
         r = jnp.cumsum(to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c), axis=2)
         same = r[..., :, None] == r[..., None, :]  # [b, nz, c, c]
-        y = jnp.einsum("bzhij,bzjh->bzih", jnp.where(same[:, :, None], toeplitz, 0), xc)
+        masked = jnp.where(same[:, :, None], toeplitz, 0)
+        y = jnp.einsum("bzhij,bzjh->bzih", as_operand(masked, xc), xc, preferred_element_type=rd)
         first = r == 0  # no reset in [0, i]: the carried-in state is still visible at i
         tail = r == r[..., -1:]  # in the chunk's last segment: part of the state it hands on
         keep = r[..., -1] == 0  # no reset in the chunk: the carried-in state survives it
         xc = jnp.where(tail[..., None], xc, 0)  # only the last segment writes the outgoing state
 
     def write(xs, length):  # Bbar sum_j Abar^(length-1-j) x_j over the first `length` positions
-        return Bbar * _real_dot("...jh,jhn->...hn", xs[..., :length, :], powers[:length][::-1])
+        return Bbar * _real_dot("...jh,jhn->...hn", xs[..., :length, :], powers[:length][::-1], rd)
 
     def carry(s, inp):
         ds, kz = inp
@@ -312,67 +289,54 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     stored.
 
     Returns ``(y [batch, T, H, P]`` in x's dtype, ``final_state [batch, H, P, N]`` float32, or
-    float64 for float64 inputs). All internal arithmetic is in that precision.
+    float64 for float64 inputs). Dtypes follow :mod:`memjax.memory.contract`: x, B, C stay in
+    their dtype for the matmuls (float32 accumulation); dt, A, the decays and the state are
+    float32 (float64 for float64 inputs).
     """
     fn = "selective_scan"
-    if mode not in SELECTIVE_MODES:
-        raise ValueError(f"{fn}: mode must be one of {SELECTIVE_MODES}, got {mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    if getattr(x, "ndim", None) != 4:
-        raise ValueError(f"{fn}: x must be [batch, T, H, P], got shape {_shape(x)}")
-    b, t, h, p = x.shape
-    if t == 0:
-        raise ValueError(f"{fn}: x has an empty time axis (T = 0)")
-    if _shape(dt) != (b, t, h):
-        raise ValueError(f"{fn}: dt must be [batch, T, H] = {(b, t, h)}, got shape {_shape(dt)}")
-    if _shape(A) != (h,):
-        raise ValueError(f"{fn}: A must be [H] = {(h,)}, got shape {_shape(A)}")
-    if getattr(B, "ndim", None) != 4 or B.shape[:2] != (b, t):
-        raise ValueError(f"{fn}: B must be [batch, T, G, N] with batch, T = {(b, t)}, got shape {_shape(B)}")
-    g, n = B.shape[2:]
-    if _shape(C) != B.shape:
-        raise ValueError(f"{fn}: C must be [batch, T, G, N] = {B.shape} like B, got shape {_shape(C)}")
+    check_mode(fn, mode, SELECTIVE_MODES)
+    check_chunk_size(fn, chunk_size)
+    check_impl(fn, impl)
+    b, t, h, p = check_sequence(fn, "x", x, "[batch, T, H, P]")
+    check_gate(fn, "dt", dt, (b, t, h), "[batch, T, H]", required=True)
+    check_gate(fn, "A", A, (h,), "[H]", required=True)
+    g, n = check_shape(fn, "B", B, (b, t, None, None), "[batch, T, G, N]")[2:]
+    check_floating(fn, "B", B)
+    check_shape(fn, "C", C, (b, t, g, n), "[batch, T, G, N]")
+    check_floating(fn, "C", C)
     if g == 0 or h % g:
         raise ValueError(f"{fn}: the number of heads H = {h} (x.shape[2]) must be divisible by the "
                          f"number of groups G = {g} (B.shape[2])")
-    if D is not None and _shape(D) != (h,):
-        raise ValueError(f"{fn}: D must be [H] = {(h,)}, got shape {_shape(D)}")
-    if initial_state is not None and _shape(initial_state) != (b, h, p, n):
-        raise ValueError(f"{fn}: initial_state must be [batch, H, P, N] = {(b, h, p, n)}, "
-                         f"got shape {_shape(initial_state)}")
-    _check_segments(fn, segment_ids, b, t)
-    if impl not in CHUNK_IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {CHUNK_IMPLS}, got {impl!r}")
-    if seq_axis is not None:
-        if mode != "chunked":
-            raise ValueError(f"{fn}: seq_axis needs mode='chunked' (the recurrent form is the single-device "
-                             "decoding form)")
-        check_axis(fn, seq_axis)
-    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        if jnp.iscomplexobj(v):
-            raise ValueError(f"{fn}: {name} must be real, got dtype {v.dtype}")
+    check_gate(fn, "D", D, (h,), "[H]")
+    check_state(fn, initial_state, (b, h, p, n), "[batch, H, P, N]")
+    check_segment_ids(fn, segment_ids, (b, t), "[batch, T]")
+    check_seq_axis(fn, seq_axis, mode, ("chunked",))
 
-    out_dtype = x.dtype
-    cd = real_dtype(x, dt, A, B, C, initial_state)
-    x, dt, A, B, C = (v.astype(cd) for v in (x, dt, A, B, C))
-    s0 = jnp.zeros((b, h, p, n), cd) if initial_state is None else initial_state.astype(cd)
+    out_dtype = output_dtype(x)
+    acc = state_dtype(x, dt, A, B, C, initial_state)
+    md = operand_dtype(x, B, C)
+    x, B, C = (v.astype(md) for v in (x, B, C))  # (a no-op unless x, B, C differ in dtype)
+    dt, A = dt.astype(acc), A.astype(acc)
+    s0 = jnp.zeros((b, h, p, n), acc) if initial_state is None else initial_state.astype(acc)
     if mode == "recurrent":
         y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
     else:
         y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret,
                             seq_axis=seq_axis)
     if D is not None:
-        y = y + D.astype(cd)[:, None] * x
+        y = y.astype(acc) + D.astype(acc)[:, None] * x
     return y.astype(out_dtype), s
 
 
 def _ssd_recurrent(x, dt, A, B, C, s0, resets):
+    """Token-by-token scan; x, B, C enter in their dtype and are promoted inside the step."""
     h, g = x.shape[2], B.shape[2]
+    acc = s0.dtype
     heads = lambda v: jnp.repeat(v, h // g, axis=1)  # [batch, G, N] -> [batch, H, N]
 
     def step(s, inp):
         xt, dtt, Bt, Ct, rt = inp
+        xt, Bt, Ct = (v.astype(acc) for v in (xt, Bt, Ct))
         s = s * jnp.exp(dtt * A)[..., None, None]
         if rt is not None:
             s = jnp.where(rt[:, None, None, None], 0, s)
@@ -388,18 +352,21 @@ def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret, seq_axi
     b, t, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
-    u = to_head_chunks(x * dt[..., None], c)  # [b, H, Z, C, P]: the write, dt_t x_t
+    acc, md = s0.dtype, x.dtype
+    u = to_head_chunks((x * dt[..., None]).astype(md), c)  # [b, H, Z, C, P]: the write, dt_t x_t
     nz = u.shape[2]
     Bc, Cc = to_head_chunks(B, c), to_head_chunks(C, c)  # [b, G, Z, C, N]
     logdec = to_chunks(pad_time(dt * A, c), c)  # [b, Z, C, H]; padded entries are 0: no decay
     resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
-    dec = chunk_decays(logdec, resets, (b, nz, c, h), x.dtype).heads_major()
+    dec = chunk_decays(logdec, resets, (b, nz, c, h), acc).heads_major()
     heads = lambda v: jnp.repeat(v, r, axis=1)  # group -> its heads (Mamba-2's "g n -> (g r) n")
 
-    # In linear-attention terms: q = C, k = B, v = dt x, state [N, P]. C B^T once per group.
-    scores = heads(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc)) * dec.matrix
+    # In linear-attention terms: q = C, k = B, v = dt x, state [N, P]. C B^T once per group, in
+    # the inputs' dtype with `acc` accumulation; the decayed factors go back to that dtype as
+    # operands of the chunk pass (see memjax.memory.contract).
+    scores = heads(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc, preferred_element_type=acc)) * dec.matrix
     qg = heads(Cc) * dec.from_start[..., None]
     ke = heads(Bc) * dec.to_end[..., None]
-    y, s = sharded_chunk_recurrence(qg, scores, u, ke, dec.chunk, jnp.swapaxes(s0, -1, -2), axis_name=seq_axis,
-                                    impl=impl, interpret=interpret)
+    y, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk,
+                                    jnp.swapaxes(s0, -1, -2), axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(y, t), jnp.swapaxes(s, -1, -2)

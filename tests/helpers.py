@@ -1,0 +1,89 @@
+"""Shared test helpers: error measures, random inputs and graph probes.
+
+Import as ``from tests.helpers import rel_err, rand`` (pyproject puts the repository root on the
+path). Test files never import each other; what two of them share lives here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOL64 = 1e-10  # float64 comparisons between forms and against naive references
+
+
+def _f64(x) -> np.ndarray:
+    """A float64 (or complex128) NumPy copy of an array of any dtype, bf16 included."""
+    x = np.asarray(x)
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def rel_err(x, ref) -> float:
+    """Relative max error ``max|x - ref| / max|ref|`` (NumPy in float64: eager jnp ops would each
+    compile)."""
+    x, ref = _f64(x), _f64(ref)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-300))
+
+
+def rel_rmse(x, ref) -> float:
+    """Relative RMS error ``||x - ref|| / ||ref||`` (Frobenius norms, float64)."""
+    x, ref = _f64(x), _f64(ref)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def rng_of(key_or_seed) -> np.random.Generator:
+    """A NumPy generator from a seed, a generator (returned as is) or a JAX key (its bits)."""
+    if isinstance(key_or_seed, np.random.Generator):
+        return key_or_seed
+    if isinstance(key_or_seed, (int, np.integer)):
+        return np.random.default_rng(int(key_or_seed))
+    data = np.asarray(jax.random.key_data(key_or_seed) if jnp.issubdtype(key_or_seed.dtype, jax.dtypes.prng_key)
+                      else key_or_seed).ravel()
+    return np.random.default_rng([int(v) for v in data])
+
+
+def rand(key_or_seed, shape, dtype=jnp.float32, *, scale: float = 1.0) -> jax.Array:
+    """Standard normal numbers times ``scale`` of ``shape``, drawn in float64 and cast to ``dtype``
+    (so the same seed gives the same numbers, rounded, in every dtype)."""
+    return jnp.asarray(rng_of(key_or_seed).normal(size=shape) * scale).astype(dtype)
+
+
+def uniform(key_or_seed, shape, low: float, high: float, dtype=jnp.float32) -> jax.Array:
+    """Uniform numbers in ``[low, high)`` of ``shape``, drawn in float64 and cast to ``dtype``."""
+    return jnp.asarray(rng_of(key_or_seed).uniform(low, high, size=shape)).astype(dtype)
+
+
+def largest_intermediate(fn, *args) -> int:
+    """The element count of the largest value any equation of ``fn``'s jaxpr (sub-jaxprs of scans,
+    custom derivatives, ... included) produces: proves that no per-token state is formed."""
+    def walk(jaxpr):
+        best = 0
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        best = max(best, walk(inner))
+        return best
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def jaxpr_eqns(fn, *args, primitive: str | None = None) -> list:
+    """Every equation of ``fn``'s jaxpr, sub-jaxprs included (optionally only ``primitive``)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if primitive is None or eqn.primitive.name == primitive:
+                found.append(eqn)
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
