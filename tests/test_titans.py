@@ -10,7 +10,6 @@ import pytest
 
 from memjax.memory.neural_memory import TitansCache, TitansState, titans, titans_decode, titans_init_cache
 from tests.helpers import rel_rmse
-from tiny import mqar_losses
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 # Jitted once per shape: far cheaper on CPU than op-by-op dispatch of the chunk bookkeeping.
@@ -320,93 +319,3 @@ def test_input_validation():
         titans(**dict(x, alpha=jnp.zeros(x["alpha"].shape, jnp.int32)), params0=params0)
     with pytest.raises(TypeError, match=r"titans: params0\[0\] must have a floating dtype"):
         titans(**x, params0=(params0[0].astype(jnp.int32), params0[1]))
-
-
-# ----------------------------------------------------------------------------- blocks
-
-
-def _block(alias, **opts):
-    from flax import nnx
-
-    from memjax.config import ModelConfig, options_from_dict
-    from memjax.nn.registry import get_block
-
-    cls = get_block(alias)
-    o = options_from_dict(cls.Options, {"chunk_size": 4, "window": 6, **opts}, f"model.blocks.{cls.name}")
-    return cls(ModelConfig(d_model=32, num_heads=2), o, layer=0, shared={}, rngs=nnx.Rngs(0))
-
-
-def _rel(x, ref):
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
-
-
-@pytest.mark.parametrize("alias,opts", [("MAG", {}), ("MAL", {"depth": 2, "activation": "gelu"})])
-def test_block_prefill_then_steps_match_full_sequence(alias, opts):
-    """Prefill 5 tokens (a chunk and a partial one), then decode 16 one by one (crossing chunk
-    boundaries, wrapping the attention ring buffer): the full-sequence output to 1e-4."""
-    from flax import nnx
-
-    blk = _block(alias, **opts)
-    x = jax.random.normal(jax.random.key(1), (2, 21, 32))
-    y = nnx.jit(lambda b, x: b(x))(blk, x)
-    state = blk.init_state(2, 32)
-    prefill = nnx.jit(lambda b, x, st: b.prefill(x, st))
-    y1, state = prefill(blk, x[:, :5], state)
-    ys = [y1]
-    step = nnx.jit(lambda b, xt, st: b.step(xt, st))
-    for t in range(5, 21):
-        yt, state = step(blk, x[:, t], state)
-        ys.append(yt[:, None])
-    assert _rel(jnp.concatenate(ys, 1), y) < 1e-4
-    assert int(state["attn"]["pos"]) == 21 and int(state["memory"]["cache"].count) == 21 % 4
-
-
-def test_block_packed_equals_separate_documents():
-    from flax import nnx
-
-    blk = _block("MAG", depth=2)
-    lengths = [7, 10, 5]
-    x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 32))
-    seg = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
-    call = nnx.jit(lambda b, x, s: b(x, segment_ids=s))
-    y = call(blk, x, seg)
-    # Each document alone, zero-padded at the end to one length (causal: padding after a
-    # document cannot change its outputs), so one compiled call serves all three.
-    docs = jnp.concatenate([jnp.pad(x[:, s:s + n], ((0, 0), (0, 10 - n), (0, 0)))
-                            for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)])
-    y_docs = nnx.jit(lambda b, x: b(x))(blk, docs)
-    parts = [y_docs[i:i + 1, :n] for i, n in enumerate(lengths)]
-    assert _rel(y, jnp.concatenate(parts, 1)) < 1e-4
-
-
-def test_block_parameters_and_options():
-    from flax import nnx
-
-    from memjax.config import Config, ConfigError, validate
-
-    for alias in ("MAG", "MAL"):
-        for path, var in nnx.to_flat_state(nnx.state(_block(alias, depth=2), nnx.Param)):
-            axes = var.get_metadata().get("logical_axes")
-            assert axes is not None and len(axes) == var[...].ndim, (alias, path)
-    cfg = Config()
-    cfg.model.pattern = "MAG,MAL"
-    for bad, key in (({"window": 0}, "window"), ({"depth": 0}, "depth"), ({"activation": "relu"}, "activation")):
-        cfg.model.blocks = {"titans_mag": bad}
-        with pytest.raises(ConfigError, match=f"titans_mag.{key}"):
-            validate(cfg)
-    cfg.model.blocks = {"titans_mal": {"chunk_size": 8, "depth": 2}}
-    validate(cfg)
-
-
-@pytest.mark.slow
-def test_two_layer_titans_model_learns_mqar():
-
-    from memjax.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern="MAG,MAL",
-                      blocks={"titans_mag": {"chunk_size": 8, "window": 8},
-                              "titans_mal": {"chunk_size": 8, "window": 8}})
-    losses = mqar_losses(cfg, steps=60, lr=3e-3)
-    assert np.all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < first - 0.5, (first, last)
