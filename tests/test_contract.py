@@ -23,7 +23,7 @@ import pytest
 
 from memjax.memory import delta_rule, diagonal_ssm, linear_attention, mixture_of_memories, rglru, selective_scan, titans
 from memjax.memory.neural_memory import TitansState
-from tests.helpers import jaxpr_eqns, rel_err
+from tests.helpers import jaxpr_eqns, rand, rel_err, uniform
 
 B, T, H, K, V = 2, 40, 2, 8, 8
 CHUNK = 16
@@ -41,9 +41,9 @@ def _l2(x):
 def build(name):
     """``(fn, args)``: ``fn(mode, **args) -> (output, final_state)``; ``args`` maps each name to
     ``(float64 NumPy value, kind)``."""
-    rng = np.random.default_rng(0)
-    n = lambda *s, scale=1.0: rng.normal(size=s) * scale
-    u = lambda lo, hi, *s: rng.uniform(lo, hi, size=s)
+    rng = np.random.default_rng(0)  # one stream for all the arguments
+    n = lambda *s, scale=1.0: np.asarray(rand(rng, s, jnp.float32, scale=scale), np.float64)
+    u = lambda lo, hi, *s: np.asarray(uniform(rng, s, lo, hi, jnp.float32), np.float64)
     seg = (SEG, INT)
     if name == "linear_attention":
         args = dict(q=(n(B, T, H, K), ACT), k=(n(B, T, H, K), ACT), v=(n(B, T, H, V), ACT),
