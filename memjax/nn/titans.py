@@ -345,7 +345,9 @@ class _TitansBlock(Block):
         self._build(d_model, h * dk, memory, attn, norm_eps, jnp.dtype(dtype), rngs)
 
     def _build(self, d, hd, memory, attn, norm_eps, dt, rngs):
-        raise NotImplementedError
+        """Each variant (MAG, MAL) creates its own layers from the ``memory`` and ``attn`` factories;
+        the private base class itself is never registered or built."""
+        raise NotImplementedError(f"{type(self).__name__} must define _build (use TitansMAG or TitansMAL)")
 
     def init_cache(self, batch_size: int, max_length: int) -> TitansBlockCache:
         return TitansBlockCache(self.memory.init_cache(batch_size), self.attn.init_cache(batch_size))
