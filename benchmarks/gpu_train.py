@@ -133,7 +133,7 @@ def _block_options(cfg: ModelConfig, name: str) -> types.SimpleNamespace:
     """The block's options (its constructor's keyword arguments): defaults, then the config's values."""
     cls = get_block(name)
     _, options = block_kwargs(cls)
-    return types.SimpleNamespace(**{k: p.default for k, p in options.items()}, **cfg.blocks.get(cls.name, {}))
+    return types.SimpleNamespace(**({k: p.default for k, p in options.items()} | cfg.blocks.get(cls.name, {})))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int) -> dict:

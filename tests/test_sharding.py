@@ -113,7 +113,7 @@ def test_sequence_sharded_step_equals_single_device(monkeypatch):
     single-device step, and the blocks did run their memories inside shard_map with the state
     exchange (rather than leaving XLA to gather the sequence)."""
     calls = []
-    for module in ("delta_rule", "linear_attention", "ssm", "rglru"):
+    for module in ("delta", "linear", "ssm", "rg_lru"):
         module = sys.modules[f"memjax.memory.{module}"]  # (the package re-exports functions of the same names)
         for name in ("sharded_chunk_recurrence", "sharded_linear_scan"):
             if hasattr(module, name):
