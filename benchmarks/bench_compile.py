@@ -6,7 +6,8 @@
 For every ``pattern_repeat`` in ``--repeats`` and ``model.scan_layers`` in (True, False) it builds
 the train step ``memjax-train`` would run (``memjax.train.loop.build``, one device), lowers it on
 abstract inputs (nothing is allocated: ``jax.eval_shape`` of the initialiser) and times
-``lower`` and ``compile`` separately. The batch and length are shrunk (``--batch``, ``--seq``)
+``lower`` and ``compile`` separately, and counts the optimised HLO's lines (independent of the
+machine's load; wall times on a shared machine are not). The batch and length are shrunk (``--batch``, ``--seq``)
 because compile time does not depend on them but XLA:CPU's buffer planning for a 2048-token step
 of a 125M model would need tens of GiB. Writes ``benchmarks/results/compile_time.json``.
 """
@@ -34,9 +35,12 @@ def compile_time(cfg) -> dict:
         t0 = time.perf_counter()
         lowered = setup.train_step.lower(abs_state, abs_batch)
         t1 = time.perf_counter()
-        lowered.compile()
+        compiled = lowered.compile()
         t2 = time.perf_counter()
-    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+    # The optimised HLO's size does not depend on the machine's load: the deterministic witness that
+    # a scanned body is compiled once whatever the depth.
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0,
+            "hlo_lines": compiled.as_text().count("\n")}
 
 
 def main(argv=None):
@@ -50,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--no-unscanned", action="store_true", help="skip the scan_layers=False rows")
     args = ap.parse_args(argv)
     table = Table(args.name, ["config", "pattern_repeat", "layers", "scan_layers", "lower_s", "compile_s", "total_s",
-                              "vs_first"])
+                              "vs_first", "hlo_lines"])
     first = {}
     for scan in (True,) if args.no_unscanned else (True, False):
         for r in args.repeats:

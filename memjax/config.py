@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import types
@@ -24,8 +25,33 @@ class ConfigError(ValueError):
     """A configuration key, type or value that cannot work."""
 
 
+def did_you_mean(name: str, allowed) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``allowed``, or ``""``."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(key: str, allowed) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    hint = did_you_mean(name, allowed)
+    if hint:
+        hint = hint.replace("'", "'" + (prefix + "." if prefix else ""), 1)
+    return ConfigError(f"unknown config key {key!r}{hint}; allowed here: {', '.join(sorted(allowed))}")
+
+
+class _Section:
+    """A config section: setting an attribute that is not a field is an error (a misspelled key
+    in a config file, ``c.model.dmodel = 64``, must not be silently ignored)."""
+
+    def __setattr__(self, name, value):
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            raise _unknown_key(f"{_SECTION_NAMES.get(type(self).__name__, '')}{name}", names)
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The decoder LM. ``pattern`` lists the residual sub-layers by block name."""
 
     vocab_size: int = 256
@@ -59,7 +85,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which task feeds the loop and its knobs (validated by the task's own Options)."""
 
     task: str = "mqar"
@@ -73,7 +99,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     end_lr_fraction: float = 0.0  # cosine decays to learning_rate * end_lr_fraction
@@ -86,7 +112,7 @@ class OptimConfig:
 
 
 @dataclass
-class MeshConfig:
+class MeshConfig(_Section):
     """Device mesh. Sizes multiply to the device count; -1 takes the remaining devices."""
 
     data: int = -1
@@ -115,14 +141,16 @@ class MeshConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     steps: int = 1000
     batch_size: int = 32
     microbatches: int = 1  # gradient accumulation: batch_size is split into this many
-    eval_every: int = 250
+    # Periodic actions every so many steps (None: off; the last step still logs, evaluates and
+    # saves a checkpoint).
+    eval_every: int | None = 250
     eval_batches: int = 8
-    log_every: int = 25
-    checkpoint_every: int = 250
+    log_every: int | None = 25
+    checkpoint_every: int | None = 250
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     seed: int = 0
@@ -136,7 +164,7 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +182,9 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         return _from_dict(cls, d, "")
 
+
+_SECTION_NAMES = {"ModelConfig": "model.", "DataConfig": "data.", "OptimConfig": "optim.", "MeshConfig": "mesh.",
+                  "TrainConfig": "train.", "Config": ""}
 
 # ----------------------------------------------------------------------------- loading
 
@@ -209,9 +240,7 @@ def set_by_path(cfg: Any, key: str, value: Any) -> None:
 def _check_field(obj: Any, name: str, key: str) -> dataclasses.Field:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if name not in fields:
-        raise ConfigError(
-            f"unknown config key {key!r}; allowed here: {', '.join(sorted(fields))}"
-        )
+        raise _unknown_key(key, fields)
     return fields[name]
 
 
@@ -258,7 +287,7 @@ def _from_dict(cls: type, d: dict, prefix: str) -> Any:
     for k, v in d.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(sorted(names))}")
+            raise _unknown_key(key, names)
         hint = hints[k]
         if dataclasses.is_dataclass(hint):
             kwargs[k] = _from_dict(hint, v, key + ".")
@@ -293,15 +322,32 @@ def register_check(fn: Callable[["Config", int | None], None]):
     return fn
 
 
-def validate(cfg: Config, num_devices: int | None = None) -> None:
-    """Check consistency across sections, then every registered check (blocks and their options,
-    the task and its options, the mesh). ``num_devices`` enables the mesh checks."""
+def _type_problems(obj: Any, prefix: str) -> list[str]:
+    """Every field whose value does not have its declared type (values set in a config file
+    bypass ``--set``'s parsing)."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _type_problems(value, key + ".")
+            continue
+        try:
+            _coerce(value, hints[f.name], key)
+        except ConfigError as e:
+            out.append(str(e))
+    return out
+
+
+def _value_problems(cfg: Config) -> list[str]:
     m, t, d = cfg.model, cfg.train, cfg.data
+    out = []
     for key, value in {
         "model.d_model": m.d_model,
         "model.num_heads": m.num_heads,
         "model.vocab_size": m.vocab_size,
         "model.pattern_repeat": m.pattern_repeat,
+        "model.max_seq_len": m.max_seq_len,
         "data.seq_len": d.seq_len,
         "train.batch_size": t.batch_size,
         "train.microbatches": t.microbatches,
@@ -310,33 +356,68 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         "train.keep_checkpoints": t.keep_checkpoints,
     }.items():
         if value <= 0:
-            raise ConfigError(f"config key {key!r} must be positive, got {value}")
-    if m.head_dim == 0 and m.d_model % m.num_heads:
-        raise ConfigError(
-            f"config key 'model.num_heads' ({m.num_heads}) must divide model.d_model ({m.d_model})"
-        )
+            out.append(f"config key {key!r} must be positive, got {value}")
+    for key in ("eval_every", "log_every", "checkpoint_every"):
+        value = getattr(t, key)
+        if value is not None and value <= 0:
+            out.append(f"config key 'train.{key}' must be a positive number of steps, or None to switch it off; "
+                       f"got {value}")
+    for key, value in {"model.head_dim": m.head_dim, "model.mlp_hidden": m.mlp_hidden,
+                       "optim.warmup_steps": cfg.optim.warmup_steps, "optim.weight_decay": cfg.optim.weight_decay,
+                       "optim.memory_values_lr": cfg.optim.memory_values_lr, "train.stop_at_step": t.stop_at_step,
+                       "train.inject_nan_at_step": t.inject_nan_at_step,
+                       # (0: every window of the files, for the text tasks)
+                       "data.num_train_examples": d.num_train_examples,
+                       "data.num_eval_examples": d.num_eval_examples}.items():
+        if value < 0:
+            out.append(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.optim.learning_rate <= 0:
+        out.append(f"config key 'optim.learning_rate' must be positive, got {cfg.optim.learning_rate}")
+    for key in ("b1", "b2", "end_lr_fraction"):
+        if not 0 <= getattr(cfg.optim, key) <= 1:
+            out.append(f"config key 'optim.{key}' must be in [0, 1], got {getattr(cfg.optim, key)}")
+    if cfg.optim.grad_clip_norm < 0:
+        out.append(f"config key 'optim.grad_clip_norm' must be >= 0 (0: no clipping), got {cfg.optim.grad_clip_norm}")
+    if m.head_dim == 0 and m.num_heads > 0 and m.d_model % m.num_heads:
+        out.append(f"config key 'model.num_heads' ({m.num_heads}) must divide model.d_model ({m.d_model})")
     for key in ("compute_dtype", "param_dtype"):
         if getattr(m, key) not in _DTYPES:
-            raise ConfigError(f"config key 'model.{key}' must be one of {_DTYPES}, got {getattr(m, key)!r}")
+            out.append(f"config key 'model.{key}' must be one of {_DTYPES}, got {getattr(m, key)!r}")
     if d.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"config key 'data.seq_len' ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"
-        )
-    if t.batch_size % t.microbatches:
-        raise ConfigError(
-            f"config key 'train.microbatches' ({t.microbatches}) must divide train.batch_size ({t.batch_size})"
-        )
+        out.append(f"config key 'data.seq_len' ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if t.microbatches > 0 and t.batch_size % t.microbatches:
+        out.append(f"config key 'train.microbatches' ({t.microbatches}) must divide train.batch_size ({t.batch_size})")
     if d.worker_count < 0:
-        raise ConfigError(f"config key 'data.worker_count' must be >= 0 (0: in-process), got {d.worker_count}")
+        out.append(f"config key 'data.worker_count' must be >= 0 (0: in-process), got {d.worker_count}")
     if not 0 <= t.target_accuracy <= 1:
-        raise ConfigError(f"config key 'train.target_accuracy' must be in [0, 1], got {t.target_accuracy}")
-
+        out.append(f"config key 'train.target_accuracy' must be in [0, 1], got {t.target_accuracy}")
     for key, v in cfg.mesh.rules.items():
         axes = v if isinstance(v, (tuple, list)) else (v,)
         for a in axes:
             if a is not None and a not in ("data", "fsdp", "seq", "tensor"):
-                raise ConfigError(
-                    f"config key 'mesh.rules.{key}': unknown mesh axis {a!r}; allowed: data, fsdp, seq, tensor, None"
-                )
-    for check in _CHECKS:
-        check(cfg, num_devices)
+                out.append(f"config key 'mesh.rules.{key}': unknown mesh axis {a!r}; "
+                           "allowed: data, fsdp, seq, tensor, None")
+    return out
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Check every field's type, the values and their consistency across sections, then every
+    registered check (blocks and their options, the task and its options, the mesh).
+    ``num_devices`` enables the mesh checks. All problems are reported at once, one per line, in
+    one :class:`ConfigError`."""
+    problems = _type_problems(cfg, "")
+    if not problems:  # (values of the wrong type would make the value checks fail obscurely)
+        problems = _value_problems(cfg)
+        for check in _CHECKS:
+            try:
+                check(cfg, num_devices)
+            except ConfigError as e:
+                problems.append(str(e))
+            except Exception:
+                if not problems:
+                    raise
+                # (a registered check tripping over a value already reported above)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))

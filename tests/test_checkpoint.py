@@ -7,9 +7,10 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from tiny import tiny_config
 
-from memjax.train.checkpoint import Checkpointer
+from memjax.train.checkpoint import CheckpointMismatch, Checkpointer
 from memjax.train.evaluate import restore_state
 from memjax.train.loop import train_and_evaluate
 
@@ -36,7 +37,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import jax, jax.numpy as jnp
-        from memjax.train.checkpoint import Checkpointer
+        from memjax.train.checkpoint import CheckpointMismatch, Checkpointer
         ck = Checkpointer({str(tmp_path / 'ckpt')!r}, keep=3, async_save=True)
         small = {{"w": jnp.ones((4,))}}
         ck.save(1, small, {{"next_index": 1}}, force=True)
@@ -60,3 +61,25 @@ def test_keep_limits_the_number_of_checkpoints(tmp_path):
     ck = Checkpointer(str(tmp_path / "checkpoints"), keep=2)
     assert sorted(ck.manager.all_steps()) == [6, 8]
     ck.close()
+
+
+def test_checkpoint_of_another_layout_or_architecture_is_a_clear_error(tmp_path):
+    """An unrolled checkpoint (written before scanned layers, or with scan_layers=False) refuses to
+    load into a scanned model, before any array is read, and says which flag restores it."""
+    cfg = tiny_config("A,F", steps=2)
+    cfg.model.pattern_repeat, cfg.model.scan_layers = 2, False
+    train_and_evaluate(cfg, str(tmp_path))
+    scanned = tiny_config("A,F", steps=2)
+    scanned.model.pattern_repeat = 2
+    with pytest.raises(CheckpointMismatch, match=r"(?s)unrolled \(blocks/<i>/...\), the model's scanned.*"
+                                                 r"--set model.scan_layers=False"):
+        restore_state(scanned, str(tmp_path))
+    with pytest.raises(CheckpointMismatch, match=r"(?s)missing from the checkpoint: stack/"):
+        train_and_evaluate(scanned, str(tmp_path))  # a resume meets the same check
+    _, state, step = restore_state(cfg, str(tmp_path))  # the flag restores it
+    assert step == 2
+    wider = tiny_config("A,F", steps=2)
+    wider.model.pattern_repeat, wider.model.scan_layers, wider.model.d_model = 2, False, 48
+    with pytest.raises(CheckpointMismatch, match=r"(?s)20 of another shape: blocks/0/wk/kernel: saved \(32, 32\), model \(48, 48\)"
+                                                 r".*use that run's config.json"):
+        restore_state(wider, str(tmp_path))

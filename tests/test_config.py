@@ -73,3 +73,79 @@ def test_shipped_configs_load(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.py")
+
+
+# ----------------------------------------------------------------------------- typos and intervals
+
+import dataclasses  # noqa: E402
+import typing  # noqa: E402
+
+from tiny import tiny_config  # noqa: E402
+
+
+def _write_config(tmp_path, body: str):
+    path = tmp_path / "cfg.py"
+    path.write_text("from memjax.config import Config\n\n\ndef get_config():\n    c = Config()\n"
+                    + "".join(f"    {line}\n" for line in body.splitlines()) + "    return c\n")
+    return path
+
+
+def test_misspelled_key_in_a_config_file_is_an_error_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.dmodel' \(did you mean 'model.d_model'\?\)"):
+        load_config(_write_config(tmp_path, "c.model.dmodel = 64"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian' \(did you mean 'train'\?\)"):
+        load_config(_write_config(tmp_path, "c.trian = 3"))
+    with pytest.raises(ConfigError, match=r"'train.log_evry' \(did you mean 'train.log_every'\?\)"):
+        load_config("configs/mqar_tiny.py", ["train.log_evry=5"])
+
+
+def test_wrong_type_in_a_config_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'train.steps' expects an int, got '100'"):
+        load_config(_write_config(tmp_path, "c.train.steps = '100'"))
+    with pytest.raises(ConfigError, match=r"config key 'model.scan_layers' expects a bool"):
+        load_config(_write_config(tmp_path, "c.model.scan_layers = 1"))
+
+
+def _wrong_value(hint):
+    """A value of the wrong type for a field of type ``hint``."""
+    args = set(typing.get_args(hint)) or {hint}
+    if str in args or dict in args:
+        return "3" if dict in args else "[1]"  # a list for a str, an int for a dict
+    return "'abc'"
+
+
+@pytest.mark.parametrize("section", ["model", "data", "optim", "mesh", "train"])
+def test_every_key_with_a_wrong_type_is_rejected_naming_it(section):
+    obj = getattr(Config(), section)
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        with pytest.raises(ConfigError, match=rf"config key '{key}' expects"):
+            apply_overrides(Config(), [f"{key}={_wrong_value(hints[f.name])}"])
+
+
+@pytest.mark.parametrize("key", ["log_every", "eval_every", "checkpoint_every"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_zero_or_negative_interval_is_rejected_before_anything_runs(key, value):
+    with pytest.raises(ConfigError, match=rf"'train.{key}' must be a positive number of steps, or None"):
+        load_config("configs/mqar_tiny.py", [f"train.{key}={value}"])
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/mqar_tiny.py", ["train.log_every=0", "optim.b1=2", "model.d_model=-2"])
+    msg = str(err.value)
+    assert msg.startswith("4 problems in the config:")
+    for fragment in ("'train.log_every'", "'optim.b1' must be in [0, 1]", "'model.d_model' must be positive"):
+        assert fragment in msg
+
+
+def test_intervals_set_to_none_switch_the_periodic_action_off(tmp_path):
+    from memjax.train.loop import train_and_evaluate
+
+    cfg = tiny_config("A,F", steps=3)
+    cfg.train.log_every = cfg.train.eval_every = cfg.train.checkpoint_every = None
+    validate(cfg)
+    out = train_and_evaluate(cfg, str(tmp_path))
+    assert out["step"] == 3 and "accuracy" in out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]

@@ -18,7 +18,7 @@ from memjax.nn.memory_layers import MemoryPlusLayer, PKMLayer, record_slots, slo
 from memjax.nn.ngram import STEMFFN, NgramCache, NgramMemory
 from memjax.nn.registry import get_block
 from tests.helpers import rel_err
-from tiny import mqar_losses
+from tiny import copy_to_scanned, mqar_losses
 
 TOL = 1e-5
 SMALL = {"pkm": {"n_keys": 8, "knn": 4, "heads": 2}, "memory_plus": {"n_keys": 8, "knn": 4, "heads": 2},
@@ -89,7 +89,7 @@ def test_registered_names_and_defaults():
     for alias, cls in (("P", PKMLayer), ("M", MemoryPlusLayer), ("N", NgramMemory), ("T", STEMFFN)):
         assert get_block(alias) is cls
         blk = cls(64, rngs=nnx.Rngs(0))  # d_model and rngs suffice
-        assert blk.scannable == (cls is STEMFFN)  # P, M, N take `layer`
+        assert blk.scannable == (cls is not NgramMemory)  # its hash depends on `layer`
     assert STEMFFN(8, rngs=nnx.Rngs(0)).embed.shape == (256, 32)  # vocab_size 256, 4 * d_model
     assert STEMFFN(8, mlp_hidden=24, rngs=nnx.Rngs(0)).embed.shape == (256, 24)
 
@@ -265,3 +265,21 @@ def test_memory_values_get_their_own_learning_rate_in_the_loop():
     dv = np.abs(after["blocks"][1]["values"] - before["blocks"][1]["values"]).max()
     dq = np.abs(after["blocks"][1]["query"]["kernel"] - before["blocks"][1]["query"]["kernel"]).max()
     assert dv == pytest.approx(1e-2, rel=0.05) and dq == pytest.approx(1e-4, rel=0.05), (dv, dq)
+
+
+def test_scanned_model_stacks_memory_layers_and_records_every_layer():
+    """Product-key layers without a shared pool stack under the scanned model; slot recording runs
+    the stacked groups eagerly and names each table by its model-wide layer."""
+    blocks = {"pkm": SMALL["pkm"], "memory_plus": SMALL["memory_plus"]}
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_heads=2, pattern="P,M", pattern_repeat=3, blocks=blocks)
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    assert model.scanned
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    usage = slot_usage(model, tok)
+    assert set(usage) == {f"pkm/layer{i}" for i in (0, 2, 4)} | {f"memory_plus/layer{i}" for i in (1, 3, 5)}
+    cfg.scan_layers = False
+    unrolled = LM(cfg, rngs=nnx.Rngs(1))
+    assert not unrolled.scanned
+    nnx.update(model, nnx.State(copy_to_scanned(nnx.state(unrolled, nnx.Param).to_pure_dict(), 2, 3)))
+    assert slot_usage(model, tok) == pytest.approx(slot_usage(unrolled, tok))
+    np.testing.assert_allclose(model(tok), unrolled(tok), rtol=1e-5, atol=1e-5)

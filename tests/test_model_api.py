@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import copy_to_scanned
 
 import memjax
 from memjax.config import Config, ConfigError, ModelConfig, validate
@@ -45,22 +46,13 @@ def test_public_block_names_are_exported():
     assert {get_block(n) for n in BLOCKS} <= {getattr(memjax.nn, n) for n in memjax.nn.__all__}
 
 
-def _copy_to_scanned(unscanned: dict, group: int, repeat: int) -> dict:
-    """The unscanned parameter tree in the scanned layout (layer i*group + j -> stack slot j, row i)."""
-    out = {k: v for k, v in unscanned.items() if k not in ("blocks", "norms")}
-    out["stack"] = {part: {j: jax.tree.map(lambda *xs: jnp.stack(xs),
-                                           *[unscanned[part][i * group + j] for i in range(repeat)])
-                           for j in range(group)} for part in ("blocks", "norms")}
-    return out
-
-
 def test_scanned_layers_equal_unrolled_layers():
     pattern = "A,D,M2"
     cfg = ModelConfig(vocab_size=40, d_model=32, num_heads=2, pattern=pattern, pattern_repeat=2, scan_layers=False)
     flat = LM(cfg, rngs=nnx.Rngs(0))
     scanned = LM(ModelConfig(**{**cfg.__dict__, "scan_layers": True}), rngs=nnx.Rngs(1))
     assert scanned.scanned and not flat.scanned
-    params = _copy_to_scanned(nnx.state(flat, nnx.Param).to_pure_dict(), len(pattern.split(",")), 2)
+    params = copy_to_scanned(nnx.state(flat, nnx.Param).to_pure_dict(), len(pattern.split(",")), 2)
     nnx.update(scanned, nnx.State(params))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 40)
     seg = jnp.repeat(jnp.array([[1, 2]]), 8, axis=1).repeat(2, 0)

@@ -41,8 +41,8 @@ def single_device_step():
     return params, loss
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2)])
+@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
+                                  pytest.param((2, 1, 4, 1), marks=pytest.mark.slow), (1, 2, 2, 2)])
 def test_sharded_step_equals_single_device(mesh, single_device_step):
     """One train step of a hybrid with one block of every family present, on three
     (data, fsdp, seq, tensor) meshes that use every axis; seq > 1 splits the time axis

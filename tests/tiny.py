@@ -1,4 +1,7 @@
 """Small configs shared by the training tests."""
+import jax
+import jax.numpy as jnp
+
 from memjax.config import Config
 
 
@@ -70,3 +73,12 @@ def mqar_first_last(pattern: str, blocks: dict, *, steps: int = 60, lr: float = 
     losses = mqar_losses(cfg, steps=steps, lr=lr)
     assert np.all(np.isfinite(losses))
     return float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
+
+
+def copy_to_scanned(unscanned: dict, group: int, repeat: int) -> dict:
+    """The unscanned parameter tree in the scanned layout (layer i*group + j -> stack slot j, row i)."""
+    out = {k: v for k, v in unscanned.items() if k not in ("blocks", "norms")}
+    out["stack"] = {part: {j: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                           *[unscanned[part][i * group + j] for i in range(repeat)])
+                           for j in range(group)} for part in ("blocks", "norms")}
+    return out

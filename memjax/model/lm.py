@@ -31,7 +31,9 @@ from flax import nnx
 
 from memjax.config import ModelConfig
 from memjax.model.sharding import constrain
+from memjax.nn.block import layer_offset
 from memjax.nn.layers import RMSNorm, batched_init, param, unbatched_init
+from memjax.nn.memory_layers import recording_slots
 from memjax.nn.registry import block_kwargs, canonical_name, get_block
 
 REMAT_POLICIES = {
@@ -164,6 +166,16 @@ class LM(nnx.Module):
         return residual_stack(self.norms, self.blocks, x, segment_ids, tokens, caches)
 
     def _scanned(self, x, segment_ids, tokens, caches):
+        if caches is None and recording_slots():
+            # Slot recording reads indices eagerly: run the stacked groups one by one, each
+            # reporting its own layer indices.
+            graphdef, state = nnx.split(self.stack)
+            repeat = jax.tree.leaves(state)[0].shape[0]
+            for i in range(repeat):
+                group = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                with layer_offset(i * len(group.blocks)):
+                    x = group(x, segment_ids=segment_ids, tokens=tokens)[0]
+            return x, None
         if caches is None:
             def body(group, x):
                 return group(x, segment_ids=segment_ids, tokens=tokens)[0]

@@ -23,6 +23,8 @@ constructor's other keyword arguments.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -54,6 +56,28 @@ class Block(nnx.Module):
         pool for all memory layers). The model calls this once with the keyword arguments the
         instances get and passes the returned dict to each instance's constructor."""
         return {}
+
+
+_LAYER_OFFSET: contextvars.ContextVar = contextvars.ContextVar("memjax_layer_offset", default=0)
+
+
+@contextlib.contextmanager
+def layer_offset(offset: int):
+    """Blocks called inside report their layer as ``layer + offset`` (:func:`layer_index`).
+
+    A scanned model builds its stacked groups with the first group's layer indices; when it runs
+    them one by one (eager diagnostics such as slot recording) it sets the group's offset here.
+    """
+    token = _LAYER_OFFSET.set(offset)
+    try:
+        yield
+    finally:
+        _LAYER_OFFSET.reset(token)
+
+
+def layer_index(layer: int) -> int:
+    """The model-wide index of a block built with ``layer`` (see :func:`layer_offset`)."""
+    return layer + _LAYER_OFFSET.get()
 
 
 def position_wise_result(y: jax.Array, cache: Any):

@@ -17,7 +17,9 @@ Both are position-wise residual sub-layers (usually in place of, or next to, an 
 
 Both are position-wise: the decoding cache is :class:`memjax.nn.cache.NoCache`. They take
 ``layer`` (the block's index in the model) only to name their value table in the slot records
-(``"pkm/layer<i>"``), so they are not scannable.
+(``"pkm/layer<i>"``), so they stack under a scanned model (the model reports each stacked
+group's offset through :func:`memjax.nn.block.layer_offset` when it runs them eagerly for
+:func:`record_slots`); a shared pool is not stacked.
 
 Value tables are ``nnx.Param`` with logical axes ``("memory_slots", "memory_dim")`` and
 ``optim_group="memory_values"`` (``optim.memory_values_lr`` gives them their own learning
@@ -42,7 +44,7 @@ from flax import nnx
 from memjax.kernels.embedding_bag_ops import IMPLS, embedding_bag
 from memjax.memory import product_keys
 from memjax.memory.sharded_lookup import axis_size, sharded_embedding_bag
-from memjax.nn.block import Block, position_wise_result
+from memjax.nn.block import Block, layer_index, position_wise_result
 from memjax.nn.layers import Linear, RMSNorm, param
 from memjax.nn.registry import register_block
 from memjax.nn.validate import check_choice, check_nonnegative, check_positive
@@ -64,6 +66,11 @@ def record_slots():
         yield rec
     finally:
         _RECORDER.reset(token)
+
+
+def recording_slots() -> bool:
+    """True inside :func:`record_slots` (a model then runs its layers eagerly, one by one)."""
+    return _RECORDER.get() is not None
 
 
 def summarize_slots(rec: dict) -> dict[str, float]:
@@ -100,7 +107,7 @@ def _record(pool: str, num_slots: int, layer: int, idx) -> None:
     if isinstance(idx, jax.core.Tracer):
         raise RuntimeError("record_slots / slot_usage need an eager (un-jitted) forward pass")
     entry = rec.setdefault(pool, {"num_slots": num_slots, "layers": {}})
-    entry["layers"].setdefault(layer, []).append(idx)
+    entry["layers"].setdefault(layer_index(layer), []).append(idx)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -130,8 +137,6 @@ class _ProductKeyMemory(Block):
       layer: the block's index in the model (names its table in the slot records).
       dtype: compute dtype (parameters stay float32; scores are float32).
     """
-
-    scannable = False  # takes ``layer``
 
     def _setup_keys(self, d_model, *, n_keys, heads, knn, k_dim, impl, shard, shard_axis, layer, dtype, rngs):
         name = type(self).__name__
@@ -200,7 +205,7 @@ class PKMLayer(_ProductKeyMemory):
 
     def __call__(self, x, *, segment_ids=None, tokens=None, cache=None):
         q, keys = self._query_and_keys(x)
-        y = self._read(q, keys, self.values[...], f"pkm/layer{self.layer}")
+        y = self._read(q, keys, self.values[...], f"pkm/layer{layer_index(self.layer)}")
         return position_wise_result(y.astype(x.dtype), cache)
 
 
@@ -238,7 +243,12 @@ class MemoryPlusLayer(_ProductKeyMemory):
             self.values = shared_values
         else:
             self.values = _values_param(rngs, self.num_slots, dv)
-        self.pool = "memory_plus/shared" if shared_pool else f"memory_plus/layer{layer}"
+        self.shared_pool = shared_pool
+
+    @property
+    def pool(self) -> str:
+        """The value table's name in the slot records."""
+        return "memory_plus/shared" if self.shared_pool else f"memory_plus/layer{layer_index(self.layer)}"
 
     @classmethod
     def shared_params(cls, *, rngs: nnx.Rngs, d_model: int, n_keys: int = 32, value_dim: int = 0,

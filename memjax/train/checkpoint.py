@@ -23,7 +23,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # (handlers named up front so that item_metadata works before the first save / restore)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -36,8 +39,18 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state, step: int | None = None):
-        """Returns ``(state, data_state)`` of ``step`` (default: latest), laid out as ``abstract_state``."""
+        """Returns ``(state, data_state)`` of ``step`` (default: latest), laid out as ``abstract_state``.
+
+        Raises :class:`CheckpointMismatch` (before reading any array) when the saved parameters do
+        not have the paths and shapes of ``abstract_state["params"]``.
+        """
         step = self.latest_step() if step is None else step
+        if isinstance(abstract_state, dict) and "params" in abstract_state:
+            saved = self.manager.item_metadata(step)["state"]
+            saved = getattr(saved, "tree", saved)
+            if isinstance(saved, dict) and "params" in saved:
+                check_same_parameters(_shapes(saved["params"]), _shapes(abstract_state["params"]),
+                                      f"checkpoint step {step} in {self.directory}")
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
@@ -50,6 +63,51 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's parameters are not the model's (another architecture or layer layout)."""
+
+
+def _key(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """``{"a/b/0/c": shape}`` of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(_key(k) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def check_same_parameters(saved: dict, expected: dict, what: str) -> None:
+    """Raise :class:`CheckpointMismatch` naming the differing parameters of ``saved`` vs ``expected``
+    (``{path: shape}``), with the likely cause when only the layer layout differs."""
+    if saved == expected:
+        return
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    lines = [f"{what} does not hold this model's parameters:"]
+    for label, keys, show in (("missing from the checkpoint", missing, lambda k: f"{k} {expected[k]}"),
+                              ("in the checkpoint but not in the model", extra, lambda k: f"{k} {saved[k]}"),
+                              ("of another shape", reshaped, lambda k: f"{k}: saved {saved[k]}, model {expected[k]}")):
+        if keys:
+            lines.append(f"  {len(keys)} {label}: " + ", ".join(show(k) for k in keys[:4])
+                         + (", ..." if len(keys) > 4 else ""))
+    layout = lambda paths: ("scanned (stack/...)" if any(k.startswith("stack/") for k in paths) else
+                            "unrolled (blocks/<i>/...)" if any(k.startswith("blocks/") for k in paths) else None)
+    if layout(saved) and layout(expected) and layout(saved) != layout(expected):
+        flag = "False" if layout(saved).startswith("unrolled") else "True"
+        lines.append(f"  The checkpoint's layers are {layout(saved)}, the model's {layout(expected)}: "
+                     f"restore it with --set model.scan_layers={flag} (checkpoints written before scanned "
+                     "layers, or with model.scan_layers=False, are unrolled).")
+    else:
+        lines.append("  The model's config (pattern, d_model, heads, block options) differs from the one the "
+                     "checkpoint was trained with: use that run's config.json.")
+    raise CheckpointMismatch("\n".join(lines))
 
 
 def abstract_like(tree):

@@ -263,6 +263,11 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._prev)
 
 
+def _due(step: int, every: int | None) -> bool:
+    """A periodic action (``every`` steps; None: off) is due at ``step``."""
+    return every is not None and step % every == 0
+
+
 def train_and_evaluate(cfg: Config, workdir: str) -> dict:
     """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and return final eval metrics."""
     setup = build(cfg)
@@ -273,7 +278,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
             f.write(cfg.to_json())
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
-                        every=tcfg.checkpoint_every, async_save=tcfg.async_checkpointing)
+                        every=tcfg.checkpoint_every or 0, async_save=tcfg.async_checkpointing)
     train_ds = make_dataset(cfg, "train")
     it = iter(train_ds)
     eval_task = make_task(cfg, "eval")
@@ -321,7 +326,7 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if step % tcfg.log_every == 0 or step == last:
+                if _due(step, tcfg.log_every) or step == last:
                     check_finite(state)
                     m = {k: float(v) for k, v in pending.items() if k != "tokens"}
                     now = time.perf_counter()
@@ -330,13 +335,13 @@ def train_and_evaluate(cfg: Config, workdir: str) -> dict:
                     writer.write(step, m, prefix="train/", echo=bar is None)
                     if bar is not None:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-                if step % tcfg.eval_every == 0 or step == last:
+                if _due(step, tcfg.eval_every) or step == last:
                     check_finite(state)
                     last_eval, eval_at = evaluate(setup, state, task=eval_task), step
                     writer.write(step, last_eval, prefix="eval/", echo=bar is None)
                     if bar is not None:
                         bar.write(f"[step {step}] eval " + " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-                if step % tcfg.checkpoint_every == 0:
+                if _due(step, tcfg.checkpoint_every):
                     check_finite(state)
                     ckpt.save(step, state, it.get_state())
                 if tcfg.target_accuracy and last_eval and last_eval["accuracy"] >= tcfg.target_accuracy:
