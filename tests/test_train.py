@@ -18,7 +18,7 @@ def _final_params(workdir, cfg):
     with jax.set_mesh(setup.mesh):
         target = setup.init_fn()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, data = ckpt.restore(abstract_like(target))
+    state, data, _ = ckpt.restore(abstract_like(target))
     ckpt.close()
     return jax.tree.map(np.asarray, state), data
 

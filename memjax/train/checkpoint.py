@@ -9,19 +9,40 @@ so a checkpoint written on one mesh restores onto another.
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint that can be read."""
+
+
+def steps_on_disk(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` (ascending; none if it does not exist).
+
+    Creates nothing. Orbax writes a step into a temporary directory and renames it when complete,
+    so an interrupted save is never listed.
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, every: int = 0, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, every: int = 0, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        if read_only and not steps_on_disk(self.directory):
+            raise CheckpointError(f"no checkpoint in {self.directory}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(every, 1),
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         # (handlers named up front so that item_metadata works before the first save / restore)
         self.manager = ocp.CheckpointManager(
@@ -39,12 +60,34 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state, step: int | None = None):
-        """Returns ``(state, data_state)`` of ``step`` (default: latest), laid out as ``abstract_state``.
+        """Returns ``(state, data_state, step)`` of ``step``, laid out as ``abstract_state``.
 
-        Raises :class:`CheckpointMismatch` (before reading any array) when the saved parameters do
-        not have the paths and shapes of ``abstract_state["params"]``.
+        Default: the newest checkpoint that reads back; an unreadable one (truncated or garbled
+        files) is skipped with a warning naming it, and :class:`CheckpointError` says so if none is
+        intact. Raises :class:`CheckpointMismatch` (before reading any array) when the saved
+        parameters do not have the paths and shapes of ``abstract_state["params"]``.
         """
-        step = self.latest_step() if step is None else step
+        if step is not None:
+            return (*self._restore(abstract_state, step), step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        failures = []
+        for s in steps:
+            try:
+                out = self._restore(abstract_state, s)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 (any read failure: fall back to an older one)
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                failures.append(f"step {s} ({reason})")
+                warnings.warn(f"checkpoint step {s} in {self.directory} cannot be read ({reason}); "
+                              "trying the previous one", RuntimeWarning, stacklevel=2)
+                continue
+            return (*out, s)
+        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(failures))
+
+    def _restore(self, abstract_state, step: int):
         if isinstance(abstract_state, dict) and "params" in abstract_state:
             saved = self.manager.item_metadata(step)["state"]
             saved = getattr(saved, "tree", saved)

@@ -26,7 +26,8 @@ from memjax.data.pipeline import make_dataset, make_task
 from memjax.model.lm import LM
 from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
 from memjax.nn.layers import logical_axes
-from memjax.train.checkpoint import Checkpointer, abstract_like
+from memjax.train import run_record
+from memjax.train.checkpoint import Checkpointer, abstract_like, steps_on_disk
 from memjax.train.metrics import MetricWriter
 from memjax.train.optimizer import make_optimizer
 
@@ -268,28 +269,33 @@ def _due(step: int, every: int | None) -> bool:
     return every is not None and step % every == 0
 
 
-def train_and_evaluate(cfg: Config, workdir: str) -> dict:
-    """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint) and return final eval metrics."""
-    setup = build(cfg)
+def train_and_evaluate(cfg: Config, workdir: str, *, allow_changed: tuple[str, ...] = ()) -> dict:
+    """Train ``cfg`` in ``workdir`` (resuming from its latest intact checkpoint) and return final eval
+    metrics. A resume whose config differs from the run's saved one (``memjax.train.run_record``)
+    is refused before anything is built or written, unless the keys are in ``allow_changed``."""
     tcfg = cfg.train
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
-    writer = MetricWriter(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
-                        every=tcfg.checkpoint_every or 0, async_save=tcfg.async_checkpointing)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resuming = bool(steps_on_disk(ckpt_dir))
+    changes = run_record.check_same_run(cfg, workdir, allow_changed=allow_changed) if resuming else {}
+    setup = build(cfg)
+    ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every or 0,
+                        async_save=tcfg.async_checkpointing)
     train_ds = make_dataset(cfg, "train")
     it = iter(train_ds)
     eval_task = make_task(cfg, "eval")
 
     with jax.set_mesh(setup.mesh):
         state = setup.init_fn()
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(abstract_like(state))
+    start = None
+    if resuming:
+        state, data_state, start = ckpt.restore(abstract_like(state))
         it.set_state(data_state)
         print(f"resumed from step {start} in {workdir}", flush=True)
+    if jax.process_index() == 0 and (not resuming or changes or run_record.saved_config(workdir) is None):
+        run_record.record(cfg, workdir, step=start or 0, changes=changes)
+    # metrics.jsonl keeps one line per step: lines past the restored step (written before a
+    # crash, replayed now) are dropped.
+    writer = MetricWriter(workdir, resume_step=start)
     step = int(state["step"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"model: {n_params:,} parameters; pattern {cfg.model.pattern!r} x{cfg.model.pattern_repeat}; "

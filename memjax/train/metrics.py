@@ -8,19 +8,48 @@ import sys
 import jax
 
 
+def drop_steps_after(path: str, step: int) -> int:
+    """Rewrite the JSONL file ``path`` without the lines of steps after ``step``; returns how many
+    lines were dropped (a resumed run replays those steps and logs them again)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    """``resume_step``: the step a resumed run restarts from; logged steps after it are dropped
+    from ``metrics.jsonl`` and TensorBoard discards its events after it (``purge_step``)."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            drop_steps_after(path, resume_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict, *, prefix: str = "", echo: bool = True) -> None:
         if not self.enabled:
