@@ -133,3 +133,33 @@ def test_eval_of_a_read_only_workdir_writes_elsewhere(run, tmp_path, monkeypatch
     metrics = evaluate_checkpoint(_config(), str(run), length_multiples=(1,), out_dir=str(out))
     assert metrics["step"] == 4 and json.loads((out / "eval_metrics.json").read_text())["step"] == 4
     assert _files(run) == before
+
+
+# ----------------------------------------------------------------------------- bad indices
+
+
+def test_out_of_range_ngram_hash_is_an_error_and_reads_nothing_under_jit():
+    import jax
+    import jax.numpy as jnp
+
+    from memjax.memory.ngram_memory import make_hash_params, ngram_lookup
+
+    params = make_hash_params(max_ngram=2, heads=2, table_size=5)
+    table = jnp.arange(params.total_rows * 3, dtype=jnp.float32).reshape(params.total_rows, 3) + 1
+    size0 = params.table_sizes[0]
+    good = jnp.array([[0, 1]], jnp.int32)
+    bad = jnp.array([[size0, 1]], jnp.int32)  # head 0's hash one past its table: head 1's first row
+    assert ngram_lookup(table, good, params).shape == (1, 6)
+    with pytest.raises(ValueError, match=rf"hashes\[..., 0\] must be in \[0, {size0}\)"):
+        ngram_lookup(table, bad, params)
+    out = jax.jit(lambda h: ngram_lookup(table, h, params))(bad)
+    assert jnp.all(out[0, :3] == 0) and jnp.all(out[0, 3:] == table[params.offsets[1] + 1])
+
+
+def test_slot_usage_drops_negative_and_too_large_indices():
+    import jax.numpy as jnp
+
+    from memjax.memory.product_keys import slot_usage
+
+    assert float(slot_usage(jnp.array([-1, -1, 0]), 4)) == 0.25  # -1 is not slot 3
+    assert float(slot_usage(jnp.array([4, 7, 1]), 4)) == 0.25

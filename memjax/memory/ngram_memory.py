@@ -197,14 +197,23 @@ def ngram_hashes(tokens: jax.Array, params: NgramHashParams, *, segment_ids=None
 def ngram_lookup(table: jax.Array, hashes: jax.Array, params: NgramHashParams) -> jax.Array:
     """Rows of the concatenated table for each head, concatenated: ``[..., num_heads * d]``.
 
-    ``table: [params.total_rows, d]``; ``hashes: int [..., num_heads]`` from :func:`ngram_hashes`.
+    ``table: [params.total_rows, d]``; ``hashes: int [..., num_heads]`` from :func:`ngram_hashes`,
+    head ``j``'s in ``[0, table_sizes[j])``. An out-of-range hash would read another head's rows:
+    concrete hashes are checked (``ValueError``); under ``jit`` such a head reads zeros.
     """
     if getattr(table, "ndim", None) != 2 or table.shape[0] != params.total_rows:
         raise ValueError(f"table must be [total_rows={params.total_rows}, d], got {getattr(table, 'shape', None)}")
     if hashes.shape[-1] != params.num_heads:
         raise ValueError(f"hashes must be [..., num_heads={params.num_heads}], got {tuple(hashes.shape)}")
-    rows = hashes + jnp.asarray(params.offsets, jnp.int32)
-    e = jnp.take(table, rows, axis=0)  # [..., H, d]
+    sizes = jnp.asarray(params.table_sizes, jnp.int32)
+    in_range = (hashes >= 0) & (hashes < sizes)
+    if not isinstance(hashes, jax.core.Tracer) and not bool(jnp.all(in_range)):
+        h = np.asarray(hashes).reshape(-1, params.num_heads)
+        bad = int(np.argmax(~np.all((h >= 0) & (h < np.asarray(params.table_sizes)), axis=0)))
+        raise ValueError(f"hashes[..., {bad}] must be in [0, {params.table_sizes[bad]}) (head {bad}'s table "
+                         f"size), got values in [{h[:, bad].min()}, {h[:, bad].max()}]")
+    rows = jnp.where(in_range, hashes, 0) + jnp.asarray(params.offsets, jnp.int32)
+    e = jnp.where(in_range[..., None], jnp.take(table, rows, axis=0), 0)  # [..., H, d]
     return e.reshape(*hashes.shape[:-1], -1)
 
 

@@ -97,8 +97,14 @@ def product_key_lookup(query: jax.Array, subkeys: jax.Array, values: jax.Array, 
 
 
 def slot_usage(indices: jax.Array, num_slots: int) -> jax.Array:
-    """Fraction of the ``num_slots`` slots read at least once by ``indices`` (any shape)."""
+    """Fraction of the ``num_slots`` slots read at least once by ``indices`` (any shape).
+
+    Indices outside ``[0, num_slots)`` (e.g. ``-1`` padding) read no slot: they are dropped, not
+    wrapped around as negative indices otherwise would be.
+    """
     if num_slots <= 0:
         raise ValueError(f"num_slots must be positive, got {num_slots}")
-    hit = jnp.zeros((num_slots,), jnp.bool_).at[indices.reshape(-1)].set(True, mode="drop")
+    idx = indices.reshape(-1)
+    idx = jnp.where((idx >= 0) & (idx < num_slots), idx, num_slots)  # num_slots: out of bounds, dropped
+    hit = jnp.zeros((num_slots,), jnp.bool_).at[idx].set(True, mode="drop")
     return jnp.mean(hit.astype(jnp.float32))
