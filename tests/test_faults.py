@@ -163,3 +163,34 @@ def test_slot_usage_drops_negative_and_too_large_indices():
 
     assert float(slot_usage(jnp.array([-1, -1, 0]), 4)) == 0.25  # -1 is not slot 3
     assert float(slot_usage(jnp.array([4, 7, 1]), 4)) == 0.25
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KB tmpfs (room for one checkpoint of the tiny model); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root) to fill a disk")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_during_a_save_is_one_error_and_the_previous_checkpoint_survives(small_disk):
+    cfg = _config()
+    cfg.train.async_checkpointing = True
+    workdir = small_disk / "run"
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 4 in .* failed \(no space left on device\); "
+                                              r"the last complete checkpoint is step 2: free space"):
+        train_and_evaluate(cfg, str(workdir))
+    assert steps_on_disk(str(workdir / "checkpoints")) == [2]
+    from memjax.train.evaluate import restore_state
+
+    _, state, step = restore_state(cfg, str(workdir))
+    assert step == 2 and int(state["step"]) == 2

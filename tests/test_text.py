@@ -177,6 +177,14 @@ def test_unreadable_file_names_the_path(tmp_path, corpus):
     assert broken in str(e.value)
 
 
+def test_a_file_removed_during_a_run_names_the_path(corpus):
+    t = task(corpus)
+    for rel in t.files:
+        os.remove(os.path.join(corpus, rel))  # after indexing: the windows now read missing files
+    with pytest.raises(OSError, match=r"cannot read '.*' \(indexed earlier\): .*No such file"):
+        t[0]
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permissions")
 def test_permission_denied_names_the_path(corpus):
     path = os.path.join(corpus, "a.txt")

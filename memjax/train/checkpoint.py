@@ -8,6 +8,7 @@ so a checkpoint written on one mesh restores onto another.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -35,6 +36,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, every: int = 0, async_save: bool = True,
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self._pending = None  # the step of a save still being written
         if read_only and not steps_on_disk(self.directory):
             raise CheckpointError(f"no checkpoint in {self.directory}")
         options = ocp.CheckpointManagerOptions(
@@ -53,11 +55,31 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=force,
-        )
+        """Start saving ``step`` (asynchronously by default). A failed write (a full disk, a lost
+        mount) surfaces here or in :meth:`wait` as :class:`CheckpointError`; the half-written
+        step stays in Orbax's temporary directory and the previous checkpoint stays restorable."""
+        with self._failures(step):
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=force,
+            )
+        if started:
+            self._pending = step
+        return started
+
+    @contextlib.contextmanager
+    def _failures(self, step: int):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (Orbax / TensorStore raise ValueError, OSError, ...)
+            failed = self._pending or step
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = "no space left on device" if "No space left" in str(e) or "os_error_code='28'" in str(e) else text
+            intact = [s for s in steps_on_disk(self.directory) if s != failed]
+            last = f"the last complete checkpoint is step {intact[-1]}" if intact else "no complete checkpoint yet"
+            raise CheckpointError(f"saving checkpoint step {failed} in {self.directory} failed ({cause[:300]}); "
+                                  f"{last}: free space or use another --workdir, then rerun to resume") from e
 
     def restore(self, abstract_state, step: int | None = None):
         """Returns ``(state, data_state, step)`` of ``step``, laid out as ``abstract_state``.
@@ -101,10 +123,12 @@ class Checkpointer:
         return out["state"], out["data"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures(self._pending or 0):
+            self.manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

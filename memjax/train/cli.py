@@ -54,6 +54,8 @@ def train_main(argv=None) -> None:
         _fail("config error", e)
     except (CheckpointError, CheckpointMismatch) as e:
         _fail("checkpoint error", e)
+    except OSError as e:  # e.g. a data file removed or unreadable mid-run (the message names it)
+        _fail("error", e)
     except NonFiniteLossError as e:
         _fail("error", e, 3)
     if "accuracy" in final:

@@ -369,8 +369,8 @@ def train_and_evaluate(cfg: Config, workdir: str, *, allow_changed: tuple[str, .
     finally:
         if bar is not None:
             bar.close()
-        ckpt.close()
         writer.close()
+        ckpt.close()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
