@@ -26,6 +26,7 @@ the cache type) live here: :func:`log_decay`, :func:`short_convs`, :class:`Assoc
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -259,23 +260,15 @@ class LinearAttention(_AssociativeBlock):
 
 
 @register_block("gla", aliases=("G",))
-class GatedLinearAttention(_AssociativeBlock):
+class GatedLinearAttention(LinearAttention):
     """Gated linear attention with a scalar per-head decay, ``S_t = exp(g_t) S_{t-1} + phi(k_t) v_t^T``
     (simple GLA / Mamba-2 / RetNet-style with a data-dependent ``g``); default ``phi`` = identity.
 
-    Options as :class:`LinearAttention`.
+    Options as :class:`LinearAttention` (the constructor is its, with ``feature_map="identity"``).
     """
 
     uses_decay = True
-
-    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 64,
-                 conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
-                 kernel: str = "auto", feature_map: str = "identity", qk_dim: int = 0, qk_norm: bool = False,
-                 norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
-        self._feature_options(feature_map, qk_dim, qk_norm)
-        super().__init__(d_model, num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size,
-                         conv_width=conv_width, expand_v=expand_v, output_gate=output_gate, mode=mode, kernel=kernel,
-                         norm_eps=norm_eps, dtype=dtype, seq_axis=seq_axis, rngs=rngs)
+    __init__ = functools.partialmethod(LinearAttention.__init__, feature_map="identity")
 
 
 @register_block("deltanet", aliases=("DN",))
