@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from memjax.kernels import chunk_pass_pallas as crp
 from memjax.kernels.pallas_common import on_verified_device
 from memjax.kernels.manual_axes import common_varying
+from memjax.kernels.platform import target_platform
 
 IMPLS = ("auto", "xla", "pallas")
 # Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
@@ -76,7 +77,7 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     """``("xla" | "pallas", interpret flag)`` for a call; see the module docstring."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    backend = backend or jax.default_backend()
+    backend = target_platform(backend)  # the mesh's devices when a mesh is set, else the default backend
     if impl == "xla":
         if interpret:
             raise ValueError("interpret=True needs impl='pallas'")

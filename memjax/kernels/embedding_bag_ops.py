@@ -14,8 +14,11 @@ values[indices[b, j]]>``; indices get no gradient.
 
 Implementations (``impl``):
   ``"xla"``        ``take`` + ``einsum`` forward, ``.at[].add`` backward (the reference).
-  ``"pallas"``     the Pallas kernel for the current backend (``"pallas_gpu"`` on GPU,
-                   ``"pallas_tpu"`` on TPU); on CPU only with ``interpret=True``.
+  ``"pallas"``     the Pallas kernel for the target platform (``"pallas_gpu"`` on GPU,
+                   ``"pallas_tpu"`` on TPU); on CPU only with ``interpret=True``. The target is
+                   the platform of the mesh set by ``jax.set_mesh`` (so a CPU host compiling for
+                   a TPU topology picks the TPU kernel), else ``jax.default_backend()``
+                   (``memjax.kernels.platform.target_platform``).
   ``"pallas_gpu"`` / ``"pallas_tpu"``  a kernel family by name (tests run both interpreted).
   ``"auto"``       a Pallas kernel only where ``kernel.supports(shape, dtype, backend)`` holds
                    *and* the device is in ``VERIFIED_DEVICES`` (hardware tests passed: so far
@@ -36,6 +39,7 @@ import numpy as np
 
 from memjax.kernels.embedding_bag_pallas import KERNELS
 from memjax.kernels.pallas_common import on_verified_device
+from memjax.kernels.platform import target_platform
 
 F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas", *KERNELS)
@@ -160,7 +164,7 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     """``(kernel name or "xla", interpret flag)`` for a call; see the module docstring."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    backend = backend or jax.default_backend()
+    backend = target_platform(backend)  # the mesh's devices when a mesh is set, else the default backend
     if impl == "xla":
         return "xla", False
     if impl == "auto":

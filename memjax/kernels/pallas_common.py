@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from memjax.kernels.manual_axes import common_varying
+from memjax.kernels.platform import target_device_kind
 
 _DEBUG = contextvars.ContextVar("memjax_pallas_debug", default=False)
 
@@ -45,12 +46,14 @@ def is_pow2(n: int) -> bool:
 
 
 def on_verified_device(table: dict, backend: str, device_kind: str | None = None) -> bool:
-    """Whether ``device_kind`` (default: the first ``backend`` device's) starts with one of the
-    prefixes ``table[backend]`` lists: the devices where a kernel has passed its hardware tests."""
+    """Whether ``device_kind`` (default: that of the current mesh's devices when they are on
+    ``backend``, else the first ``backend`` device's) starts with one of the prefixes
+    ``table[backend]`` lists: the devices where a kernel has passed its hardware tests."""
     prefixes = table.get(backend, ())
     if not prefixes:
         return False
-    device_kind = device_kind or jax.devices(backend)[0].device_kind
+    # A mesh of compile-only devices (memjax-compile) names devices this process does not have.
+    device_kind = device_kind or target_device_kind(backend) or jax.devices(backend)[0].device_kind
     return any(device_kind.startswith(prefix) for prefix in prefixes)
 
 

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from memjax.kernels.pallas_common import on_verified_device
+from memjax.kernels.platform import target_platform
+from memjax.memory import nonfinite
+from memjax.memory.segments import document_ids
 
 IMPLS = ("auto", "xla", "cudnn")
 # backend -> device-kind prefixes where impl="cudnn" has passed the GPU benchmark's comparison
@@ -82,7 +85,7 @@ def _use_cudnn(impl: str, reason: str | None) -> bool:
         if reason is not None:
             raise ValueError(f"causal_attention: impl='cudnn' does not support {reason}; use impl='xla' or 'auto'")
         return True
-    return impl == "auto" and reason is None and on_verified_device(VERIFIED_DEVICES, jax.default_backend())
+    return impl == "auto" and reason is None and on_verified_device(VERIFIED_DEVICES, target_platform())
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
@@ -104,6 +107,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         raise ValueError(f"k{k.shape} / v{v.shape} do not match q{q.shape}")
     if impl not in IMPLS:
         raise ValueError(f"causal_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"causal_attention: window must be an int >= 0 (0: no window), got {window!r}")
     scale = dk ** -0.5 if scale is None else scale
     reason = cudnn_unsupported(q, k, v, segment_ids=segment_ids, q_positions=q_positions,
                                k_positions=k_positions, k_valid=k_valid)
@@ -113,8 +118,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if k_positions is None:
         k_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-    mask = attention_mask(q_positions, k_positions, window=window, q_seg=segment_ids,
-                          k_seg=segment_ids, k_valid=k_valid)
+    # Each contiguous run of an id is its own document (the rule of every recurrent memory:
+    # memjax.memory.segments), so [1, 1, 2, 2, 1, 1] is three documents, not two.
+    seg = None if segment_ids is None else document_ids(segment_ids)
+    mask = attention_mask(q_positions, k_positions, window=window, q_seg=seg, k_seg=seg, k_valid=k_valid)
+    # A non-finite query poisons its own row, a non-finite key or value every row that sees it
+    # (memjax.memory.nonfinite): `p @ v` would otherwise spread 0 * NaN to rows that mask it.
+    bad_kv = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3))  # [B, S, Hkv]
+    seen = jnp.einsum("bts,bsg->btg", mask.astype(jnp.float32), bad_kv.astype(jnp.float32)) > 0
+    poisoned = nonfinite.either(nonfinite.bad(q, 3), jnp.repeat(seen, h // hkv, axis=2))  # [B, T, H]
+    q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
     qg = q.reshape(b, t, hkv, h // hkv, dk)
     acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax; float64 for float64 inputs
     logits = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=acc) * scale
@@ -122,4 +135,4 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     p = jax.nn.softmax(logits, axis=-1)
     p = jnp.where(mask[:, None, None], p, 0.0)  # rows with no visible key give 0, not a uniform average
     o = jnp.einsum("bgrts,bsgv->btgrv", p.astype(v.dtype), v)
-    return o.reshape(b, t, h, v.shape[-1])
+    return nonfinite.poison(o.reshape(b, t, h, v.shape[-1]), poisoned)
