@@ -5,6 +5,10 @@ Every worker of a pod slice runs the same ``memjax-train ... --distributed`` com
 the other workers through the TPU metadata, each worker reads its own slice of the data,
 and all of them take part in every checkpoint save. Steps, each one shell command:
 
+0. ``memjax-compile --config ... --topology ACCELERATOR_TYPE --set ...`` here, before any VM
+   exists: the exact train step compiled for the slice (needs libtpu on this machine,
+   ``pip install -e ".[tpu]"``); a plan that does not fit in HBM stops the launch with what to
+   change (``--skip-plan`` skips this step);
 1. ``gcloud compute tpus tpu-vm describe NAME || gcloud compute tpus tpu-vm create NAME ...``
    (reuse the VM if it exists; ``--no-create`` only checks that it exists);
 2. install memjax on all workers: ``git clone`` of ``--repo`` at ``--ref`` (``--source git``),
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="environment variable for the training processes (repeatable)")
+    run.add_argument("--skip-plan", action="store_true",
+                     help="do not compile the step for the slice with memjax-compile before launching")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit without running them")
     return p
 
@@ -114,6 +120,9 @@ def build_commands(args) -> list[str]:
     if args.source == "git" and not args.skip_install and not args.repo:
         raise ValueError("--repo is required with --source git (or use --source copy / --skip-install)")
     lines = []
+    if not args.skip_plan:
+        plan = ["memjax-compile", "--config", args.config, "--topology", args.accelerator_type]
+        lines.append(shlex.join(plan + (["--set", *args.set] if args.set else [])))
     describe = shlex.join(_gcloud(args, "describe", args.name)) + " >/dev/null"
     if args.no_create:
         lines.append(describe)

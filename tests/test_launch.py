@@ -59,7 +59,13 @@ def test_tpu_pod_dry_run(no_processes, capsys):
     mod = _load("tpu_pod")
     assert mod.main(TPU_ARGS + ["--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
+    # first the plan: the step compiled for the slice on this machine, before any VM exists
+    assert shlex.split(lines[0]) == ["memjax-compile", "--config", "configs/mqar_tiny.py", "--topology", "v4-32",
+                                     "--set", "train.steps=20", "model.pattern=A,F"]
+    assert mod.main(TPU_ARGS + ["--dry-run", "--skip-plan"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines[1:]
+    lines = lines[1:]
     describe, create = lines[0].split(" || ")
     assert shlex.split(describe)[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "pod1"]
     create = shlex.split(create)
@@ -89,8 +95,9 @@ def test_tpu_pod_runs_what_dry_run_prints(monkeypatch, capsys):
                         lambda argv, **k: ran.append(argv) or subprocess.CompletedProcess(argv, 0))
     assert mod.main(args) == 0
     assert ran == [["bash", "-c", line] for line in printed]
-    assert printed[1].startswith("tar czf") and " scp " in printed[2] and printed[-1].endswith("--quiet")
-    assert "--spot" in printed[0]
+    assert printed[0].startswith("memjax-compile ")
+    assert printed[2].startswith("tar czf") and " scp " in printed[3] and printed[-1].endswith("--quiet")
+    assert "--spot" in printed[1]
     # A failing step stops the sequence and its exit code is returned.
     ran.clear()
     monkeypatch.setattr(mod.subprocess, "run",
