@@ -13,6 +13,7 @@ from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta import delta_rule
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
+from memjax.memory.mamba1 import mamba1_scan  # noqa: F401  (Mamba-1 selective scan)
 from memjax.memory.mixture import mixture_of_memories
 from memjax.memory.rg_lru import rglru
 from memjax.memory.ssm import diagonal_ssm, selective_scan

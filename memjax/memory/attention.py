@@ -13,6 +13,8 @@ Implementations of :func:`causal_attention` (``impl``):
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -95,8 +97,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     """Masked softmax attention; returns ``o: [B, T, H, V]`` (softmax in float32, float64 for float64 inputs).
 
     Default positions are ``0..T-1`` for queries and ``0..S-1`` for keys (self-attention).
-    ``window > 0`` keeps only the last ``window`` keys (sliding-window attention).
-    ``segment_ids: [B, T]`` (self-attention only) masks attention across packed documents.
+    ``window > 0`` keeps only the last ``window`` keys (sliding-window attention); a negative
+    ``window`` is a ``ValueError``.
+    ``segment_ids: [B, T]`` (self-attention only) masks attention across packed documents; each
+    contiguous run of an id is one document (:func:`memjax.memory.segments.document_ids`, the rule
+    of the recurrent memories), so an id reused later in the row starts a new document.
+    The XLA form keeps non-finite inputs causal (:mod:`memjax.memory.nonfinite`): a NaN key or
+    value makes NaN exactly the rows that attend to it, a NaN query its own row.
     ``impl``: ``"auto" | "xla" | "cudnn"`` (module docstring).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -107,7 +114,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         raise ValueError(f"k{k.shape} / v{v.shape} do not match q{q.shape}")
     if impl not in IMPLS:
         raise ValueError(f"causal_attention: impl must be one of {IMPLS}, got {impl!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
         raise ValueError(f"causal_attention: window must be an int >= 0 (0: no window), got {window!r}")
     scale = dk ** -0.5 if scale is None else scale
     reason = cudnn_unsupported(q, k, v, segment_ids=segment_ids, q_positions=q_positions,

@@ -94,19 +94,50 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+def _segment_combine(a, b):
+    fa, xa = a
+    fb, xb = b
+    return fa | fb, jnp.where(fb, xb, xa + xb)
+
+
+def _segment_cumsum(x: jax.Array, starts: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum of ``x`` along axis 2, restarted where ``starts`` is True: a value
+    depends only on its own segment's entries (bit for bit, whatever the other segments hold)."""
+    return jax.lax.associative_scan(_segment_combine, (starts, x), axis=2)[1]
+
+
 def chunk_decays(g: jax.Array | None, resets: jax.Array | None, shape: tuple, dtype) -> ChunkDecays:
     """Decay factors for chunked log decays ``g: [B, N, C, H]`` (or None: no decay) and
-    chunked resets ``[B, N, C]`` bool (or None). ``shape = (B, N, C, H)``."""
+    chunked resets ``[B, N, C]`` or per head ``[B, N, C, H]`` bool (or None). ``shape = (B, N, C, H)``.
+
+    A log decay of ``-inf`` (or one whose ``exp`` underflows to exactly 0, e.g. ``g <= -104`` in
+    float32) is a full reset: it is turned into a reset of that head with ``g = 0`` there, which
+    is exactly what the recurrent form computes (``exp(g) S = 0``) without ever forming
+    ``-inf - (-inf)`` or losing the precision of the other decays to a huge cumulative sum."""
     b, n, c, h = shape
-    G = jnp.zeros(shape, dtype) if g is None else jnp.cumsum(g.astype(dtype), axis=2)
-    r = jnp.zeros((b, n, c), jnp.int32) if resets is None else jnp.cumsum(resets.astype(jnp.int32), axis=2)
+    if g is not None:
+        g = g.astype(dtype)
+        full = jnp.exp(g) == 0  # exactly the recurrent form's zero decay
+        g = jnp.where(full, jnp.zeros((), dtype), g)
+        if resets is not None:
+            full = full | (resets[..., None] if resets.ndim == 3 else resets)
+        resets = full
+    if g is None:
+        G = jnp.zeros(shape, dtype)
+    elif resets is None:
+        G = jnp.cumsum(g, axis=2)
+    else:  # restarted at every reset: sums never mix two segments' gates (nor their round-off)
+        G = _segment_cumsum(g, jnp.broadcast_to(resets if resets.ndim == 4 else resets[..., None], g.shape))
+    r = jnp.zeros((b, n, c, 1), jnp.int32) if resets is None else jnp.cumsum(resets.astype(jnp.int32), axis=2)
+    if r.ndim == 3:
+        r = r[..., None]  # [B, N, C, H or 1]
     causal = jnp.tril(jnp.ones((c, c), bool))
-    same = r[:, :, :, None] == r[:, :, None, :]  # [B, N, Ci, Cj]
-    mask = (causal & same)[:, :, None]  # [B, N, 1, C, C]
+    rh = jnp.moveaxis(r, 3, 2)  # [B, N, H or 1, C]
+    mask = causal & (rh[..., :, None] == rh[..., None, :])  # [B, N, H or 1, Ci, Cj]
     Gh = jnp.moveaxis(G, 3, 2)  # [B, N, H, C]
     matrix = _masked_exp(Gh[..., :, None] - Gh[..., None, :], mask)
-    from_start = _masked_exp(G, (r == 0)[..., None])
+    from_start = _masked_exp(G, r == 0)
     last_r = r[:, :, -1:]
-    to_end = _masked_exp(G[:, :, -1:, :] - G, (r == last_r)[..., None])
-    chunk = _masked_exp(G[:, :, -1, :], (last_r == 0))
+    to_end = _masked_exp(G[:, :, -1:, :] - G, r == last_r)
+    chunk = _masked_exp(G[:, :, -1, :], last_r[:, :, 0] == 0)
     return ChunkDecays(matrix, from_start, to_end, chunk)

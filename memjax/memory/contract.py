@@ -45,6 +45,12 @@ argument and the expected shape (``delta_rule: beta must have shape [B, T, H] = 
 (2, 16)``), a ``TypeError`` naming the argument and its dtype for a non-floating ``q`` / ``k`` /
 ``v`` / gate / state or a non-integer ``segment_ids`` (never a silent cast or truncation).
 
+Non-finite inputs (:mod:`memjax.memory.nonfinite`): a NaN / inf in a token's ``q`` makes NaN that
+token's output, in its ``k``, ``v`` or a gate that head's outputs from that token to the end of
+its document (and the final state if that is the last document); every other output, and every
+gradient of those outputs, is bit-identical to what the clean input gives, in every mode. A log
+decay ``g = -inf`` is not an error but a full reset (``exp(g) S = 0``), equal across modes.
+
 How the other memories map onto it:
   - ``selective_scan(x, dt, A, B, C)`` (Mamba-2 SSD): ``q = C``, ``k = B``, ``v = x``,
     ``g = dt * A`` (``[batch, T, H]``); state ``[batch, H, P, N]``; modes chunked / recurrent.

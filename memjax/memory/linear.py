@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory import nonfinite
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
 from memjax.memory.segments import segment_resets
@@ -72,11 +73,19 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     q, k, v = (x.astype(md) for x in (q, k, v))  # (a no-op unless q, k, v differ in dtype)
     g = None if g is None else g.astype(acc)
     s0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
+    mask = None
+    if seq_axis is None:
+        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
+        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
+        q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
+        g = nonfinite.finite_gate(g)
     if mode == "recurrent":
-        return _recurrent(q, k, v, g, s0, segment_resets(segment_ids), scale, out_dtype)
-    o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
-                    impl=impl, interpret=interpret, seq_axis=seq_axis)
-    return o.astype(out_dtype), s
+        o, s = _recurrent(q, k, v, g, s0, segment_resets(segment_ids), scale, out_dtype)
+    else:
+        o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
+                        impl=impl, interpret=interpret, seq_axis=seq_axis)
+    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
 
 
 def _recurrent(q, k, v, g, s0, resets, scale, out_dtype):

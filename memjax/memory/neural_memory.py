@@ -73,6 +73,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.memory import nonfinite
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_qkv,
                                     check_segment_ids, check_shape, operand_dtype, output_dtype, shape_of,
                                     state_dtype)
@@ -212,6 +213,10 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.
     # q, k, v keep their dtype (matmuls accumulate in cd); the gates and the memory are cd.
     q, k, v = (x.astype(md) for x in (q, k, v))
     theta, eta, alpha = (x.astype(cd) for x in (theta, eta, alpha))
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
+    writes = nonfinite.either(*(nonfinite.bad(x, 3) for x in (k, v, theta, eta, alpha)))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
+    q, k, v, theta, eta, alpha = (nonfinite.finite_or_zero(x) for x in (q, k, v, theta, eta, alpha))
     reset_w = _reset_weights(params0, b, h, dims, cd)
     state = _initial(initial_state, reset_w, cd)
     if mode == "recurrent":
@@ -219,7 +224,7 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, eta: jax.
     else:
         o, state = _chunked_padded(q, k, v, theta, eta, alpha, state, reset_w, segment_ids, act,
                                    chunk_size, t)
-    return o.astype(out_dtype), state
+    return nonfinite.poison_outputs(o.astype(out_dtype), state, mask)
 
 
 def titans_init_cache(batch_size: int, num_heads: int, key_dim: int, value_dim: int, *,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.memory import nonfinite
 from memjax.memory.contract import (check_gate, check_mode, check_segment_ids, check_seq_axis, check_sequence,
                                     check_state, output_dtype, state_dtype)
 from memjax.memory.linear_scan import linear_scan
@@ -100,6 +101,12 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
     out_dtype = output_dtype(x)
     cd = state_dtype(x, gate_a, gate_x, lam, initial_state)
     gate_a, gate_x, lam = (v.astype(cd) for v in (gate_a, gate_x, lam))
+    # A non-finite input poisons its channel from that token to the end of its document
+    # (memjax.memory.nonfinite): reset or not, `a_t * h` would carry a NaN on (0 * NaN = NaN).
+    mask = None
+    if seq_axis is None:
+        mask = nonfinite.running(~(jnp.isfinite(x) & jnp.isfinite(gate_a) & jnp.isfinite(gate_x)), segment_ids)
+        x, gate_a, gate_x = (nonfinite.finite_or_zero(v) for v in (x, gate_a, gate_x))
     a, norm, i = rglru_gates(gate_a, gate_x, lam, c)
     resets = sequence_resets(segment_ids, seq_axis)
     if not normalize_at_reset and initial_state is None:
@@ -124,4 +131,4 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
 
         s, y = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(u, 0, 1)))
         y = jnp.swapaxes(y, 0, 1)
-    return y.astype(out_dtype), s
+    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask)

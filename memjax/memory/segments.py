@@ -16,9 +16,11 @@ def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
     where ``initial_state`` applies). ``None`` in, ``None`` out."""
     if segment_ids is None:
         return None
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    # (zeros of an explicit width 1: slicing `change` would give width 0 when T = 1)
-    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
+    # Compared with the row shifted by one (edge padded, so t = 0 compares with itself). Not
+    # `concatenate([zeros, ids[:, 1:] != ids[:, :-1]])`: with time sharded over an Auto mesh axis
+    # (jax 0.10.2, CPU) that form lost the changes at shard boundaries.
+    previous = jnp.pad(segment_ids, ((0, 0), (1, 0)), mode="edge")[:, :-1]
+    return segment_ids != previous
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:

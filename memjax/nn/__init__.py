@@ -10,6 +10,7 @@ from memjax.nn.cache import KVCache, NoCache
 from memjax.nn.hopfield import HopfieldLayer as Hopfield
 from memjax.nn.hybrid import SlidingWindowSSM
 from memjax.nn.layers import Linear, RMSNorm, ShortConv
+from memjax.nn.mamba1 import Mamba1
 from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
 from memjax.nn.memory_layers import PKMLayer as ProductKeyMemory
 from memjax.nn.mixture import MixtureOfMemories
@@ -24,7 +25,7 @@ from memjax.nn.titans_mac import TitansMAC
 
 __all__ = [
     "Attention", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention", "GatedMLP", "Hopfield", "KVCache",
-    "Linear", "LinearAttention", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory", "NgramMemory",
+    "Linear", "LinearAttention", "Mamba1", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory", "NgramMemory",
     "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "S4D", "STEM", "ShortConv", "SlidingWindowSSM",
     "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names", "register_block",
 ]
