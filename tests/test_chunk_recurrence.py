@@ -150,7 +150,7 @@ def test_poison_detects_an_unwritten_value_block(x64):
 # ----------------------------------------------------------------------------- the memories on top
 
 
-@pytest.mark.parametrize("t", [1, 63, 100])
+@pytest.mark.parametrize("t", [1, 63, pytest.param(100, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("fn", ["gla", "gated_delta", "ssd"])
 def test_memories_with_the_kernel_match_recurrent_float64(x64, fn, t):
     """linear_attention / delta_rule / selective_scan with impl='pallas' (interpreted) == the

@@ -8,6 +8,7 @@ from benchmarks import gpu_embedding_bag, gpu_linear_attention
 from memjax.kernels import embedding_bag_pallas as ebp
 
 
+@pytest.mark.slow  # (a benchmark script end to end; its pieces are tested elsewhere)
 def test_embedding_bag_script_smoke(tmp_path):
     defaults = dict(ebp.GPU_TILES)
     gpu_embedding_bag.main(["--smoke", "--iters", "2", "--out", str(tmp_path)])
@@ -20,6 +21,7 @@ def test_embedding_bag_script_smoke(tmp_path):
     assert result["sort"]["same_result"] and result["sort"]["sort_by_row_ms"] > 0
 
 
+@pytest.mark.slow  # (a benchmark script end to end; its pieces are tested elsewhere)
 def test_linear_attention_script_smoke(tmp_path):
     gpu_linear_attention.main(["--smoke", "--iters", "1", "--precisions", "default", "--tiles", "8,4,2",
                                "--out", str(tmp_path)])

@@ -82,6 +82,7 @@ def test_param_counts_tiny_by_hand():
     assert p["non_embedding"] == p["total"] - 64 * 32 - 8 * 8 * 32
 
 
+@pytest.mark.slow  # (the whole benchmark run; FLOP counts and retries are tested without it)
 def test_smoke_run_writes_json(tmp_path):
     res = gpu_train.main(["--smoke", "--out", str(tmp_path)])
     with open(tmp_path / "gpu_train.json") as f:

@@ -43,6 +43,7 @@ def _init_random_ops(cfg) -> int:
     return _random_ops(jax.make_jaxpr(setup.init_fn.__wrapped__)().jaxpr)
 
 
+@pytest.mark.slow  # (every block, compiled twice; the default run checks the 125M pattern below)
 def test_batched_init_draws_the_same_values_for_every_block(monkeypatch):
     """Every registered block, once (some twice, so groups of several parameters form)."""
     names = sorted(n for n in known_names() if "=" not in n)
@@ -57,14 +58,16 @@ def test_batched_init_draws_the_same_values_for_every_block(monkeypatch):
         np.testing.assert_array_equal(a, flat[path], err_msg=jax.tree_util.keystr(path))
 
 
-def test_random_ops_do_not_grow_with_depth():
-    """One fold_in and one draw per kind of parameter, however many layers share it."""
+@pytest.mark.parametrize("scan", [False, True])
+def test_random_ops_do_not_grow_with_depth(scan):
+    """Unrolled: one fold_in and one draw per kind of parameter, however many layers share it.
+    Scanned: one of each per parameter of the stacked group (the vmap batches the layers)."""
     counts = []
-    for repeat in (1, 3):
+    for repeat in (2, 4):
         cfg = tiny_config("A,F,D,F,M")
-        cfg.model.pattern_repeat = repeat
+        cfg.model.pattern_repeat, cfg.model.scan_layers = repeat, scan
         counts.append(_init_random_ops(cfg))
-    assert 0 < counts[0] == counts[1] <= 24, counts
+    assert 0 < counts[0] == counts[1] <= (80 if scan else 24), counts
 
 
 def test_hybrid_125m_initialiser_is_small():

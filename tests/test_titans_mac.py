@@ -189,6 +189,7 @@ def test_packed_equals_separate_documents(blk, packed):
     assert rel_err(y, parts) < 1e-4
 
 
+@pytest.mark.slow  # (test_decoding checks prefill + steps == forward for titans_mac in the default run)
 def test_prefill_then_steps_match_full_sequence(blk):
     """Prefill 5 (segment 4: one boundary), 2 steps, prefill 5 more from mid-segment (count 3,
     crossing a boundary), 2 steps: the full-sequence outputs to 1e-4."""
