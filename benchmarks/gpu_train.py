@@ -17,26 +17,9 @@ and every 5 timed steps, so a run killed by an outer time limit still leaves its
 ``status: "ok"`` once complete. ``--budget-s`` (seconds from start-up) ends the timed loop early
 and skips an out-of-memory retry that could not finish in time.
 
-Model FLOPs per token (``memjax.train.flops.flops_per_token``, re-exported here; forward + backward
-= 3 x forward)::
-
-    dense      = 6 * N_matmul                N_matmul: every parameter used in a matmul per token,
-                                             i.e. all Linear kernels + the LM head (the tied
-                                             embedding counts once, as the unembedding); not the
-                                             input-embedding gather, not memory values, not norms,
-                                             short-conv taps or per-head scalars
-    attention  = 3 * 4 * H * Dh * k_avg      per attention layer; k_avg = T / 2 (causal) or
-                                             w - w^2 / (2T) for a sliding window w < T;
-                                             with H * Dh = d: 12 * T * d / 2 per layer
-    delta rule = 3 * H * ceil(T / C) * F_C / T   per gated-DeltaNet / DeltaNet layer (chunked),
-             F_C = 2C^2 K   (Q K^T)       + 2C^2 K   (K K^T)
-                 + F_inv(C) ((I + L)^-1, the block forward substitution + block recursion of
-                             delta_rule.unit_lower_inverse, counted as the dense matmuls it runs)
-                 + 2C^2 (V+K) (UT transform: (I+L)^-1 [diag(beta) V, diag(beta gamma) K])
-                 + 2CKV (W S) + 2CKV (K^T delta) + 2C^2 V (scores @ delta) + 2CKV (Q S)
-             (``mode="recurrent"``: 3 * H * 6KV)
-    memory     = 3 * 2 * heads * n_keys * k_dim   product-key scoring of both query halves
-               + 3 * 2 * heads * knn * D_v        the weighted sum of the read rows (embedding bag)
+Model FLOPs per token: ``memjax.train.flops.flops_per_token`` (re-exported here; its docstring
+writes the formulas down: 6 N_matmul, attention, chunked delta rule and product-key terms,
+forward + backward = 3 x forward).
 
 MFU uses these model FLOPs (recomputation and padding are not counted as useful work). XLA's
 own count (``cost_analysis``) is recorded as a cross-check only: it counts a loop body once.
