@@ -170,27 +170,33 @@ def test_slot_usage_drops_negative_and_too_large_indices():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 700 KB tmpfs (room for one checkpoint of the tiny model); skipped where mounting is not allowed."""
+    """A 16 MB tmpfs; skipped where mounting is not allowed (needs root)."""
     import subprocess
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root) to fill a disk")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_full_disk_during_a_save_is_one_error_and_the_previous_checkpoint_survives(small_disk):
-    cfg = _config()
-    cfg.train.async_checkpointing = True
     workdir = small_disk / "run"
+    first = _config(steps=2)
+    first.train.async_checkpointing = True
+    train_and_evaluate(first, str(workdir))  # checkpoint 2 on disk
+    # Fill the disk but for 64 KB (a checkpoint of the tiny model takes ~400 KB), then train on.
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (free - 64 * 1024))
+    cfg = _config(steps=4)
+    cfg.train.async_checkpointing = True
     with pytest.raises(CheckpointError, match=r"saving checkpoint step 4 in .* failed \(no space left on device\); "
                                               r"the last complete checkpoint is step 2: free space"):
-        train_and_evaluate(cfg, str(workdir))
+        train_and_evaluate(cfg, str(workdir), allow_changed=("train.steps",))
     assert steps_on_disk(str(workdir / "checkpoints")) == [2]
     from memjax.train.evaluate import restore_state
 
-    _, state, step = restore_state(cfg, str(workdir))
+    _, state, step = restore_state(cfg, str(workdir), allow_changed=("train.steps",))
     assert step == 2 and int(state["step"]) == 2
