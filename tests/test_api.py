@@ -4,7 +4,7 @@ import memjax.memory as mm
 
 
 def test_public_api():
-    for name in ["linear_attention", "delta_rule", "titans", "mixture_of_memories", "hopfield_retrieval",
+    for name in ["linear_attention", "delta_rule", "delta_product", "titans", "mixture_of_memories", "hopfield_retrieval",
                  "rglru", "selective_scan", "diagonal_ssm", "causal_attention"]:
         assert callable(getattr(mm, name)), name
     for fn in [mm.hippo.legs, mm.hippo.legt, mm.hippo.lagt, mm.hippo.fout, mm.hippo.discretize,

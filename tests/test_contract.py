@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.memory import delta_rule, diagonal_ssm, linear_attention, mixture_of_memories, rglru, selective_scan, titans
+from memjax.memory import delta_product, delta_rule, diagonal_ssm, linear_attention, mixture_of_memories, rglru, selective_scan, titans
 from memjax.memory.neural_memory import TitansState
 from tests.helpers import jaxpr_eqns, rand, rel_err, uniform
 
@@ -54,6 +54,11 @@ def build(name):
                     beta=(u(0.1, 0.9, B, T, H), ACT), g=(-u(0.0, 0.3, B, T, H), ACT),
                     initial_state=(n(B, H, K, V), PAR), segment_ids=seg)
         return lambda mode, q, k, v, beta, **kw: delta_rule(q, k, v, beta, mode=mode, chunk_size=CHUNK, **kw), args
+    if name == "delta_product":  # n_h = 2 Householder steps per token, beta in (0, 2) (negative eigenvalues)
+        args = dict(q=(n(B, T, H, K), ACT), k=(_l2(n(B, T, 2, H, K)), ACT), v=(n(B, T, 2, H, V), ACT),
+                    beta=(u(0.1, 1.9, B, T, 2, H), ACT), g=(-u(0.0, 0.3, B, T, H), ACT),
+                    initial_state=(n(B, H, K, V), PAR), segment_ids=seg)
+        return lambda mode, q, k, v, beta, **kw: delta_product(q, k, v, beta, mode=mode, chunk_size=CHUNK, **kw), args
     if name == "selective_scan":
         args = dict(x=(n(B, T, H, V), ACT), dt=(u(0.05, 0.5, B, T, H), ACT), A=(-u(0.2, 1.5, H), PAR),
                     B=(n(B, T, 1, K), ACT), C=(n(B, T, 1, K), ACT), D=(n(H), PAR),
@@ -126,6 +131,8 @@ BF16_CASES = [
     ("linear_attention", "parallel", 7e-3),  # 2.8e-3 / 1.1e-3
     ("delta_rule", "chunked", 1.5e-2),  # 3.7e-3 / 6.0e-3
     ("delta_rule", "recurrent", 6e-3),  # 2.2e-3 / 1.3e-7
+    ("delta_product", "chunked", 1.8e-2),  # 6.2e-3 / 7.3e-3
+    ("delta_product", "recurrent", 6e-3),  # 2.7e-3 / 1.1e-7
     ("selective_scan", "chunked", 1.6e-2),  # 6.3e-3 / 2.1e-3
     ("selective_scan", "recurrent", 5e-3),  # 1.9e-3 / 8.8e-8
     ("diagonal_ssm", "chunked", 7e-3),  # 2.8e-3 / 1.4e-3
@@ -210,7 +217,8 @@ def test_integer_first_input_is_a_type_error(name):
 
 
 # The gates (per memory) whose shape is checked; initial_state and segment_ids for every memory.
-GATES = {"linear_attention": ["g"], "delta_rule": ["beta", "g"], "selective_scan": ["dt", "A", "D"],
+GATES = {"linear_attention": ["g"], "delta_rule": ["beta", "g"], "delta_product": ["beta", "g"],
+         "selective_scan": ["dt", "A", "D"],
          "diagonal_ssm": ["dt", "D"], "rglru": ["gate_a", "gate_x", "lam"], "titans": ["theta", "eta", "alpha"],
          "mixture_of_memories": ["beta", "g"]}
 

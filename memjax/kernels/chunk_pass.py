@@ -11,7 +11,9 @@ transform, decay factors: batched matmuls XLA runs well) and (ii) one sequential
     S_{n+1} = a_n S_n + ke_n^T delta_n
 
 Shapes (heads-major chunk stacks): ``qg, ke, w: [B, H, N, C, K]``, ``p: [B, H, N, C, C]``,
-``u: [B, H, N, C, V]``, ``a: [B, H, N]``, ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
+``u: [B, H, N, C, V]``, ``a: [B, H, N]`` (a scalar decay per chunk) or ``[B, H, N, K]`` (a decay
+per key channel, ``S_{n+1} = diag(a_n) S_n + ke_n^T delta_n``: GLA / HGRN2 / RWKV-6; XLA only,
+the Pallas kernel takes scalar decays), ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
 in u's dtype, ``S_N [B, H, K, V]`` float32, or float64 for float64 inputs).
 
 Dtypes (both implementations): the chunk tensors keep their dtype (bf16 for bf16 models) and
@@ -63,9 +65,10 @@ IMPLS = ("auto", "xla", "pallas")
 VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {}
 
 
-def supports(shape, dtype, backend: str) -> bool:
-    """Whether the Pallas kernel handles ``shape = (B, H, N, C, K, V)`` chunk tensors of ``dtype``."""
-    return crp.gpu_supports(tuple(shape), dtype, backend)
+def supports(shape, dtype, backend: str, *, vector_decay: bool = False) -> bool:
+    """Whether the Pallas kernel handles ``shape = (B, H, N, C, K, V)`` chunk tensors of ``dtype``
+    (``vector_decay``: per-key-channel chunk decays ``a [B, H, N, K]``, which it does not)."""
+    return crp.gpu_supports(tuple(shape), dtype, backend, vector_decay=vector_decay)
 
 
 def verified(backend: str, device_kind: str | None = None) -> bool:
@@ -73,10 +76,14 @@ def verified(backend: str, device_kind: str | None = None) -> bool:
 
 
 def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
-                 device_kind: str | None = None) -> tuple[str, bool]:
-    """``("xla" | "pallas", interpret flag)`` for a call; see the module docstring."""
+                 device_kind: str | None = None, *, vector_decay: bool = False) -> tuple[str, bool]:
+    """``("xla" | "pallas", interpret flag)`` for a call; see the module docstring. Per-key-channel
+    decays (``vector_decay``) run on XLA under ``"auto"``; ``"pallas"`` refuses them."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if vector_decay and impl == "pallas":
+        raise ValueError("impl='pallas' does not support per-key-channel chunk decays a [B, H, N, K] (the kernel "
+                         "carries a scalar decay per chunk); use impl='auto' or 'xla'")
     backend = target_platform(backend)  # the mesh's devices when a mesh is set, else the default backend
     if impl == "xla":
         if interpret:
@@ -85,7 +92,8 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     if impl == "auto":
         if interpret:
             raise ValueError("interpret=True needs impl='pallas' (auto never interprets)")
-        return ("pallas", False) if supports(shape, dtype, backend) and verified(backend, device_kind) else ("xla", False)
+        ok = supports(shape, dtype, backend, vector_decay=vector_decay) and verified(backend, device_kind)
+        return ("pallas", False) if ok else ("xla", False)
     if interpret:
         return "pallas", True
     if backend == "cpu":
@@ -110,6 +118,12 @@ def as_operand(x: jax.Array, like: jax.Array) -> jax.Array:
     return x
 
 
+def _decay(a_n, acc):
+    """A chunk's decay ``[B, H]`` (scalar) or ``[B, H, K]`` (per key channel) as a factor of the
+    ``[B, H, K, V]`` state."""
+    return (a_n[..., None, None] if a_n.ndim == 2 else a_n[..., :, None]).astype(acc)
+
+
 def _states_xla(u, w, ke, a, s0):
     """``(S_N, S_n for every chunk [B, H, N, K, V], delta [B, H, N, C, V])`` by ``lax.scan``.
     The state is carried in ``s0``'s dtype (float32 or float64); every matmul accumulates in it."""
@@ -121,7 +135,7 @@ def _states_xla(u, w, ke, a, s0):
 
         def carry(s, inp):
             ds_n, a_n = inp
-            return a_n[..., None, None].astype(acc) * s + ds_n, s
+            return _decay(a_n, acc) * s + ds_n, s
 
         s, s_in = jax.lax.scan(carry, s0, (chunk_major(ds), chunk_major(a)))
         return s, jnp.moveaxis(s_in, 0, 2), u
@@ -130,7 +144,7 @@ def _states_xla(u, w, ke, a, s0):
         u_n, w_n, k_n, a_n = inp
         ws = jnp.einsum("bhck,bhkv->bhcv", w_n, as_operand(s, w_n), preferred_element_type=acc)
         delta = u_n.astype(acc) - ws
-        s_next = (a_n[..., None, None].astype(acc) * s
+        s_next = (_decay(a_n, acc) * s
                   + jnp.einsum("bhck,bhcv->bhkv", k_n, as_operand(delta, k_n), preferred_element_type=acc))
         return s_next, (s, delta)
 
@@ -196,8 +210,10 @@ def _validate(qg, p, u, w, ke, a, s0):
     if shape(u) is None or len(u.shape) != 5 or u.shape[:4] != (b, h, n, c):
         raise ValueError(f"chunk_recurrence: u must be [B, H, N, C, V] = [{b}, {h}, {n}, {c}, V], got shape {shape(u)}")
     v = u.shape[4]
-    expected = {"p": (p, (b, h, n, c, c)), "ke": (ke, (b, h, n, c, k)), "a": (a, (b, h, n)),
-                "s0": (s0, (b, h, k, v))}
+    expected = {"p": (p, (b, h, n, c, c)), "ke": (ke, (b, h, n, c, k)), "s0": (s0, (b, h, k, v))}
+    if shape(a) not in ((b, h, n), (b, h, n, k)):
+        raise ValueError(f"chunk_recurrence: a must have shape {(b, h, n)} (scalar decays) or {(b, h, n, k)} "
+                         f"(per key channel), got {shape(a)}")
     if w is not None:
         expected["w"] = (w, (b, h, n, c, k))
     for name, (x, want) in expected.items():
@@ -212,7 +228,8 @@ def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a
     """Run the state recurrence over chunks (equations and shapes in the module docstring).
 
     Args:
-      qg, p, u, ke, a, s0, w: the chunk tensors (``w = None``: no delta correction).
+      qg, p, u, ke, a, s0, w: the chunk tensors (``w = None``: no delta correction); ``a`` scalar
+        ``[B, H, N]`` or per key channel ``[B, H, N, K]`` (XLA path only; ``impl="auto"`` picks it).
       impl: ``"auto" | "xla" | "pallas"``.
       interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``.
       tile: Pallas launch shape (benchmarks sweep it).
@@ -221,7 +238,7 @@ def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a
       ``(o [B, H, N, C, V]`` in u's dtype, ``S_N [B, H, K, V]`` in s0's dtype).
     """
     shape = _validate(qg, p, u, w, ke, a, s0)
-    name, interp = resolve_impl(impl, shape, u.dtype, interpret)
+    name, interp = resolve_impl(impl, shape, u.dtype, interpret, vector_decay=a.ndim == 4)
     if name == "xla":
         return xla_chunk_recurrence(qg, p, u, w, ke, a, s0)
     # The kernels carry the state in the accumulation dtype; casting here (not inside the

@@ -179,10 +179,11 @@ def backward(qg, p, w, ke, a, do, dsf, *, interpret: bool, tile: Tile | None = N
     return _launch(kernel, "chunk_recurrence_bwd", inputs, specs, outs, (b, h, v // bv), tile, interpret, poison)
 
 
-def gpu_supports(shape, dtype, backend: str) -> bool:
+def gpu_supports(shape, dtype, backend: str, *, vector_decay: bool = False) -> bool:
     """Triton kernel: CUDA / ROCm; float32 or bfloat16 chunk tensors; ``C``, ``K`` and ``V``
-    powers of two, at least 16 (Triton's ``dot``). ``shape = (B, H, N, C, K, V)``."""
-    if backend not in ("gpu", "cuda", "rocm") or len(shape) != 6:
+    powers of two, at least 16 (Triton's ``dot``); scalar chunk decays only (not
+    ``vector_decay``). ``shape = (B, H, N, C, K, V)``."""
+    if vector_decay or backend not in ("gpu", "cuda", "rocm") or len(shape) != 6:
         return False
     _, _, _, c, k, v = shape
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

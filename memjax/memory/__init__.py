@@ -11,16 +11,19 @@ from memjax.memory import (contract, feature_maps, hippo, ngram_memory, product_
                            sharded_lookup, ssm)
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta import delta_rule
+from memjax.memory.delta_product import delta_product
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
-from memjax.memory.mamba1 import mamba1_scan  # noqa: F401  (Mamba-1 selective scan)
+from memjax.memory.mamba1 import mamba1_scan
 from memjax.memory.mixture import mixture_of_memories
+from memjax.memory.mlstm import mlstm
 from memjax.memory.rg_lru import rglru
 from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "causal_attention", "contract", "delta_rule", "diagonal_ssm", "feature_maps", "hippo", "hopfield_energy",
-    "hopfield_retrieval", "linear_attention", "mixture_of_memories", "ngram_memory", "product_keys",
-    "reparam", "rglru", "rope", "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
+    "causal_attention", "contract", "delta_product", "delta_rule", "diagonal_ssm", "feature_maps", "hippo",
+    "hopfield_energy", "hopfield_retrieval", "linear_attention", "mamba1_scan", "mixture_of_memories", "mlstm",
+    "ngram_memory", "product_keys", "reparam", "rglru", "rope", "selective_scan", "sequence_parallel",
+    "sharded_lookup", "ssm", "titans",
 ]

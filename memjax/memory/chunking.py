@@ -141,3 +141,57 @@ def chunk_decays(g: jax.Array | None, resets: jax.Array | None, shape: tuple, dt
     to_end = _masked_exp(G[:, :, -1:, :] - G, r == last_r)
     chunk = _masked_exp(G[:, :, -1, :], last_r[:, :, 0] == 0)
     return ChunkDecays(matrix, from_start, to_end, chunk)
+
+
+class ChannelDecays(NamedTuple):
+    """Log-space decay data of a per-key-channel recurrence within each chunk (heads-major,
+    ``[B, H, N, C, Kg]`` with ``Kg = K``, or 1 for a per-head decay broadcast over channels).
+
+    - ``G``, ``r``: the *write* side: ``G_j`` = cumulative ``g`` up to and including ``j``
+      (restarted at every reset), ``r_j`` = number of resets at positions ``<= j`` in the chunk.
+    - ``Gq``, ``rq``: the *read* side: equal to ``G``, ``r`` when the read at ``i`` follows token
+      ``i``'s update; with ``read_before_update`` (RWKV-6's bonus form, the read at ``i`` sees
+      ``S_{i-1}``) ``Gq_i = G_{i-1}`` and ``rq_i`` counts the resets before ``i`` and a segment
+      start at ``i`` (a ``g = -inf`` at ``i`` only clears the state after ``i``'s read).
+
+    Token ``j``'s write reaches the read at ``i`` with weight ``exp(Gq_i - G_j)`` in every channel
+    where ``rq_i == r_j`` (and ``j <= i``, or ``j < i`` with ``read_before_update``), else 0; the
+    exponent is ``<= 0`` there. The state carried into the chunk reaches ``i`` with
+    ``exp(Gq_i)`` where ``rq_i == 0``.
+    """
+
+    G: jax.Array
+    r: jax.Array
+    Gq: jax.Array
+    rq: jax.Array
+
+
+def channel_decays(g: jax.Array, segment_resets: jax.Array | None, dtype, *,
+                   read_before_update: bool = False) -> ChannelDecays:
+    """:class:`ChannelDecays` of chunked log decays ``g: [B, H, N, C, Kg]`` and chunked segment
+    resets ``[B, N, C]`` bool (or None).
+
+    As in :func:`chunk_decays`, a log decay whose ``exp`` is exactly 0 (``-inf``, or below about
+    ``-104`` in float32) is turned into a reset of that channel with ``g = 0``, so no
+    ``-inf - (-inf)`` is ever formed, and the cumulative sums restart at every reset (a
+    document's sums never carry another's gates or their round-off)."""
+    g = g.astype(dtype)
+    full = jnp.exp(g) == 0
+    g = jnp.where(full, jnp.zeros((), dtype), g)
+    seg = None if segment_resets is None else segment_resets[:, None, :, :, None]  # [B, 1, N, C, 1]
+    resets = full if seg is None else full | seg
+    G = jax.lax.associative_scan(_segment_combine, (resets, g), axis=3)[1]
+    r = jnp.cumsum(resets.astype(jnp.int32), axis=3)
+    if not read_before_update:
+        return ChannelDecays(G, r, G, r)
+    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
+    Gq, rq = shift(G), shift(r)
+    if seg is not None:
+        rq = rq + seg.astype(jnp.int32)
+    return ChannelDecays(G, r, Gq, rq)
+
+
+def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``exp(x)`` where ``mask``, else 0; the masked entries are replaced before the ``exp`` (no
+    overflow, no NaN gradient) and after it (exactly zero gradient)."""
+    return _masked_exp(x, mask)

@@ -11,7 +11,9 @@ Layout: ``[batch, time, heads, dim]``: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]
 
 Gates, by keyword, under flash-linear-attention's names:
   - ``g``: ``[B, T, H]`` log decay per head (``exp(g_t) <= 1`` multiplies the state before token
-    ``t`` is written); ``None``: no decay.
+    ``t`` is written); ``None``: no decay. ``linear_attention`` also takes ``[B, T, H, K]``, a
+    log decay per key channel (GLA / HGRN2 / RWKV-6: ``diag(exp g_t)`` multiplies the state),
+    and grouped value heads (``v``, ``g`` and the state with ``HV``, a multiple of ``H``, heads).
   - ``beta``: ``[B, T, H]`` write strength of the delta rule (``delta_rule``'s 4th positional
     argument, as in flash-linear-attention).
 
@@ -73,6 +75,7 @@ from memjax.memory.sequence_parallel import check_axis
 __all__ = [
     "IMPLS", "check_chunk_size", "check_floating", "check_gate", "check_impl", "check_matrix_memory", "check_mode",
     "check_qkv", "check_scale", "check_segment_ids", "check_seq_axis", "check_sequence", "check_shape", "check_state",
+    "check_vector_gate",
     "operand_dtype", "output_dtype", "resolve_scale", "shape_of", "state_dtype",
 ]
 
@@ -126,15 +129,36 @@ def check_sequence(fn: str, name: str, x, dims: str) -> tuple:
     return shape
 
 
-def check_qkv(fn: str, q, k, v) -> tuple[int, int, int, int, int]:
+def check_qkv(fn: str, q, k, v, *, grouped: bool = False) -> tuple[int, int, int, int, int]:
     """``q, k: [B, T, H, K]``, ``v: [B, T, H, V]`` with ``T > 0``, floating dtypes.
-    Returns ``(B, T, H, K, V)``."""
+    ``grouped``: ``v`` may have ``HV`` heads, a positive multiple of ``H`` (grouped value heads:
+    each q/k head serves ``HV / H`` value heads). Returns ``(B, T, H, K, V)``."""
     b, t, h, dk = check_sequence(fn, "q", q, "[B, T, H, K]")
     check_shape(fn, "k", k, (b, t, h, dk), "[B, T, H, K]")
     check_floating(fn, "k", k)
-    dv = check_shape(fn, "v", v, (b, t, h, None), "[B, T, H, V]")[3]
+    if grouped:
+        got = shape_of(v)
+        if got is None or len(got) != 4 or got[:2] != (b, t):
+            raise ValueError(f"{fn}: v must have shape [B, T, H, V] = ({b}, {t}, {h}, V) (or HV, a multiple of H, "
+                             f"value heads), got {got}")
+        if got[2] == 0 or got[2] % h:
+            raise ValueError(f"{fn}: v must have a positive multiple of H = {h} heads (grouped value heads), "
+                             f"got shape {got}")
+    dv = check_shape(fn, "v", v, (b, t, None if grouped else h, None), "[B, T, H, V]")[3]
     check_floating(fn, "v", v)
     return b, t, h, dk, dv
+
+
+def check_vector_gate(fn: str, name: str, x, b: int, t: int, h: int, dk: int, *, required: bool = False) -> None:
+    """A per-head or per-key-channel log decay: ``[B, T, H]`` or ``[B, T, H, K]`` (``h`` the
+    value heads when they are grouped), floating; None unless ``required``."""
+    if x is None and not required:
+        return
+    got = shape_of(x)
+    if got not in ((b, t, h), (b, t, h, dk)):
+        raise ValueError(f"{fn}: {name} must have shape [B, T, H] = ({b}, {t}, {h}), got {got} (or per key "
+                         f"channel [B, T, H, K] = ({b}, {t}, {h}, {dk}))")
+    check_floating(fn, name, x)
 
 
 def check_gate(fn: str, name: str, x, expected: tuple, dims: str = "[B, T, H]", *, required: bool = False) -> None:
@@ -203,18 +227,25 @@ def resolve_scale(scale, dk: int):
 
 def check_matrix_memory(fn: str, q, k, v, *, gates: dict, required: tuple = (), initial_state=None,
                         segment_ids=None, scale=None, mode: str, modes: tuple, chunk_size, impl="auto",
-                        seq_axis=None, seq_modes: tuple | None = None) -> tuple[int, int, int, int, int]:
+                        seq_axis=None, seq_modes: tuple | None = None, vector_gates: tuple = (),
+                        grouped: bool = False) -> tuple[int, int, int, int, int]:
     """Every check of a ``[B, T, H, .]`` matrix memory (``linear_attention``, ``delta_rule``):
-    ``gates`` maps names to ``[B, T, H]`` arrays (or None unless named in ``required``), the state
-    is ``[B, H, K, V]``. Returns ``(B, T, H, K, V)``."""
+    ``gates`` maps names to ``[B, T, H]`` arrays (or None unless named in ``required``); those
+    named in ``vector_gates`` may also be ``[B, T, H, K]`` (per key channel). ``grouped``: ``v``
+    may have ``HV`` (a multiple of ``H``) heads, and then the gates and the state
+    (``[B, HV, K, V]``) have ``HV`` heads too. Returns ``(B, T, H, K, V)`` (``H`` of q and k)."""
     check_mode(fn, mode, modes)
     check_chunk_size(fn, chunk_size)
     check_impl(fn, impl)
     check_scale(fn, scale)
-    b, t, h, dk, dv = check_qkv(fn, q, k, v)
+    b, t, h, dk, dv = check_qkv(fn, q, k, v, grouped=grouped)
+    hv = v.shape[2]
     for name, x in gates.items():
-        check_gate(fn, name, x, (b, t, h), required=name in required)
-    check_state(fn, initial_state, (b, h, dk, dv))
+        if name in vector_gates:
+            check_vector_gate(fn, name, x, b, t, hv, dk, required=name in required)
+        else:
+            check_gate(fn, name, x, (b, t, hv), required=name in required)
+    check_state(fn, initial_state, (b, hv, dk, dv))
     check_segment_ids(fn, segment_ids, (b, t))
     check_seq_axis(fn, seq_axis, mode, seq_modes or tuple(m for m in modes if m != "recurrent"))
     return b, t, h, dk, dv

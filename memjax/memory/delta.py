@@ -1,6 +1,6 @@
 """Delta rule (DeltaNet) and gated delta rule (Gated DeltaNet) as one pure function.
 
-Recurrence (per batch and head; ``S_t in R^{K x V}``, ``beta_t in (0, 1)``, ``g_t <= 0``)::
+Recurrence (per batch and head; ``S_t in R^{K x V}``, ``beta_t in (0, 2]``, ``g_t <= 0``)::
 
     S'_t = exp(g_t) * S_{t-1}                                  (decay first; g = None: no decay)
     S_t  = S'_t + k_t (beta_t * (v_t - S'_t^T k_t))^T          (one step of online regression)
@@ -8,6 +8,19 @@ Recurrence (per batch and head; ``S_t in R^{K x V}``, ``beta_t in (0, 1)``, ``g_
 
 Sources: Schlag et al. 2021; Yang et al. 2024 "Parallelizing Linear Transformers with the Delta
 Rule over Sequence Length"; Yang, Kautz, Hatamizadeh 2024 "Gated Delta Networks".
+
+Negative eigenvalues (Grazzi et al., ICLR 2025, "Unlocking State-Tracking in Linear RNNs Through
+Negative Eigenvalues"): with a unit key the transition ``I - beta_t k_t k_t^T`` has eigenvalues 1
+and ``1 - beta_t``, so ``beta in (0, 2]`` spans ``[-1, 1)`` (``beta = 2``: a reflection) and the
+state stays bounded. Both forms are exact for any ``beta`` (the UT system below is unit
+triangular whatever its entries); tested against a float64 token loop at ``beta`` in
+``[1.9, 2]``. Round-off does grow: ``|L_ij|`` reaches 2 instead of 1, the inverse's entries
+(measured, C = 64, unit keys) reach ~2 instead of ~1, with alternating signs, so ``U = T V`` and
+``W = T diag(gamma) K`` cancel more. With bf16 inputs, whose chunked form rounds ``(I + L)^{-1}``
+and ``U, W`` to bf16 as flash-linear-attention does, the error near ``beta = 2`` is about 3x that at
+``beta < 1`` (relative max error ~2e-2 vs ~7e-3, T = 200, K = V = 16), and float32 inputs lose
+up to ~20x more than at ``beta < 1`` (~2e-5 vs ~1e-6 relative, keys in a 2-D subspace, T = 130;
+~3e-6 for random keys); the recurrent form is unaffected. float64 stays exact (1e-10 tested).
 
 Forms:
   - ``"chunked"``: the chunkwise-parallel WY / UT algorithm. Within a chunk with incoming state
@@ -61,7 +74,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     Args:
       q, k: ``[B, T, H, K]`` (callers usually L2-normalise k, which keeps ``I - beta k k^T``
         a contraction); v: ``[B, T, H, V]``.
-      beta: ``[B, T, H]`` write strength, typically ``sigmoid(.)`` in ``(0, 1)``.
+      beta: ``[B, T, H]`` write strength, typically ``sigmoid(.)`` in ``(0, 1)``, or ``2 sigmoid(.)``
+        in ``(0, 2)`` for negative eigenvalues (see the module docstring).
       g: ``[B, T, H]`` log decay or None (plain DeltaNet).
       scale: read scale, default ``K ** -0.5``.
       initial_state: ``[B, H, K, V]`` (zeros if None).

@@ -5,8 +5,32 @@ Recurrence (per batch and head; ``S_t in R^{K x V}``, ``g_t <= 0`` a log decay):
     S_t = exp(g_t) * S_{t-1} + k_t v_t^T          o_t = scale * S_t^T q_t
 
 ``g = None`` is plain linear attention (Katharopoulos et al. 2020); a per-head scalar ``g`` is
-RetNet / Lightning Attention / simple GLA / Mamba-2-style gating. Feature maps (elu+1, Based's
-Taylor map, ...) are applied to q and k by the caller (:mod:`memjax.memory.feature_maps`).
+RetNet / Lightning Attention / simple GLA / Mamba-2-style gating; a per-key-channel
+``g: [B, T, H, K]`` is GLA (Yang et al. 2024) and HGRN2: ``S_t = diag(exp g_t) S_{t-1} + k_t v_t^T``.
+With ``bonus = u`` (RWKV-6 "Finch", Peng et al. 2024) the read comes *before* the update and
+sees the current token through ``u``::
+
+    o_t = scale * (S_{t-1} + diag(u) k_t v_t^T)^T q_t          S_t = diag(exp g_t) S_{t-1} + k_t v_t^T
+
+Feature maps (elu+1, Based's Taylor map, ...) are applied to q and k by the caller
+(:mod:`memjax.memory.feature_maps`).
+
+Chunked form with per-channel decays (and with ``bonus``): the decays stay in log space
+(:func:`memjax.memory.chunking.channel_decays`, cumulative sums ``G`` within the chunk) and no
+factor ``exp(+x)`` is ever formed. A chunk is split into sub-chunks of ``s <= 16`` positions;
+the score of query ``i`` in sub-chunk ``a`` with key ``j`` of an earlier sub-chunk factorises
+through the reference point ``p`` = the last position of sub-chunk ``a - 1``::
+
+    sum_k q_ik k_jk exp(G_ik - G_jk) = sum_k [q_ik exp(G_ik - G_pk)] [k_jk exp(G_pk - G_jk)]
+
+and both exponents are ``<= 0`` because ``j <= p < i`` (flash-linear-attention's secondary
+chunking, with the reference at the boundary instead of inside the sub-chunk, so neither factor
+can overflow however strong the decay); these blocks are matmuls. Pairs within one sub-chunk
+use the explicit ``[s, s, K]`` form ``exp(G_ik - G_jk)`` with the exponent masked to ``j <= i``
+before the ``exp``: ``O(T s K)`` extra memory instead of ``O(T C K)``. (Computing every score
+that way would cost ``C K`` per position; dividing ``q`` and ``k`` by ``exp(G)`` at the chunk start,
+the textbook form, overflows for strong decays.) Grouped value heads (``HV`` a multiple of
+``H``) repeat q and k over each group.
 
 Three forms, one result:
   - ``"chunked"`` (training): chunks of ``C`` positions; within a chunk a masked ``C x C`` product
@@ -23,10 +47,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.kernels.chunk_pass import chunk_recurrence
+from memjax.memory.chunking import (channel_decays, chunk_decays, from_head_chunks, masked_exp, pad_time,
+                                    to_chunks, to_head_chunks)
 from memjax.memory import nonfinite
-from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
-                                    state_dtype)
+from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
+                                    resolve_scale, shape_of, state_dtype)
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
 
@@ -34,17 +60,25 @@ MODES = ("chunked", "recurrent", "parallel")
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array | None = None,
-                     scale: float | None = None, initial_state: jax.Array | None = None,
+                     bonus: jax.Array | None = None, scale: float | None = None, initial_state: jax.Array | None = None,
                      segment_ids: jax.Array | None = None, mode: str = "chunked",
                      chunk_size: int = 64, impl: str = "auto",
                      interpret: bool | None = None, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) linear attention ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
 
+    With a per-key-channel ``g`` the decay is ``diag(exp g_t)``; with ``bonus = u`` the read comes
+    first: ``o_t = scale * (S_{t-1} + diag(u) k_t v_t^T)^T q_t``, then
+    ``S_t = diag(exp g_t) S_{t-1} + k_t v_t^T`` (RWKV-6).
+
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-      g: ``[B, T, H]`` log decay (``<= 0`` for a contraction) or None (no decay).
+      q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]`` with ``HV`` a multiple of ``H`` (usually
+        ``HV = H``; else value head ``j`` reads and writes with q/k head ``j // (HV / H)``).
+      g: ``[B, T, HV]`` log decay per head, ``[B, T, HV, K]`` per key channel (``<= 0`` for a
+        contraction; ``-inf`` resets that head / channel), or None (no decay).
+      bonus: ``u: [H, K]`` (or ``[HV, K]``) weight of the current token's own write in its read
+        (RWKV-6's ``time_faaaa``); None: the read follows the update (GLA).
       scale: read scale, default ``K ** -0.5``.
-      initial_state: ``[B, H, K, V]`` state before ``t = 0`` (zeros if None).
+      initial_state: ``[B, HV, K, V]`` state before ``t = 0`` (zeros if None).
       segment_ids: ``[B, T]`` int, packed documents: where the id changes the state is reset to
         zero before that token's update (``initial_state`` therefore only reaches the first one).
       mode: ``"chunked"``, ``"recurrent"`` or ``"parallel"`` (see the module docstring).
@@ -56,23 +90,40 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice of the sequence, ``initial_state`` the state before the whole sequence. Returns
-        this slice's outputs and the whole sequence's final state. Chunked / parallel modes.
+        this slice's outputs and the whole sequence's final state. Chunked / parallel modes,
+        per-head ``g`` and no ``bonus`` only.
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, H, K, V]`` float32, or float64 for
       float64 inputs). Dtypes follow :mod:`memjax.memory.contract`: q, k, v stay in their dtype
       for the matmuls (float32 accumulation); decays and the state are float32 / float64.
     """
-    b, t, h, dk, dv = check_matrix_memory("linear_attention", q, k, v, gates={"g": g}, initial_state=initial_state,
+    fn = "linear_attention"
+    b, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates={"g": g}, initial_state=initial_state,
                                           segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,
-                                          chunk_size=chunk_size, impl=impl, seq_axis=seq_axis)
+                                          chunk_size=chunk_size, impl=impl, seq_axis=seq_axis,
+                                          vector_gates=("g",), grouped=True)
+    hv = v.shape[2]
+    if bonus is not None:
+        if shape_of(bonus) not in ((h, dk), (hv, dk)):
+            raise ValueError(f"{fn}: bonus must have shape [H, K] = ({h}, {dk})"
+                             + (f" or [HV, K] = ({hv}, {dk})" if hv != h else "") + f", got {shape_of(bonus)}")
+        check_floating(fn, "bonus", bonus)
+    vector = g is not None and g.ndim == 4
+    if seq_axis is not None and (vector or bonus is not None):
+        raise ValueError(f"{fn}: seq_axis (sequence parallelism) is not implemented for per-key-channel g "
+                         "[B, T, H, K] or bonus; call without seq_axis")
     out_dtype = output_dtype(q)
-    acc = state_dtype(q, k, v, g, initial_state)
+    acc = state_dtype(q, k, v, g, initial_state, bonus)
     md = operand_dtype(q, k, v)
     scale = resolve_scale(scale, dk)
     q, k, v = (x.astype(md) for x in (q, k, v))  # (a no-op unless q, k, v differ in dtype)
+    if hv != h:  # grouped value heads: every value head gets its group's q and k
+        q, k = (jnp.repeat(x, hv // h, axis=2) for x in (q, k))
+    if bonus is not None:
+        bonus = jnp.repeat(bonus, hv // bonus.shape[0], axis=0).astype(acc)  # [HV, K]
     g = None if g is None else g.astype(acc)
-    s0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
+    s0 = jnp.zeros((b, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
     # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
     mask = None
     if seq_axis is None:
@@ -81,26 +132,43 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
         q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
         g = nonfinite.finite_gate(g)
     if mode == "recurrent":
-        o, s = _recurrent(q, k, v, g, s0, segment_resets(segment_ids), scale, out_dtype)
+        o, s = _recurrent(q, k, v, g, bonus, s0, segment_resets(segment_ids), scale, out_dtype)
+    elif vector or bonus is not None:
+        o, s = _chunked_channels(q, k, v, g, bonus, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
+                                 impl=impl, interpret=interpret)
     else:
         o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
                         impl=impl, interpret=interpret, seq_axis=seq_axis)
     return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
 
 
-def _recurrent(q, k, v, g, s0, resets, scale, out_dtype):
+def _recurrent(q, k, v, g, u, s0, resets, scale, out_dtype):
     """Token-by-token scan; the inputs enter it in their dtype and each token is promoted to the
-    state's dtype inside the step (products of two bf16 numbers are exact in float32)."""
+    state's dtype inside the step (products of two bf16 numbers are exact in float32).
+    ``g``: ``[B, T, H]`` or ``[B, T, H, K]``; ``u``: the bonus ``[H, K]`` or None."""
     acc = s0.dtype
+
+    def decay(s, gt):  # diag(exp g_t) S: per head [B, H] or per key channel [B, H, K]
+        return s * (jnp.exp(gt)[..., None, None] if gt.ndim == 2 else jnp.exp(gt)[..., :, None])
 
     def step(s, inp):
         qt, kt, vt, gt, rt = inp
-        if gt is not None:
-            s = s * jnp.exp(gt)[..., None, None]
+        kv = kt.astype(acc)[..., :, None] * vt.astype(acc)[..., None, :]
+        read = lambda m: (jnp.einsum("bhk,bhkv->bhv", qt.astype(acc), m) * scale).astype(out_dtype)
+        if u is None:  # decay, reset, write, then read
+            if gt is not None:
+                s = decay(s, gt)
+            if rt is not None:
+                s = jnp.where(rt[:, None, None, None], 0.0, s)
+            s = s + kv
+            return s, read(s)
+        # RWKV-6: a new document starts from zero before its first read; read, then decay and write
         if rt is not None:
             s = jnp.where(rt[:, None, None, None], 0.0, s)
-        s = s + kt.astype(acc)[..., :, None] * vt.astype(acc)[..., None, :]
-        return s, (jnp.einsum("bhk,bhkv->bhv", qt.astype(acc), s) * scale).astype(out_dtype)
+        o = read(s + u[..., :, None] * kv)
+        if gt is not None:
+            s = decay(s, gt)
+        return s + kv, o
 
     tm = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # time-major for scan
     s, o = jax.lax.scan(step, s0, (tm(q), tm(k), tm(v), tm(g), tm(resets)))
@@ -128,3 +196,64 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret,
     o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), vc, ke.astype(md), dec.chunk, s0,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
+
+
+def _sub_chunk(c: int, most: int = 16) -> int:
+    """The largest divisor of ``c`` that is at most ``most`` (the sub-chunk length)."""
+    return max(d for d in range(1, min(c, most) + 1) if c % d == 0)
+
+
+def _chunked_channels(q, k, v, g, u, s0, segment_ids, scale, chunk_size, *, impl, interpret):
+    """The chunked form with per-key-channel decays ``g [B, T, H, K]`` (or per head / None,
+    broadcast over channels) and an optional bonus ``u [H, K]`` (see the module docstring)."""
+    b, t, h, dk = q.shape
+    c = chunk_size
+    acc = s0.dtype
+    md = q.dtype
+    qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
+    n = qc.shape[2]
+    if g is None:
+        g = jnp.zeros((b, t, h, 1), acc)
+    elif g.ndim == 3:
+        g = g[..., None]
+    gc = to_head_chunks(g, c)  # [B, H, N, C, Kg]; the padded tail has g = 0
+    seg = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    dec = channel_decays(gc, seg, acc, read_before_update=u is not None)
+    G, r, Gq, rq = dec
+
+    # Carried state: queries weighted by the decay since the chunk start, keys by the decay to
+    # its end, the state by the whole chunk's decay (per channel; a scalar when Kg = 1, which
+    # keeps the Pallas pass usable).
+    qg = qc * (masked_exp(Gq, rq == 0) * scale)
+    ke = kc * masked_exp(G[..., -1:, :] - G, r == r[..., -1:, :])
+    a = masked_exp(G[..., -1, :], r[..., -1, :] == 0)  # [B, H, N, Kg]
+    a = a[..., 0] if a.shape[-1] == 1 else a
+
+    # Intra-chunk scores, sub-chunks of s positions (m per chunk).
+    s = _sub_chunk(c)
+    m = c // s
+    sub = lambda x: x.reshape(*x.shape[:3], m, s, x.shape[-1])  # [B, H, N, m, s, .]
+    qs, ks, Gs, rs, Gqs, rqs = (sub(x) for x in (qc, kc, G, r, Gq, rq))
+    # (1) within a sub-chunk: exp(Gq_i - G_j), the exponent masked to j <= i (j < i with the bonus)
+    tri = jnp.tril(jnp.ones((s, s), bool), -1 if u is not None else 0)[:, :, None]
+    same = rqs[..., :, None, :] == rs[..., None, :, :]  # [B, H, N, m, s, s, Kg]
+    d = masked_exp(Gqs[..., :, None, :] - Gs[..., None, :, :], tri & same)
+    if u is not None:  # the current token's own write, weighted by u instead of a decay
+        d = d + jnp.eye(s, dtype=acc)[:, :, None] * u[None, :, None, None, None, None, :]
+    if d.shape[-1] == 1:
+        diag = jnp.einsum("...ik,...jk->...ij", qs, ks, preferred_element_type=acc) * d[..., 0]
+    else:
+        diag = jnp.einsum("...ik,...jk,...ijk->...ij", qs.astype(acc), ks.astype(acc), d)
+    # (2) across sub-chunks: factorised through the reference p = a * s - 1 (sub-chunk a >= 1)
+    ref = lambda x: jnp.pad(x[..., :-1, -1, :], [(0, 0)] * 3 + [(1, 0), (0, 0)])  # [B, H, N, m, Kg]
+    Gp, rp = ref(Gs), ref(rs)
+    qr = qs * masked_exp(Gqs - Gp[..., None, :], rqs == rp[..., None, :])  # [B, H, N, m, s, K]
+    before = (jnp.arange(c)[None, :] < (jnp.arange(m) * s)[:, None])[:, :, None]  # [m, C, 1]: j < a s
+    kmask = before & (rp[..., :, None, :] == r[..., None, :, :])
+    kr = kc[..., None, :, :] * masked_exp(Gp[..., :, None, :] - G[..., None, :, :], kmask)  # [B, H, N, m, C, K]
+    off = jnp.einsum("...aik,...ajk->...aij", qr.astype(md), kr.astype(md), preferred_element_type=acc)
+    p = off.reshape(*off.shape[:3], c, c) + jnp.einsum(
+        "...aij,ab->...aibj", diag, jnp.eye(m, dtype=acc)).reshape(*diag.shape[:3], c, c)
+    o, st = chunk_recurrence(qg.astype(md), (p * scale).astype(md), vc, ke.astype(md), a, s0, impl=impl,
+                             interpret=interpret)
+    return from_head_chunks(o, t), st

@@ -4,7 +4,9 @@ cache=cache)`` with ``cache = block.init_cache(batch_size, max_length)``. See
 :mod:`memjax.nn.block` for the contract. Importing the package registers every block under its
 pattern name (``memjax.nn.registry``)."""
 from memjax.nn.associative import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention
+from memjax.nn.delta_product import GatedDeltaProduct
 from memjax.nn.attention import Attention
+from memjax.nn.fox import ForgettingAttention
 from memjax.nn.block import Block
 from memjax.nn.cache import KVCache, NoCache
 from memjax.nn.hopfield import HopfieldLayer as Hopfield
@@ -14,6 +16,7 @@ from memjax.nn.mamba1 import Mamba1
 from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
 from memjax.nn.memory_layers import PKMLayer as ProductKeyMemory
 from memjax.nn.mixture import MixtureOfMemories
+from memjax.nn.mlstm import MLSTM
 from memjax.nn.mlp import GatedMLP
 from memjax.nn.ngram import STEMFFN as STEM
 from memjax.nn.ngram import NgramMemory
@@ -22,10 +25,12 @@ from memjax.nn.rglru_block import RGLRUBlock as RGLRU
 from memjax.nn.ssm_blocks import S4D, Mamba2
 from memjax.nn.titans import NeuralMemory, TitansMAG, TitansMAL
 from memjax.nn.titans_mac import TitansMAC
+from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 
 __all__ = [
-    "Attention", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention", "GatedMLP", "Hopfield", "KVCache",
-    "Linear", "LinearAttention", "Mamba1", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory", "NgramMemory",
-    "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "S4D", "STEM", "ShortConv", "SlidingWindowSSM",
-    "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names", "register_block",
+    "Attention", "Block", "DeltaNet", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaProduct",
+    "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield", "KVCache", "Linear",
+    "LinearAttention", "MLSTM", "Mamba1", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory",
+    "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6", "S4D", "STEM", "ShortConv",
+    "SlidingWindowSSM", "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names", "register_block",
 ]

@@ -5,6 +5,7 @@ All four share one layout (the form of current linear-attention layers, e.g. Gat
     q, k, v = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))   per head
     q, k    = phi(q), phi(k)              (linear_attn / gla: feature map; delta blocks: L2 norm)
     beta    = sigmoid(x W_b)                                       (deltanet, gated_deltanet)
+              (2 sigmoid(x W_b) with allow_neg_eigval: transition eigenvalues in (-1, 1), Grazzi et al. 2025)
     g       = -exp(A_log) * softplus(x W_a + dt_bias)              (gla, gated_deltanet; log decay)
     o       = memory(q, k, v, beta, g)                             ([B, T, H, V], state [B, H, K, V])
     y       = (RMSNorm(o) * SiLU(x W_gate)) W_o                    (per-head RMSNorm over V)
@@ -126,6 +127,9 @@ class _AssociativeBlock(Block):
       norm_eps: epsilon of the output RMSNorm.
       dtype: compute dtype (parameters stay float32; the memory state is float32).
       seq_axis: mesh axis that time is split over (sequence parallelism); ``None``: never.
+      allow_neg_eigval: (delta-rule blocks) ``beta = 2 sigmoid(.)`` in ``(0, 2)`` instead of
+        ``sigmoid(.)``: the eigenvalues of ``I - beta k k^T`` then reach into ``(-1, 0)``, which
+        state tracking (e.g. parity) needs (Grazzi et al., ICLR 2025).
     """
 
     stateful = True
@@ -138,8 +142,9 @@ class _AssociativeBlock(Block):
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 64,
                  conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
                  kernel: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
-                 rngs: nnx.Rngs):
+                 allow_neg_eigval: bool = False, rngs: nnx.Rngs):
         name = type(self).__name__
+        self.allow_neg_eigval = bool(allow_neg_eigval)
         self.h, head = check_heads(name, d_model, num_heads, head_dim)
         check_positive(name, chunk_size=chunk_size, expand_v=expand_v)
         check_nonnegative(name, conv_width=conv_width)
@@ -198,9 +203,14 @@ class _AssociativeBlock(Block):
         return phi(q), phi(k), v, windows
 
     def _gates(self, x):
-        beta = jax.nn.sigmoid(self.wb(x).astype(jnp.float32)) if self.uses_beta else None
+        beta = self._beta(self.wb(x)) if self.uses_beta else None
         g = log_decay(self.wa, self.a_log, self.dt_bias, x) if self.uses_decay else None
         return beta, g
+
+    def _beta(self, logits):
+        """``sigmoid(logits)`` in float32, times 2 with ``allow_neg_eigval``."""
+        beta = jax.nn.sigmoid(logits.astype(jnp.float32))
+        return 2.0 * beta if self.allow_neg_eigval else beta
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         kw = dict(g=g, initial_state=initial_state, segment_ids=segment_ids,

@@ -5,6 +5,8 @@ pytrees, so caches pass through ``jit``, ``lax.scan`` and ``nnx.scan`` as they a
 
 * :class:`NoCache` for position-wise blocks (MLP, memory layers): nothing to carry;
 * :class:`KVCache` for softmax attention: keys and values of every position seen so far;
+* :class:`ForgetKVCache` for Forgetting Attention: a :class:`KVCache` plus each key's cumulative
+  log forget gate;
 * :class:`WindowKVCache` for sliding-window attention: a ring of the last ``window`` keys and values;
 * recurrent blocks define their own NamedTuple of (short-conv windows, memory state).
 """
@@ -58,6 +60,47 @@ class KVCache(NamedTuple):
         b, length = kc.shape[:2]
         k_pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         return KVCache(kc, vc, self.pos + t), k_pos, k_pos < self.pos + t
+
+
+class ForgetKVCache(NamedTuple):
+    """A :class:`KVCache` plus ``gate_cumsum [B, max_length, H]`` (float32; ``H`` query heads):
+    ``G_s = sum_{l <= s} g_l`` of every cached key, so a query at ``t`` adds ``G_t - G_s`` to its
+    logits (Forgetting Attention, :func:`memjax.memory.attention.causal_attention`). Slots
+    ``>= pos`` hold zeros and are masked.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    gate_cumsum: jax.Array
+    pos: jax.Array  # int32 [], tokens written so far
+
+    @classmethod
+    def init(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, num_heads: int,
+             dtype=jnp.float32, value_dim: int | None = None) -> "ForgetKVCache":
+        kv = KVCache.init(batch_size, max_length, num_kv_heads, head_dim, dtype, value_dim)
+        return cls(kv.k, kv.v, jnp.zeros((batch_size, max_length, num_heads), jnp.float32), kv.pos)
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[1]
+
+    def positions(self, length: int) -> jax.Array:
+        """``[B, length]`` positions of ``length`` new tokens written at ``pos``."""
+        return self.pos + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (self.k.shape[0], length))
+
+    def update(self, k: jax.Array, v: jax.Array, g: jax.Array):
+        """Write ``k, v: [B, T, Hkv, .]`` and log gates ``g: [B, T, H]`` at ``pos``.
+
+        Returns ``(cache, k_positions, valid, q_gate_cumsum)``: as :meth:`KVCache.update`, plus the
+        new tokens' cumulative gates ``[B, T, H]`` (float32): the last stored ``G`` (0 before the
+        first token) plus the running sum of ``g``.
+        """
+        kv, k_pos, valid = KVCache(self.k, self.v, self.pos).update(k, v)
+        last = jax.lax.dynamic_index_in_dim(self.gate_cumsum, jnp.maximum(self.pos - 1, 0), axis=1, keepdims=False)
+        last = jnp.where(self.pos > 0, last, 0.0)  # [B, H]
+        cum = last[:, None] + jnp.cumsum(g.astype(jnp.float32), axis=1)
+        gc = jax.lax.dynamic_update_slice(self.gate_cumsum, cum, (0, self.pos, 0))
+        return ForgetKVCache(kv.k, kv.v, gc, kv.pos), k_pos, valid, cum
 
 
 class WindowKVCache(NamedTuple):
