@@ -12,8 +12,8 @@ transform, decay factors: batched matmuls XLA runs well) and (ii) one sequential
 
 Shapes (heads-major chunk stacks): ``qg, ke, w: [B, H, N, C, K]``, ``p: [B, H, N, C, C]``,
 ``u: [B, H, N, C, V]``, ``a: [B, H, N]`` (a scalar decay per chunk) or ``[B, H, N, K]`` (a decay
-per key channel, ``S_{n+1} = diag(a_n) S_n + ke_n^T delta_n``: GLA / HGRN2 / RWKV-6; XLA only,
-the Pallas kernel takes scalar decays), ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
+per key channel, ``S_{n+1} = diag(a_n) S_n + ke_n^T delta_n``: GLA / HGRN2 / RWKV-6; XLA and the
+TPU kernel, the GPU kernel takes scalar decays), ``s0: [B, H, K, V]``; returns ``(o [B, H, N, C, V]``
 in u's dtype, ``S_N [B, H, K, V]`` float32, or float64 for float64 inputs).
 
 Dtypes (both implementations): the chunk tensors keep their dtype (bf16 for bf16 models) and
@@ -32,12 +32,18 @@ Implementations (``impl``):
   ``"pallas"``  one Triton-lowered Pallas kernel for the forward pass and one for the backward
                 (:mod:`memjax.kernels.chunk_pass_pallas`); on CPU only with
                 ``interpret=True`` (tests).
-  ``"auto"``    the kernel only where ``supports(shape, dtype, backend)`` holds *and* the device
-                is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware); XLA
-                otherwise. No device is verified yet, so ``auto`` is XLA everywhere until a GPU
-                session has run ``tests/test_chunk_recurrence.py`` and the GPU benchmark.
+  ``"pallas_tpu"``  the Mosaic-lowered TPU kernels (:mod:`memjax.kernels.chunk_pass_pallas_tpu`),
+                scalar or per-key-channel decays; for a TPU target (the platform of the mesh's
+                devices, so a CPU host compiling for compile-only TPU devices gets them), on CPU
+                only with ``interpret=True`` (tests).
+  ``"auto"``    the platform's kernel only where ``supports(shape, dtype, backend)`` holds *and*
+                the device is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware);
+                XLA otherwise. No device is verified yet, so ``auto`` is XLA everywhere until a
+                GPU session has run ``tests/test_chunk_recurrence.py`` and the GPU benchmark (or
+                a TPU session ``tests/test_chunk_pass_tpu.py``).
 
-The Pallas path is a ``custom_vjp``: the backward kernel returns the gradient of every
+Both Pallas paths share one ``custom_vjp`` (the two kernel families take and return the same
+arrays): the backward kernel returns the gradient of every
 ``delta_n`` and of the state after every chunk; the remaining gradients are batched products::
 
     d qg_n = do_n S_n^T      d p_n = do_n delta_n^T     d ke_n = delta_n dS_{n+1}^T
@@ -54,20 +60,28 @@ import jax
 import jax.numpy as jnp
 
 from memjax.kernels import chunk_pass_pallas as crp
+from memjax.kernels import chunk_pass_pallas_tpu as crpt
 from memjax.kernels.pallas_common import on_verified_device
 from memjax.kernels.manual_axes import common_varying
 from memjax.kernels.platform import target_platform
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "pallas_tpu")
 # Devices on which the compiled kernels passed tests/test_chunk_recurrence.py and the GPU
-# benchmark's float64 / poisoned-output checks: backend -> device-kind prefixes. Empty: the
-# kernels have so far run in interpret mode and been lowered to Triton IR only.
+# benchmark's float64 / poisoned-output checks (a TPU: tests/test_chunk_pass_tpu.py's hardware
+# test): backend -> device-kind prefixes. Empty: the GPU kernels have so far run in interpret
+# mode and been lowered to Triton IR only, the TPU kernels interpreted and compiled for
+# compile-only TPU devices, never run on one.
 VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {}
+# The kernel family ``"auto"`` picks on each backend.
+_KERNEL_OF_BACKEND = {"gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas_tpu"}
 
 
 def supports(shape, dtype, backend: str, *, vector_decay: bool = False) -> bool:
-    """Whether the Pallas kernel handles ``shape = (B, H, N, C, K, V)`` chunk tensors of ``dtype``
-    (``vector_decay``: per-key-channel chunk decays ``a [B, H, N, K]``, which it does not)."""
+    """Whether the backend's Pallas kernel handles ``shape = (B, H, N, C, K, V)`` chunk tensors of
+    ``dtype`` (``vector_decay``: per-key-channel chunk decays ``a [B, H, N, K]``, which only the
+    TPU kernel takes)."""
+    if backend == "tpu":
+        return crpt.tpu_supports(tuple(shape), dtype, backend, vector_decay=vector_decay)
     return crp.gpu_supports(tuple(shape), dtype, backend, vector_decay=vector_decay)
 
 
@@ -77,8 +91,9 @@ def verified(backend: str, device_kind: str | None = None) -> bool:
 
 def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
                  device_kind: str | None = None, *, vector_decay: bool = False) -> tuple[str, bool]:
-    """``("xla" | "pallas", interpret flag)`` for a call; see the module docstring. Per-key-channel
-    decays (``vector_decay``) run on XLA under ``"auto"``; ``"pallas"`` refuses them."""
+    """``("xla" | "pallas" | "pallas_tpu", interpret flag)`` for a call; see the module docstring.
+    Per-key-channel decays (``vector_decay``): ``"pallas"`` refuses them, ``"pallas_tpu"`` takes
+    them."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if vector_decay and impl == "pallas":
@@ -87,22 +102,37 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     backend = target_platform(backend)  # the mesh's devices when a mesh is set, else the default backend
     if impl == "xla":
         if interpret:
-            raise ValueError("interpret=True needs impl='pallas'")
+            raise ValueError("interpret=True needs impl='pallas' or 'pallas_tpu'")
         return "xla", False
     if impl == "auto":
         if interpret:
-            raise ValueError("interpret=True needs impl='pallas' (auto never interprets)")
-        ok = supports(shape, dtype, backend, vector_decay=vector_decay) and verified(backend, device_kind)
-        return ("pallas", False) if ok else ("xla", False)
+            raise ValueError("interpret=True needs impl='pallas' or 'pallas_tpu' (auto never interprets)")
+        kernel = _KERNEL_OF_BACKEND.get(backend)
+        ok = kernel and supports(shape, dtype, backend, vector_decay=vector_decay) and verified(backend, device_kind)
+        return (kernel, False) if ok else ("xla", False)
+    if impl == "pallas_tpu":
+        return _resolve_tpu(shape, dtype, interpret, backend, vector_decay)
     if interpret:
         return "pallas", True
     if backend == "cpu":
         raise ValueError("impl='pallas' needs a GPU; on CPU pass interpret=True (tests) or use impl='xla'/'auto'")
-    if not supports(shape, dtype, backend):
+    if not crp.gpu_supports(tuple(shape), dtype, backend):
         raise ValueError(f"impl='pallas' does not support chunk tensors (B, H, N, C, K, V) = {tuple(shape)} of dtype "
                          f"{jnp.dtype(dtype)} on backend {backend!r} ({crp.gpu_supports.__doc__.strip()}); "
                          "use impl='auto' or 'xla'")
     return "pallas", False
+
+
+def _resolve_tpu(shape, dtype, interpret, backend, vector_decay):
+    if interpret:
+        return "pallas_tpu", True
+    if backend != "tpu":
+        raise ValueError(f"impl='pallas_tpu' needs a TPU target (the mesh's devices, or the default backend), got "
+                         f"backend {backend!r}; on CPU pass interpret=True (tests) or use impl='xla'/'auto'")
+    if not crpt.tpu_supports(shape, dtype, backend, vector_decay=vector_decay):
+        raise ValueError(f"impl='pallas_tpu' does not support chunk tensors (B, H, N, C, K, V) = {tuple(shape)} of "
+                         f"dtype {jnp.dtype(dtype)} ({crpt.tpu_supports.__doc__.strip()}); use impl='auto' or 'xla'")
+    return "pallas_tpu", False
 
 
 # ----------------------------------------------------------------------------- reference (XLA)
@@ -167,22 +197,25 @@ def xla_chunk_recurrence(qg, p, u, w, ke, a, s0):
 # ----------------------------------------------------------------------------- Pallas (custom_vjp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _pallas(qg, p, u, w, ke, a, s0, interpret, tile):
-    o, s, _ = crp.forward(qg, p, u, w, ke, a, s0, save_states=False, interpret=interpret, tile=tile)
+_KERNELS = {"pallas": crp, "pallas_tpu": crpt}  # impl -> module with forward / backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas(qg, p, u, w, ke, a, s0, kernel, interpret, tile):
+    o, s, _ = _KERNELS[kernel].forward(qg, p, u, w, ke, a, s0, save_states=False, interpret=interpret, tile=tile)
     return o, s
 
 
-def _pallas_fwd(qg, p, u, w, ke, a, s0, interpret, tile):
-    o, s, s_in = crp.forward(qg, p, u, w, ke, a, s0, save_states=True, interpret=interpret, tile=tile)
+def _pallas_fwd(qg, p, u, w, ke, a, s0, kernel, interpret, tile):
+    o, s, s_in = _KERNELS[kernel].forward(qg, p, u, w, ke, a, s0, save_states=True, interpret=interpret, tile=tile)
     return (o, s), (qg, p, u, w, ke, a, s_in)
 
 
-def _pallas_bwd(interpret, tile, res, cts):
+def _pallas_bwd(kernel, interpret, tile, res, cts):
     qg, p, u, w, ke, a, s_in = res
     do, dsf = cts
     acc = s_in.dtype
-    dd, dsn, ds0 = crp.backward(qg, p, w, ke, a, do, dsf.astype(acc), interpret=interpret, tile=tile)
+    dd, dsn, ds0 = _KERNELS[kernel].backward(qg, p, w, ke, a, do, dsf.astype(acc), interpret=interpret, tile=tile)
     delta = u.astype(acc)
     if w is not None:
         delta = delta - jnp.einsum("bhnck,bhnkv->bhncv", w, s_in, preferred_element_type=acc)
@@ -191,7 +224,8 @@ def _pallas_bwd(interpret, tile, res, cts):
     d_p = jnp.einsum("bhniv,bhnjv->bhnij", do, delta)
     d_ke = jnp.einsum("bhncv,bhnkv->bhnck", delta, dsn)
     d_w = None if w is None else -jnp.einsum("bhncv,bhnkv->bhnck", dd, s_in).astype(w.dtype)
-    d_a = jnp.einsum("bhnkv,bhnkv->bhn", dsn, s_in)
+    # d a_n = <dS_{n+1}, S_n> summed over the whole state (scalar decay) or over V (per key channel).
+    d_a = jnp.einsum("bhnkv,bhnkv->bhn" if a.ndim == 3 else "bhnkv,bhnkv->bhnk", dsn, s_in)
     return (d_qg.astype(qg.dtype), d_p.astype(p.dtype), dd.astype(u.dtype), d_w, d_ke.astype(ke.dtype),
             d_a.astype(a.dtype), ds0)
 
@@ -224,15 +258,17 @@ def _validate(qg, p, u, w, ke, a, s0):
 
 def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a: jax.Array, s0: jax.Array, *,
                      w: jax.Array | None = None, impl: str = "auto", interpret: bool | None = None,
-                     tile: crp.Tile | None = None) -> tuple[jax.Array, jax.Array]:
+                     tile: crp.Tile | crpt.Tile | None = None) -> tuple[jax.Array, jax.Array]:
     """Run the state recurrence over chunks (equations and shapes in the module docstring).
 
     Args:
       qg, p, u, ke, a, s0, w: the chunk tensors (``w = None``: no delta correction); ``a`` scalar
-        ``[B, H, N]`` or per key channel ``[B, H, N, K]`` (XLA path only; ``impl="auto"`` picks it).
-      impl: ``"auto" | "xla" | "pallas"``.
-      interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``.
-      tile: Pallas launch shape (benchmarks sweep it).
+        ``[B, H, N]`` or per key channel ``[B, H, N, K]`` (XLA or ``"pallas_tpu"``).
+      impl: ``"auto" | "xla" | "pallas" | "pallas_tpu"``.
+      interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``
+        or ``"pallas_tpu"``.
+      tile: Pallas launch shape (benchmarks sweep it): a ``chunk_pass_pallas.Tile`` for
+        ``"pallas"``, a ``chunk_pass_pallas_tpu.Tile`` for ``"pallas_tpu"``.
 
     Returns:
       ``(o [B, H, N, C, V]`` in u's dtype, ``S_N [B, H, K, V]`` in s0's dtype).
@@ -244,5 +280,5 @@ def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a
     # The kernels carry the state in the accumulation dtype; casting here (not inside the
     # custom_vjp) gives the initial state's gradient its own dtype through the cast.
     acc = jnp.promote_types(u.dtype, jnp.float32)
-    o, s = _pallas(qg, p, u, w, ke, a, s0.astype(acc), interp, tile)
+    o, s = _pallas(qg, p, u, w, ke, a, s0.astype(acc), name, interp, tile)
     return o, s.astype(s0.dtype)
