@@ -15,6 +15,7 @@ from memjax.memory.delta_product import delta_product
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
 from memjax.memory.mamba1 import mamba1_scan
+from memjax.memory.mamba3 import Mamba3State, mamba3
 from memjax.memory.mixture import mixture_of_memories
 from memjax.memory.mlstm import mlstm
 from memjax.memory.rg_lru import rglru
@@ -22,8 +23,8 @@ from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "causal_attention", "contract", "delta_product", "delta_rule", "diagonal_ssm", "feature_maps", "hippo",
-    "hopfield_energy", "hopfield_retrieval", "linear_attention", "mamba1_scan", "mixture_of_memories", "mlstm",
-    "ngram_memory", "product_keys", "reparam", "rglru", "rope", "selective_scan", "sequence_parallel",
-    "sharded_lookup", "ssm", "titans",
+    "Mamba3State", "causal_attention", "contract", "delta_product", "delta_rule", "diagonal_ssm",
+    "feature_maps", "hippo", "hopfield_energy", "hopfield_retrieval", "linear_attention", "mamba1_scan",
+    "mamba3", "mixture_of_memories", "mlstm", "ngram_memory", "product_keys", "reparam", "rglru", "rope",
+    "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
 ]

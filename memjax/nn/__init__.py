@@ -13,6 +13,7 @@ from memjax.nn.hopfield import HopfieldLayer as Hopfield
 from memjax.nn.hybrid import SlidingWindowSSM
 from memjax.nn.layers import Linear, RMSNorm, ShortConv
 from memjax.nn.mamba1 import Mamba1
+from memjax.nn.mamba3 import Mamba3, Mamba3Cache
 from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
 from memjax.nn.memory_layers import PKMLayer as ProductKeyMemory
 from memjax.nn.mixture import MixtureOfMemories
@@ -30,7 +31,8 @@ from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 __all__ = [
     "Attention", "Block", "DeltaNet", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaProduct",
     "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield", "KVCache", "Linear",
-    "LinearAttention", "MLSTM", "Mamba1", "Mamba2", "MemoryPlus", "MixtureOfMemories", "NeuralMemory",
-    "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6", "S4D", "STEM", "ShortConv",
-    "SlidingWindowSSM", "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names", "register_block",
+    "LinearAttention", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "MemoryPlus", "MixtureOfMemories", "MLSTM",
+    "NeuralMemory", "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6", "S4D",
+    "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names",
+    "register_block",
 ]
