@@ -9,6 +9,17 @@ Recurrence (per batch and head; ``S_t in R^{K x V}``, ``beta_t in (0, 2]``, ``g_
 Sources: Schlag et al. 2021; Yang et al. 2024 "Parallelizing Linear Transformers with the Delta
 Rule over Sequence Length"; Yang, Kautz, Hatamizadeh 2024 "Gated Delta Networks".
 
+Kimi Delta Attention (KDA; Kimi team 2025, "Kimi Linear: An Expressive, Efficient Attention
+Architecture"): a log decay per key channel, ``g: [B, T, H, K]``, makes the decay ``diag(exp g_t)``::
+
+    S'_t = diag(exp g_t) S_{t-1};   S_t = S'_t + k_t (beta_t (v_t - S'_t^T k_t))^T
+
+That case runs the channel-wise core of :mod:`memjax.memory.gdn2` (GDN-2 with erase and write
+gates ``b_t = w_t = beta_t 1``), whose chunked form keeps every decay relative to an in-chunk
+reference point (no ``exp`` of a positive number); see there. Grouped value heads: ``v``,
+``beta``, ``g`` and the state may have ``HV`` heads, a multiple of ``H``; value head ``j`` reads
+and writes with q/k head ``j // (HV / H)``.
+
 Negative eigenvalues (Grazzi et al., ICLR 2025, "Unlocking State-Tracking in Linear RNNs Through
 Negative Eigenvalues"): with a unit key the transition ``I - beta_t k_t k_t^T`` has eigenvalues 1
 and ``1 - beta_t``, so ``beta in (0, 2]`` spans ``[-1, 1)`` (``beta = 2``: a reflection) and the
@@ -32,10 +43,8 @@ Forms:
 
     so ``delta = U - W S`` with ``U = T V``, ``W = T diag(gamma) K``,
     ``T = (I + L)^{-1} diag(beta)`` (the UT transform). ``(I + L)^{-1}`` comes from
-    :func:`unit_lower_inverse`, block forward substitution written as batched matmuls (no LAPACK
-    call: XLA:CPU's ``triangular_solve`` goes through OpenBLAS, which was seen to hang when XLA
-    runs several solves on its thread pool at once; the matmul form is as fast on CPU and maps
-    to the MXU / tensor cores elsewhere). Then::
+    :func:`memjax.memory.ut_transform.unit_lower_inverse` (block forward substitution written as
+    batched matmuls, no LAPACK call; see there). Then::
 
         O      = scale * (diag(gamma) Q S + (Q K^T * D) delta)
         S_next = gamma_{C-1} S + (K * D_{C-1, :})^T delta
@@ -53,13 +62,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.manual_axes import common_varying
 from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
+from memjax.memory.gdn2 import channel_delta, check_channel_options
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
+from memjax.memory.ut_transform import unit_lower_inverse
+
+__all__ = ["MODES", "delta_rule", "unit_lower_inverse"]
 
 MODES = ("chunked", "recurrent")
 
@@ -73,44 +85,54 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
 
     Args:
       q, k: ``[B, T, H, K]`` (callers usually L2-normalise k, which keeps ``I - beta k k^T``
-        a contraction); v: ``[B, T, H, V]``.
-      beta: ``[B, T, H]`` write strength, typically ``sigmoid(.)`` in ``(0, 1)``, or ``2 sigmoid(.)``
+        a contraction); v: ``[B, T, HV, V]`` with ``HV`` a multiple of ``H`` (usually ``HV = H``;
+        grouped value heads otherwise, see the module docstring).
+      beta: ``[B, T, HV]`` write strength, typically ``sigmoid(.)`` in ``(0, 1)``, or ``2 sigmoid(.)``
         in ``(0, 2)`` for negative eigenvalues (see the module docstring).
-      g: ``[B, T, H]`` log decay or None (plain DeltaNet).
+      g: ``[B, T, HV]`` log decay per head, ``[B, T, HV, K]`` per key channel (KDA; ``-inf``
+        resets that channel), or None (plain DeltaNet).
       scale: read scale, default ``K ** -0.5``.
-      initial_state: ``[B, H, K, V]`` (zeros if None).
+      initial_state: ``[B, HV, K, V]`` (zeros if None).
       segment_ids: ``[B, T]`` int; the state is reset to zero before the first token of every new
         segment (``initial_state`` reaches only the first one).
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C``; ``T`` need not be a multiple: the tail is padded with
         ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_pass`).
+        (:mod:`memjax.kernels.chunk_pass`); per-key-channel ``g`` refuses ``"pallas"`` (the GPU
+        kernel carries scalar chunk decays).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence; returns this slice's
         outputs and the whole sequence's final state. The chunk pass then carries ``K`` extra
-        value columns (the ``K x K`` map from the incoming state). Chunked mode only.
+        value columns (the ``K x K`` map from the incoming state). Chunked mode and per-head (or
+        no) ``g`` only.
 
     Returns:
-      ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, H, K, V]`` float32, or float64 for
+      ``(o [B, T, HV, V]`` in q's dtype, ``final_state [B, HV, K, V]`` float32, or float64 for
       float64 inputs). Dtypes follow :mod:`memjax.memory.contract`: q, k, v stay in their dtype
       for the matmuls (float32 accumulation); beta, decays, the UT system's solve and the state
       are float32 / float64.
     """
+    vector = getattr(g, "ndim", None) == 4
+    if vector:  # (first: these options exist only for per-head decays)
+        check_channel_options("delta_rule", impl, seq_axis)
     b, t, h, dk, dv = check_matrix_memory("delta_rule", q, k, v, gates={"beta": beta, "g": g}, required=("beta",),
                                           initial_state=initial_state, segment_ids=segment_ids, scale=scale,
                                           mode=mode, modes=MODES, chunk_size=chunk_size, impl=impl,
-                                          seq_axis=seq_axis)
+                                          seq_axis=seq_axis, vector_gates=("g",), grouped=True)
+    hv = v.shape[2]
     out_dtype = output_dtype(q)
     acc = state_dtype(q, k, v, beta, g, initial_state)
     md = operand_dtype(q, k, v)
     scale = resolve_scale(scale, dk)
     q, k, v = (x.astype(md) for x in (q, k, v))  # (a no-op unless q, k, v differ in dtype)
+    if hv != h:  # grouped value heads: every value head gets its group's q and k
+        q, k = (jnp.repeat(x, hv // h, axis=2) for x in (q, k))
     beta = beta.astype(acc)
     g = None if g is None else g.astype(acc)
-    s0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
+    s0 = jnp.zeros((b, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
     # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
     mask = None
     if seq_axis is None:
@@ -119,7 +141,11 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
         mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
         q, k, v, beta = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta))
         g = nonfinite.finite_gate(g)
-    if mode == "recurrent":
+    if vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
+        bt = beta[..., None]
+        o, s = channel_delta(q, k, bt * v.astype(acc), bt * k.astype(acc), g, s0, segment_ids, scale, mode=mode,
+                             chunk_size=chunk_size, impl=impl, interpret=interpret)
+    elif mode == "recurrent":
         o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale, out_dtype)
     else:
         o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret,
@@ -176,72 +202,3 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
     o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
-
-
-@jax.custom_jvp
-def unit_lower_inverse(lower: jax.Array) -> jax.Array:
-    """``(I + L)^{-1}`` for strictly lower-triangular ``L: [..., C, C]`` (entries on and above the
-    diagonal are ignored), with matmuls only (no LAPACK call).
-
-    Forward substitution row by row inside diagonal blocks of up to ``16`` (a ``fori_loop``, so it
-    compiles to one small loop), then block recursion up to ``C``: with the inverses ``X11, X22``
-    of two neighbouring diagonal blocks, ``[[A11, 0], [A21, A22]]^{-1} = [[X11, 0],
-    [-X22 A21 X11, X22]]`` (the recursive triangular inversion of LAPACK's ``trtri``). Round-off
-    stays at float precision for the well-conditioned systems of the delta rule
-    (``|L_ij| <= beta_i |k_i| |k_j|`` times a decay <= 1). ``C`` need not be a power of two.
-    Derivative (forward and reverse mode): ``d(A^{-1}) = -A^{-1} dA A^{-1}``, two matmuls, instead
-    of differentiating through the loop.
-    """
-    c = lower.shape[-1]
-    if lower.ndim < 2 or lower.shape[-2] != c:
-        raise ValueError(f"unit_lower_inverse: lower must be [..., C, C], got shape {lower.shape}")
-    base = min(16, c)
-    nblk = -(-c // base)
-    levels = max(nblk - 1, 0).bit_length()
-    size = base << levels  # padded size: base * 2^levels >= C; padding rows/cols are identity
-    a = jnp.tril(lower, -1)
-    if size != c:
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - c), (0, size - c)])
-    inv = _diagonal_block_inverses(a, base)  # [..., size / base, base, base]
-    s = base
-    while s < size:
-        a21 = _diagonal_blocks(a, 2 * s)[..., s:, :s]  # lower-left quarter of each 2s x 2s block
-        x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        x21 = -(x22 @ a21 @ x11)
-        top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
-        bottom = jnp.concatenate([x21, x22], axis=-1)
-        inv = jnp.concatenate([top, bottom], axis=-2)  # [..., size / 2s, 2s, 2s]
-        s *= 2
-    return inv[..., 0, :c, :c]
-
-
-@unit_lower_inverse.defjvp
-def _unit_lower_inverse_jvp(primals, tangents):
-    x = unit_lower_inverse(primals[0])
-    return x, -(x @ jnp.tril(tangents[0], -1) @ x)
-
-
-def _diagonal_block_inverses(a: jax.Array, base: int) -> jax.Array:
-    """Inverses of the ``base x base`` diagonal blocks of ``I + a`` (``a`` strictly lower),
-    ``[..., size / base, base, base]``, by forward substitution: row ``i`` of ``X`` is
-    ``e_i - a[i, :i] X[:i]`` (rows below ``i`` are still identity rows and ``a[i, i:] = 0``)."""
-    blocks = _diagonal_blocks(a, base)
-    eye = jnp.eye(base, dtype=a.dtype)
-
-    def row(i, x):
-        a_i = jax.lax.dynamic_index_in_dim(blocks, i, axis=-2, keepdims=True)  # [..., m, 1, base]
-        r = jax.lax.dynamic_index_in_dim(eye, i, axis=0, keepdims=True) - a_i @ x
-        return jax.lax.dynamic_update_index_in_dim(x, r, i, axis=-2)
-
-    # (inside shard_map the identity start must vary like the blocks to be a loop carry)
-    (x0, _), _ = common_varying(jnp.broadcast_to(eye, blocks.shape), blocks)
-    return jax.lax.fori_loop(1, base, row, x0)
-
-
-def _diagonal_blocks(a: jax.Array, s: int) -> jax.Array:
-    """The ``s x s`` diagonal blocks of ``a: [..., n s, n s]`` as ``[..., n, s, s]``: a transpose
-    to ``[..., n * n, s, s]`` and every ``(n + 1)``-th block (a strided slice compiles much faster
-    than a diagonal gather)."""
-    n = a.shape[-1] // s
-    blocks = jnp.swapaxes(a.reshape(*a.shape[:-2], n, s, n, s), -3, -2)
-    return blocks.reshape(*a.shape[:-2], n * n, s, s)[..., :: n + 1, :, :]
