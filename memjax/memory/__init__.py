@@ -12,8 +12,12 @@ from memjax.memory import (contract, feature_maps, hippo, ngram_memory, product_
 from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta import delta_rule
 from memjax.memory.delta_product import delta_product
+from memjax.memory.dplr import dplr_delta_rule
+from memjax.memory.gdn2 import gdn2
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
+from memjax.memory.log_linear import LogLinearState, log_linear_attention
+from memjax.memory.log_linear_delta import log_linear_delta_rule
 from memjax.memory.mamba1 import mamba1_scan
 from memjax.memory.mamba3 import Mamba3State, mamba3
 from memjax.memory.mixture import mixture_of_memories
@@ -23,8 +27,9 @@ from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "Mamba3State", "causal_attention", "contract", "delta_product", "delta_rule", "diagonal_ssm",
-    "feature_maps", "hippo", "hopfield_energy", "hopfield_retrieval", "linear_attention", "mamba1_scan",
+    "LogLinearState", "Mamba3State", "causal_attention", "contract", "delta_product", "delta_rule",
+    "diagonal_ssm", "dplr_delta_rule", "feature_maps", "gdn2", "hippo", "hopfield_energy",
+    "hopfield_retrieval", "linear_attention", "log_linear_attention", "log_linear_delta_rule", "mamba1_scan",
     "mamba3", "mixture_of_memories", "mlstm", "ngram_memory", "product_keys", "reparam", "rglru", "rope",
     "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
 ]

@@ -11,7 +11,9 @@ from memjax.nn.block import Block
 from memjax.nn.cache import KVCache, NoCache
 from memjax.nn.hopfield import HopfieldLayer as Hopfield
 from memjax.nn.hybrid import SlidingWindowSSM
+from memjax.nn.kda import GatedDeltaNet2, KimiDeltaAttention
 from memjax.nn.layers import Linear, RMSNorm, ShortConv
+from memjax.nn.log_linear import LogLinearGatedDeltaNet, LogLinearMamba2, LogLinearMamba2Cache
 from memjax.nn.mamba1 import Mamba1
 from memjax.nn.mamba3 import Mamba3, Mamba3Cache
 from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
@@ -23,16 +25,18 @@ from memjax.nn.ngram import STEMFFN as STEM
 from memjax.nn.ngram import NgramMemory
 from memjax.nn.registry import get_block, known_names, register_block
 from memjax.nn.rglru_block import RGLRUBlock as RGLRU
+from memjax.nn.rwkv7 import RWKV7
 from memjax.nn.ssm_blocks import S4D, Mamba2
 from memjax.nn.titans import NeuralMemory, TitansMAG, TitansMAL
 from memjax.nn.titans_mac import TitansMAC
 from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 
 __all__ = [
-    "Attention", "Block", "DeltaNet", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaProduct",
-    "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield", "KVCache", "Linear",
-    "LinearAttention", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "MemoryPlus", "MixtureOfMemories", "MLSTM",
-    "NeuralMemory", "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6", "S4D",
-    "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL", "get_block", "known_names",
-    "register_block",
+    "Attention", "Block", "DeltaNet", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaNet2",
+    "GatedDeltaProduct", "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield",
+    "KimiDeltaAttention", "KVCache", "Linear", "LinearAttention", "LogLinearGatedDeltaNet", "LogLinearMamba2",
+    "LogLinearMamba2Cache", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "MemoryPlus", "MixtureOfMemories",
+    "MLSTM", "NeuralMemory", "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6",
+    "RWKV7", "S4D", "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL",
+    "get_block", "known_names", "register_block",
 ]
