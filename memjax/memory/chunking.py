@@ -195,3 +195,50 @@ def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``exp(x)`` where ``mask``, else 0; the masked entries are replaced before the ``exp`` (no
     overflow, no NaN gradient) and after it (exactly zero gradient)."""
     return _masked_exp(x, mask)
+
+
+def segment_cumsum_matrix(segment_resets: jax.Array | None, chunk_size: int, dtype) -> jax.Array:
+    """``M [B, N, C, C]`` (or ``[1, 1, C, C]`` without resets) with ``M_ij = 1`` where ``j <= i``
+    and no reset in ``(j, i]``, else 0, for chunked segment resets ``[B, N, C]`` bool (or None):
+    ``M @ x`` is the inclusive cumulative sum of ``x`` within each chunk, restarted at every reset.
+
+    A matmul instead of a scan: XLA:CPU lowers ``cumsum`` to a ``reduce_window`` and an
+    ``associative_scan`` to a chain of slices whose backward pass fuses poorly; one small
+    ``[C, C]`` product per chunk is far cheaper forward and backward. Entries of other segments
+    are multiplied by an exact 0, so a sum never depends on another segment's values (finite
+    ones: callers pass finite gates)."""
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    if segment_resets is None:
+        return causal.astype(dtype)[None, None]
+    r = jnp.cumsum(segment_resets.astype(jnp.int32), axis=-1)
+    return (causal & (r[..., :, None] == r[..., None, :])).astype(dtype)
+
+
+def uniform_channel_decays(g: jax.Array, segment_resets: jax.Array | None, dtype, *,
+                           read_before_update: bool = False) -> ChannelDecays:
+    """:func:`channel_decays` for gates with no full decay (``exp(g) > 0`` everywhere), so that
+    the only resets are segment starts, shared by all channels: the same :class:`ChannelDecays`
+    (``G``, ``Gq`` ``[B, H, N, C, Kg]``) with the reset counts ``r``, ``rq`` as
+    ``[B, 1, N, C, 1]`` (broadcast over heads and channels) and the cumulative sums as one
+    ``[C, C]`` matmul per chunk (:func:`segment_cumsum_matrix`). The caller checks the
+    precondition (a ``g`` whose ``exp`` is 0 needs :func:`channel_decays`' per-channel resets)."""
+    g = g.astype(dtype)
+    c = g.shape[3]
+    m = segment_cumsum_matrix(segment_resets, c, dtype)  # [B or 1, N or 1, C, C]
+    if segment_resets is None:  # one [C, C] matrix for all chunks (not broadcast to every one)
+        G = jnp.einsum("ij,bhnjk->bhnik", m[0, 0], g)
+    else:
+        G = jnp.einsum("bnij,bhnjk->bhnik", m, g)
+    if segment_resets is None:
+        r = jnp.zeros((1, 1, 1, c, 1), jnp.int32)
+        seg = None
+    else:
+        seg = segment_resets[:, None, :, :, None]  # [B, 1, N, C, 1]
+        r = jnp.cumsum(seg.astype(jnp.int32), axis=3)
+    if not read_before_update:
+        return ChannelDecays(G, r, G, r)
+    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
+    Gq, rq = shift(G), shift(r)
+    if seg is not None:
+        rq = rq + seg.astype(jnp.int32)
+    return ChannelDecays(G, r, Gq, rq)

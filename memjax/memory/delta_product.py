@@ -32,7 +32,11 @@ the token and the rest of its document, a bad query only its token) and the dtyp
 (:mod:`memjax.memory.contract`) are the delta rule's. Cost: the chunked form does ``n_h`` times
 the delta rule's work on a ``T``-token sequence (the ``n_h - 1`` zero queries of each token are
 read too, and the ``[C n_h, C n_h]`` intra-chunk matrices are ``n_h^2`` times larger); the
-recurrent form takes ``T n_h`` steps.
+recurrent form takes ``T n_h`` steps. Measured on CPU (T = 4096, n_h = 2, B = 1, H = 4,
+K = V = 64, forward + backward): the chunked form's profile is that of the delta rule on an
+8192-step sequence with chunk 128, op for op and in time, and 16, 32 or 64 tokens per chunk
+make no difference, so its speed-up over the recurrent form is the delta rule's at ``T n_h``
+(``benchmarks/bench_chunked_vs_recurrent.py``).
 """
 from __future__ import annotations
 

@@ -15,21 +15,37 @@ sees the current token through ``u``::
 Feature maps (elu+1, Based's Taylor map, ...) are applied to q and k by the caller
 (:mod:`memjax.memory.feature_maps`).
 
-Chunked form with per-channel decays (and with ``bonus``): the decays stay in log space
-(:func:`memjax.memory.chunking.channel_decays`, cumulative sums ``G`` within the chunk) and no
-factor ``exp(+x)`` is ever formed. A chunk is split into sub-chunks of ``s <= 16`` positions;
-the score of query ``i`` in sub-chunk ``a`` with key ``j`` of an earlier sub-chunk factorises
-through the reference point ``p`` = the last position of sub-chunk ``a - 1``::
+Chunked form with per-channel decays (and with ``bonus``): the decays stay in log space, as
+cumulative sums ``G`` within the chunk (``Gq`` on the read side), restarted at every reset, and
+the chunk pass (:func:`memjax.kernels.chunk_pass`) carries the state between chunks. The
+intra-chunk scores ``sum_k q_ik k_jk exp(Gq_ik - G_jk)`` take one of two routes, chosen at run
+time for the whole call (``lax.cond``; one result up to round-off):
 
-    sum_k q_ik k_jk exp(G_ik - G_jk) = sum_k [q_ik exp(G_ik - G_pk)] [k_jk exp(G_pk - G_jk)]
+  - *tame* gates (the usual training case): no full decay (``exp(g) > 0``, so resets are only
+    segment starts, shared by all channels) and per chunk and channel a total decay
+    ``sum |g| <= TAME_SPAN * log(float max)`` (about 44 in float32). Then every ``|G| <= 44`` and
+    the scores factor through the chunk start as one matmul,
+    ``[q_ik exp(Gq_ik)] [k_jk exp(-G_jk)]``, both factors normal floats, the cumulative sums are
+    one ``[C, C]`` matmul per chunk (:func:`memjax.memory.chunking.uniform_channel_decays`), and
+    the cost is that of the per-head-decay form.
+  - otherwise (strong decays, ``g = -inf`` resets of single channels): the sub-chunk algorithm,
+    safe for any decay. A chunk is split into sub-chunks of ``s <= 16`` positions; the score of
+    query ``i`` in sub-chunk ``a`` with key ``j`` of an earlier sub-chunk factorises through the
+    reference point ``p`` = the last position of sub-chunk ``a - 1``::
 
-and both exponents are ``<= 0`` because ``j <= p < i`` (flash-linear-attention's secondary
-chunking, with the reference at the boundary instead of inside the sub-chunk, so neither factor
-can overflow however strong the decay); these blocks are matmuls. Pairs within one sub-chunk
-use the explicit ``[s, s, K]`` form ``exp(G_ik - G_jk)`` with the exponent masked to ``j <= i``
-before the ``exp``: ``O(T s K)`` extra memory instead of ``O(T C K)``. (Computing every score
-that way would cost ``C K`` per position; dividing ``q`` and ``k`` by ``exp(G)`` at the chunk start,
-the textbook form, overflows for strong decays.) Grouped value heads (``HV`` a multiple of
+        sum_k q_ik k_jk exp(G_ik - G_jk) = sum_k [q_ik exp(G_ik - G_pk)] [k_jk exp(G_pk - G_jk)]
+
+    and both exponents are ``<= 0`` because ``j <= p < i`` (flash-linear-attention's secondary
+    chunking, with the reference at the boundary instead of inside the sub-chunk, so neither
+    factor can overflow however strong the decay); these blocks are matmuls. Pairs within one
+    sub-chunk use the explicit ``[s, s, K]`` form ``exp(G_ik - G_jk)`` with the exponent masked to
+    ``j <= i`` before the ``exp``: ``O(T s K)`` extra memory instead of ``O(T C K)``. (Dividing
+    ``q`` and ``k`` by ``exp(G)`` at the chunk start without a bound, the textbook form,
+    overflows for strong decays.)
+
+Measured (CPU, T = 4096, B = 1, H = 4, K = V = 64, forward + backward): the tame route runs
+within ~1.5x of the per-head-decay form; the sub-chunk route is several times slower
+(``benchmarks/bench_chunked_vs_recurrent.py``). Grouped value heads (``HV`` a multiple of
 ``H``) repeat q and k over each group.
 
 Three forms, one result:
@@ -44,12 +60,14 @@ Three forms, one result:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from memjax.kernels.chunk_pass import chunk_recurrence
-from memjax.memory.chunking import (channel_decays, chunk_decays, from_head_chunks, masked_exp, pad_time,
-                                    to_chunks, to_head_chunks)
+from memjax.memory.chunking import (ChannelDecays, channel_decays, chunk_decays, from_head_chunks, masked_exp,
+                                    pad_time, to_chunks, to_head_chunks, uniform_channel_decays)
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
                                     resolve_scale, shape_of, state_dtype)
@@ -57,6 +75,9 @@ from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
 
 MODES = ("chunked", "recurrent", "parallel")
+# Largest total decay sum |g| within a chunk (per channel) for the factored intra-chunk product,
+# as a fraction of log(float max): about 44 in float32, 354 in float64.
+TAME_SPAN = 0.5
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array | None = None,
@@ -218,18 +239,94 @@ def _chunked_channels(q, k, v, g, u, s0, segment_ids, scale, chunk_size, *, impl
         g = g[..., None]
     gc = to_head_chunks(g, c)  # [B, H, N, C, Kg]; the padded tail has g = 0
     seg = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
-    dec = channel_decays(gc, seg, acc, read_before_update=u is not None)
-    G, r, Gq, rq = dec
+    rbu = u is not None
 
-    # Carried state: queries weighted by the decay since the chunk start, keys by the decay to
-    # its end, the state by the whole chunk's decay (per channel; a scalar when Kg = 1, which
-    # keeps the Pallas pass usable).
+    # Two ways to the chunk pass's operands, one result up to round-off. The tame way covers
+    # the usual training gates: no full decay, so the only resets are segment starts, shared by
+    # all channels (the cumulative sums are one [C, C] matmul per chunk), and a moderate total
+    # decay per chunk, so the intra-chunk scores are one factored matmul (_factored_scores).
+    # Otherwise (strong or -inf decays) the general way: per-channel resets and the sub-chunk
+    # algorithm, safe for any decay. The tame way is computed outside the lax.cond, on gates
+    # zeroed when they are not tame (so that it stays finite, and so do its gradients, which are
+    # then zero), because XLA:CPU runs the ops inside a conditional markedly slower than at the
+    # top level (measured ~1.6x CPU time for this forward pass); the cond returns it as is or
+    # runs the general way. The general way is rematerialised (jax.checkpoint): under autodiff a
+    # cond returns the residuals of both branches, the one taken filling the other's with
+    # zeros, and this keeps them to the shared inputs instead of the [.., s, s, K] tensors.
+    tame = _is_tame(gc, acc)
+    dec = uniform_channel_decays(jnp.where(tame, gc, jnp.zeros((), acc)), seg, acc, read_before_update=rbu)
+    fast = _carried(qc, kc, dec, scale) + (_factored_scores(qc, kc, dec, u, md),)
+
+    def general():
+        dec = channel_decays(gc, seg, acc, read_before_update=rbu)
+        return _carried(qc, kc, dec, scale) + (_sub_chunk_scores(qc, kc, dec, u, md),)
+
+    qg, ke, a, p = jax.lax.cond(tame, lambda: fast, jax.checkpoint(general))
+    o, st = chunk_recurrence(qg.astype(md), (p * scale).astype(md), vc, ke.astype(md), a, s0, impl=impl,
+                             interpret=interpret)
+    return from_head_chunks(o, t), st
+
+
+def _is_tame(gc: jax.Array, acc) -> jax.Array:
+    """Whether the chunked gates ``gc [B, H, N, C, Kg]`` take the factored branch: no full decay
+    (``exp(g) == 0``, a per-channel reset) and, per chunk and channel, a total decay of at most
+    ``TAME_SPAN * log(float max)`` (then every cumulative sum in the chunk, read or write side,
+    is at most that in magnitude, and ``exp(+-G)`` and products of two of them stay far inside
+    the float range, with no subnormal factor).
+    A bool scalar; False for non-finite sums."""
+    limit = TAME_SPAN * math.log(float(jnp.finfo(acc).max))
+    # sum |g| over the chunk bounds every |G| and |Gq| in it, restarts included; it also rules out
+    # full decays (each |g| <= limit, so exp(g) > 0) and -inf (an infinite sum)
+    return jnp.all(jnp.sum(jnp.abs(gc.astype(acc)), axis=3) <= limit)
+
+
+def _carried(qc, kc, dec: ChannelDecays, scale):
+    """The chunk pass's factors: queries weighted by the decay since the chunk start, keys by the
+    decay to its end, the state by the whole chunk's decay (``[B, H, N, Kg]``; a scalar per
+    chunk when ``Kg = 1``, which keeps the Pallas pass usable)."""
+    G, r, Gq, rq = dec
     qg = qc * (masked_exp(Gq, rq == 0) * scale)
     ke = kc * masked_exp(G[..., -1:, :] - G, r == r[..., -1:, :])
     a = masked_exp(G[..., -1, :], r[..., -1, :] == 0)  # [B, H, N, Kg]
     a = a[..., 0] if a.shape[-1] == 1 else a
+    return qg, ke, a
 
-    # Intra-chunk scores, sub-chunks of s positions (m per chunk).
+
+def _factored_scores(qc, kc, dec, u, md):
+    """Intra-chunk scores ``[B, H, N, C, C]`` (before ``scale``) as one matmul per chunk, for tame
+    gates (:func:`_is_tame`), through the chunk start as the reference point::
+
+        sum_k q_ik k_jk exp(Gq_ik - G_jk) = sum_k [q_ik exp(Gq_ik)] [k_jk exp(-G_jk)]
+
+    Every ``|G|`` is at most the chunk's total ``sum |g| <= TAME_SPAN log(float max)`` (about 44 in
+    float32), so both factors are normal floats and every product is finite. The reference is
+    causal (a query's factor depends on no later gate), so a later token never changes an
+    earlier score. Pairs ``j > i`` (``j >= i`` with the bonus) and pairs in different segments
+    are selected away after the product (their value, up to ``exp(span)`` times ``|q||k|``,
+    never reaches a kept entry or a gradient); the bonus adds ``sum_k q_ik u_k k_ik`` on the
+    diagonal."""
+    G, r, Gq, rq = dec
+    acc = G.dtype
+    c = qc.shape[3]
+    qf = (qc * jnp.exp(Gq)).astype(md)
+    kf = (kc * jnp.exp(-G)).astype(md)
+    scores = jnp.einsum("...ik,...jk->...ij", qf, kf, preferred_element_type=acc)
+    causal = jnp.tril(jnp.ones((c, c), bool), -1 if u is not None else 0)
+    keep = causal & (rq[..., :, None, 0] == r[..., None, :, 0])  # r, rq: shared by all channels here
+    p = jnp.where(keep, scores, 0.0)
+    if u is not None:  # the current token's own write, weighted by u instead of a decay
+        own = jnp.einsum("bhnik,bhnik,hk->bhni", qc.astype(acc), kc.astype(acc), u)
+        p = p + jnp.eye(c, dtype=acc) * own[..., None]
+    return p
+
+
+def _sub_chunk_scores(qc, kc, dec, u, md):
+    """Intra-chunk scores ``[B, H, N, C, C]`` (before ``scale``) of the sub-chunk algorithm (module
+    docstring): safe for any decay, ``O(T s K)`` element-wise work for the diagonal sub-chunks."""
+    G, r, Gq, rq = dec
+    acc = G.dtype
+    c = qc.shape[3]
+    # Sub-chunks of s positions (m per chunk).
     s = _sub_chunk(c)
     m = c // s
     sub = lambda x: x.reshape(*x.shape[:3], m, s, x.shape[-1])  # [B, H, N, m, s, .]
@@ -254,6 +351,4 @@ def _chunked_channels(q, k, v, g, u, s0, segment_ids, scale, chunk_size, *, impl
     off = jnp.einsum("...aik,...ajk->...aij", qr.astype(md), kr.astype(md), preferred_element_type=acc)
     p = off.reshape(*off.shape[:3], c, c) + jnp.einsum(
         "...aij,ab->...aibj", diag, jnp.eye(m, dtype=acc)).reshape(*diag.shape[:3], c, c)
-    o, st = chunk_recurrence(qg.astype(md), (p * scale).astype(md), vc, ke.astype(md), a, s0, impl=impl,
-                             interpret=interpret)
-    return from_head_chunks(o, t), st
+    return p
