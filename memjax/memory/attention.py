@@ -33,7 +33,7 @@ from memjax.kernels.pallas_common import on_verified_device
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
 from memjax.memory.contract import check_gate, state_dtype
-from memjax.memory.segments import document_ids, segment_starts
+from memjax.memory.segments import document_ids, segment_cumsum, segment_starts
 
 IMPLS = ("auto", "xla", "cudnn")
 # backend -> device-kind prefixes where impl="cudnn" has passed the GPU benchmark's comparison
@@ -90,12 +90,6 @@ def cudnn_unsupported(q, k, v, *, segment_ids=None, q_positions=None, k_position
 _FAR = 1e4
 
 
-def _add_unless_restart(a, b):
-    """Combine of the segmented sum: ``b``'s run restarts (drops ``a``'s sum) where it is flagged."""
-    (ra, sa), (rb, sb) = a, b
-    return ra | rb, jnp.where(rb, sb, sa + sb)
-
-
 def gate_cumsums(g: jax.Array, dtype, segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``(G, n)`` of log forget gates ``g: [B, T, H]``: ``G = cumsum(g)`` over time in ``dtype``
     with every ``-inf`` (full reset) counted as 0, and ``n: [B, T, H]`` int32, the resets so far.
@@ -109,8 +103,7 @@ def gate_cumsums(g: jax.Array, dtype, segment_ids: jax.Array | None = None) -> t
     if segment_ids is None:
         cum = jnp.cumsum(x, axis=1)
     else:
-        starts = jnp.broadcast_to(segment_starts(segment_ids)[:, :, None], x.shape)
-        cum = jax.lax.associative_scan(_add_unless_restart, (starts, x), axis=1)[1]
+        cum = segment_cumsum(x, segment_starts(segment_ids)[:, :, None], axis=1)
     return cum, jnp.cumsum(reset.astype(jnp.int32), axis=1)
 
 

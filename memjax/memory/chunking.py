@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.memory.segments import segment_cumsum
+
 
 def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant") -> jax.Array:
     """Pad axis 1 of ``x`` at the end to a multiple of ``multiple``.
@@ -94,18 +96,6 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _segment_combine(a, b):
-    fa, xa = a
-    fb, xb = b
-    return fa | fb, jnp.where(fb, xb, xa + xb)
-
-
-def _segment_cumsum(x: jax.Array, starts: jax.Array) -> jax.Array:
-    """Inclusive cumulative sum of ``x`` along axis 2, restarted where ``starts`` is True: a value
-    depends only on its own segment's entries (bit for bit, whatever the other segments hold)."""
-    return jax.lax.associative_scan(_segment_combine, (starts, x), axis=2)[1]
-
-
 def chunk_decays(g: jax.Array | None, resets: jax.Array | None, shape: tuple, dtype) -> ChunkDecays:
     """Decay factors for chunked log decays ``g: [B, N, C, H]`` (or None: no decay) and
     chunked resets ``[B, N, C]`` or per head ``[B, N, C, H]`` bool (or None). ``shape = (B, N, C, H)``.
@@ -127,7 +117,7 @@ def chunk_decays(g: jax.Array | None, resets: jax.Array | None, shape: tuple, dt
     elif resets is None:
         G = jnp.cumsum(g, axis=2)
     else:  # restarted at every reset: sums never mix two segments' gates (nor their round-off)
-        G = _segment_cumsum(g, jnp.broadcast_to(resets if resets.ndim == 4 else resets[..., None], g.shape))
+        G = segment_cumsum(g, resets if resets.ndim == 4 else resets[..., None], axis=2)
     r = jnp.zeros((b, n, c, 1), jnp.int32) if resets is None else jnp.cumsum(resets.astype(jnp.int32), axis=2)
     if r.ndim == 3:
         r = r[..., None]  # [B, N, C, H or 1]
@@ -166,6 +156,19 @@ class ChannelDecays(NamedTuple):
     rq: jax.Array
 
 
+def _with_read_sums(G, r, seg, read_before_update: bool) -> ChannelDecays:
+    """:class:`ChannelDecays` from the inclusive sums ``G`` and reset counts ``r``; reading before
+    the update (RWKV-6's bonus form) reads with the sums up to the previous token, and a segment
+    start counts as a reset for its own read (``seg``: ``[B, 1, N, C, 1]`` resets or None)."""
+    if not read_before_update:
+        return ChannelDecays(G, r, G, r)
+    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
+    Gq, rq = shift(G), shift(r)
+    if seg is not None:
+        rq = rq + seg.astype(jnp.int32)
+    return ChannelDecays(G, r, Gq, rq)
+
+
 def channel_decays(g: jax.Array, segment_resets: jax.Array | None, dtype, *,
                    read_before_update: bool = False) -> ChannelDecays:
     """:class:`ChannelDecays` of chunked log decays ``g: [B, H, N, C, Kg]`` and chunked segment
@@ -180,15 +183,9 @@ def channel_decays(g: jax.Array, segment_resets: jax.Array | None, dtype, *,
     g = jnp.where(full, jnp.zeros((), dtype), g)
     seg = None if segment_resets is None else segment_resets[:, None, :, :, None]  # [B, 1, N, C, 1]
     resets = full if seg is None else full | seg
-    G = jax.lax.associative_scan(_segment_combine, (resets, g), axis=3)[1]
+    G = segment_cumsum(g, resets, axis=3)
     r = jnp.cumsum(resets.astype(jnp.int32), axis=3)
-    if not read_before_update:
-        return ChannelDecays(G, r, G, r)
-    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
-    Gq, rq = shift(G), shift(r)
-    if seg is not None:
-        rq = rq + seg.astype(jnp.int32)
-    return ChannelDecays(G, r, Gq, rq)
+    return _with_read_sums(G, r, seg, read_before_update)
 
 
 def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -235,10 +232,4 @@ def uniform_channel_decays(g: jax.Array, segment_resets: jax.Array | None, dtype
     else:
         seg = segment_resets[:, None, :, :, None]  # [B, 1, N, C, 1]
         r = jnp.cumsum(seg.astype(jnp.int32), axis=3)
-    if not read_before_update:
-        return ChannelDecays(G, r, G, r)
-    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
-    Gq, rq = shift(G), shift(r)
-    if seg is not None:
-        rq = rq + seg.astype(jnp.int32)
-    return ChannelDecays(G, r, Gq, rq)
+    return _with_read_sums(G, r, seg, read_before_update)

@@ -57,7 +57,7 @@ from memjax.memory.chunking import chunk_decays, pad_time, to_chunks, to_head_ch
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_impl, check_mode,
                                     check_scale, check_segment_ids, check_sequence, check_shape, check_state,
                                     operand_dtype, output_dtype, shape_of, state_dtype)
-from memjax.memory.segments import segment_resets
+from memjax.memory.segments import segment_cumsum, segment_resets
 
 __all__ = ["MODES", "Mamba3State", "mamba3"]
 
@@ -217,19 +217,12 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
     return nonfinite.poison_outputs(y, state, mask)
 
 
-def _segment_combine(a, b):
-    fa, xa = a
-    fb, xb = b
-    return fa | fb, jnp.where(fb, xb, xa + xb)
-
-
 def _segment_cumsum(v: jax.Array, resets: jax.Array | None) -> jax.Array:
     """Inclusive cumulative sum over time (axis 1) of ``v [batch, T, ...]``, restarted where
     ``resets [batch, T]`` is True (a document's angles never carry another's, nor its round-off)."""
     if resets is None:
         return jnp.cumsum(v, axis=1)
-    starts = jnp.broadcast_to(resets.reshape(resets.shape + (1,) * (v.ndim - 2)), v.shape)
-    return jax.lax.associative_scan(_segment_combine, (starts, v), axis=1)[1]
+    return segment_cumsum(v, resets.reshape(resets.shape + (1,) * (v.ndim - 2)), axis=1)
 
 
 def _rotate(v: jax.Array, phi: jax.Array | None) -> jax.Array:

@@ -23,6 +23,21 @@ def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
     return segment_ids != previous
 
 
+def _add_unless_restart(a, b):
+    """Combine of the segmented sum: ``b``'s run restarts (drops ``a``'s sum) where it is flagged."""
+    (ra, sa), (rb, sb) = a, b
+    return ra | rb, jnp.where(rb, sb, sa + sb)
+
+
+def segment_cumsum(x: jax.Array, starts: jax.Array, axis: int) -> jax.Array:
+    """Inclusive cumulative sum of ``x`` along ``axis``, restarted where ``starts`` (bool,
+    broadcastable to ``x``) is True. The restart is a ``where``, not a subtraction, so a value
+    depends only on its own segment's entries, bit for bit, whatever the others hold (a NaN or
+    inf in another document never reaches it)."""
+    starts = jnp.broadcast_to(starts, x.shape)
+    return jax.lax.associative_scan(_add_unless_restart, (starts, x), axis=axis)[1]
+
+
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
     """``[B, T]`` bool, True at the first token of every segment (``t = 0`` included)."""
     return segment_resets(segment_ids).at[:, 0].set(True)

@@ -196,6 +196,17 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def token_shift(x: jax.Array, segment_ids: jax.Array | None, last: jax.Array | None) -> jax.Array:
+    """RWKV's token shift: the previous token's input for every position of ``x [B, T, d]``.
+
+    ``last [B, d]`` (a decoding cache) stands before ``t = 0``, zeros if None; every document start
+    of ``segment_ids [B, T]`` gets zeros (the shift never crosses documents)."""
+    first = jnp.zeros_like(x[:, :1]) if last is None else last[:, None].astype(x.dtype)
+    prev = jnp.concatenate([first, x[:, :-1]], axis=1)
+    same = same_segment_as_shifted(segment_ids, 1)
+    return prev if same is None else jnp.where(same.at[:, 0].set(True)[..., None], prev, 0)
+
+
 class ShortConv(nnx.Module):
     """Causal depthwise 1-D convolution over time, ``y_t = sum_i w_i * x_{t-i}`` (width ``W``).
 

@@ -38,10 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.memory.dplr import MODES, dplr_delta_rule
-from memjax.memory.segments import same_segment_as_shifted
 from memjax.nn.associative import decoding_mode
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, l2_normalize, param
+from memjax.nn.layers import Linear, l2_normalize, param, token_shift
 from memjax.nn.registry import register_block
 from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_positive
 from memjax.nn.vector_gated import RWKV6Cache
@@ -118,14 +117,6 @@ class RWKV7(Block):
         self.gn_scale = param(rngs, nnx.initializers.ones, (d,), ("heads",))
         self.gn_bias = param(rngs, nnx.initializers.zeros, (d,), ("heads",))
 
-    def _shifted(self, x, segment_ids, last):
-        """The previous token's input: ``last [B, d]`` (cache) or zeros before ``t = 0``, and zeros at
-        every document start (the token shift never crosses documents)."""
-        first = jnp.zeros_like(x[:, :1]) if last is None else last[:, None].astype(x.dtype)
-        prev = jnp.concatenate([first, x[:, :-1]], axis=1)
-        same = same_segment_as_shifted(segment_ids, 1)
-        return prev if same is None else jnp.where(same.at[:, 0].set(True)[..., None], prev, 0)
-
     def _time_mix(self, x, prev):
         """``(r, k, v, a, b, g, gate)``: the memory's inputs ``[B, T, H, K]`` (``g`` float32) and the
         output gate ``[B, T, d]``."""
@@ -168,7 +159,7 @@ class RWKV7(Block):
         if cache is not None:
             check_no_segments(type(self).__name__, segment_ids)
         x = x.astype(self.dtype)
-        prev = self._shifted(x, segment_ids, None if cache is None else cache.shift)
+        prev = token_shift(x, segment_ids, None if cache is None else cache.shift)
         r, k, v, a, b, g, gate = self._time_mix(x, prev)
         if cache is None:
             o, _ = self._memory(r, k, v, a, b, g, segment_ids=segment_ids)

@@ -31,10 +31,9 @@ from flax import nnx
 
 from memjax.kernels.chunk_pass import IMPLS as CHUNK_IMPLS
 from memjax.memory.linear import linear_attention
-from memjax.memory.segments import same_segment_as_shifted
 from memjax.nn.associative import MODES, AssociativeCache, LinearAttention, decoding_mode
 from memjax.nn.block import Block
-from memjax.nn.layers import Linear, RMSNorm, param
+from memjax.nn.layers import Linear, RMSNorm, param, token_shift
 from memjax.nn.registry import register_block
 from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_positive, check_range
 
@@ -210,14 +209,6 @@ class RWKV6(_VectorBlock):
         self.gn_bias = param(rngs, nnx.initializers.zeros, (d,), ("heads",))
         self.mix_rank, self.eps = mix_rank, norm_eps
 
-    def _shifted(self, x, segment_ids, last):
-        """The previous token's input: ``last [B, d]`` (cache) or zeros before ``t = 0``, and zeros at
-        every document start (the token shift never crosses documents)."""
-        first = jnp.zeros_like(x[:, :1]) if last is None else last[:, None].astype(x.dtype)
-        prev = jnp.concatenate([first, x[:, :-1]], axis=1)
-        same = same_segment_as_shifted(segment_ids, 1)
-        return prev if same is None else jnp.where(same.at[:, 0].set(True)[..., None], prev, 0)
-
     def _time_mix(self, x, prev):
         b, t, d = x.shape
         dx = prev - x
@@ -245,7 +236,7 @@ class RWKV6(_VectorBlock):
         if cache is not None:
             check_no_segments(type(self).__name__, segment_ids)
         x = x.astype(self.dtype)
-        prev = self._shifted(x, segment_ids, None if cache is None else cache.shift)
+        prev = token_shift(x, segment_ids, None if cache is None else cache.shift)
         r, k, v, g, gate = self._time_mix(x, prev)
         u = self.u[...]
         if cache is None:
