@@ -27,6 +27,7 @@ def test_aliases_name_known_mechanisms():
 # exp(44) on the keys and exp(-44) on the queries must not cost accuracy. (Kept here, next to the
 # benchmark that motivated the route; tests/test_vector_gates.py covers both routes against a
 # float64 reference.)
+@pytest.mark.slow
 @pytest.mark.parametrize("per_token", [-0.68, -0.75])  # chunk sums 43.5 (tame) and 48 (general)
 def test_vector_gate_routes_at_the_float32_limit(per_token):
     import jax

@@ -89,7 +89,7 @@ FORMS = [("recurrent", 4), ("chunked", 4)]
 
 @pytest.mark.parametrize("nh,packed,T,forms", [
     # (n_h = 1 is also delta_rule bit for bit, a default test; delta_rule has its own reference tests)
-    pytest.param(1, False, 13, FORMS, marks=pytest.mark.slow), (2, True, 13, FORMS), (3, False, 13, FORMS),
+    pytest.param(1, False, 13, FORMS, marks=pytest.mark.slow), pytest.param(2, True, 13, FORMS, marks=pytest.mark.slow), (3, False, 13, FORMS),
     pytest.param(2, True, 37, FORMS + [("chunked", 64)], marks=pytest.mark.slow),
     pytest.param(3, True, 37, FORMS + [("chunked", 64)], marks=pytest.mark.slow)])
 def test_forms_match_reference_with_gradients(x64, nh, packed, T, forms):
@@ -107,6 +107,7 @@ def test_forms_match_reference_with_gradients(x64, nh, packed, T, forms):
         assert_close(got, ref, TOL64, (nh, mode, c))
 
 
+@pytest.mark.slow
 def test_no_decay_default_scale_negative_eigenvalues(x64):
     """g = None, default scale, zero initial state, beta in [1.5, 2] (n_h = 2): the product of two
     near-reflections per token; chunked == recurrent == reference with gradients."""
@@ -314,6 +315,7 @@ call_packed = nnx.jit(lambda b, x, seg: b(x, segment_ids=seg))
 call_cached = nnx.jit(lambda b, x, cache: b(x, cache=cache))
 
 
+@pytest.mark.slow
 def test_block_prefill_then_steps_match_full_sequence():
     """n_h = 3, negative eigenvalues: prefill 2 tokens (fewer than the conv width), then single
     steps; == the full-sequence (chunked) call."""

@@ -63,7 +63,7 @@ def value_and_grads(fn, q, k, v, beta, g, s0, co, cs, jit=True):
 REC, C7, C10, C64 = ("recurrent", 64), ("chunked", 7), ("chunked", 10), ("chunked", 64)
 
 
-@pytest.mark.parametrize("T,packed,forms", [(63, False, [REC, C7, C10, C64]),
+@pytest.mark.parametrize("T,packed,forms", [pytest.param(63, False, [REC, C7, C10, C64], marks=pytest.mark.slow),
                                             (63, True, [REC, C10]),
                                             (1, False, [C10])])
 def test_forms_match_reference(x64, T, packed, forms):

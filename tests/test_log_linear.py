@@ -425,7 +425,8 @@ def _blocks():
                                    rngs=nnx.Rngs(1))]
 
 
-@pytest.mark.parametrize("which", [pytest.param(0, marks=pytest.mark.slow), 1])
+@pytest.mark.slow  # tests/test_decoding.py decodes every registered block by default
+@pytest.mark.parametrize("which", [0, 1])
 def test_block_prefill_then_steps_match_full_sequence(which):
     """Prefill 2 tokens (fewer than the conv width), then single steps, == the full-sequence
     (chunked) call; the cache keeps its structure and counts positions."""

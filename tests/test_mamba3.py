@@ -351,7 +351,8 @@ call = nnx.jit(lambda blk, x: blk(x))
 call_cached = nnx.jit(lambda blk, x, cache: blk(x, cache=cache))
 
 
-@pytest.mark.parametrize("rank", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # tests/test_decoding.py decodes every registered block by default
+@pytest.mark.parametrize("rank", [1, 2])
 def test_block_prefill_then_steps_match_full_sequence(rank):
     blk = Mamba3(32, num_heads=2, d_state=8, mimo_rank=rank, chunk_size=4, rngs=nnx.Rngs(rank))
     assert get_block("mamba3") is Mamba3 and get_block("M3") is Mamba3

@@ -46,7 +46,8 @@ def _reference(q, k, v, i, f, segment_ids=None):
     return out
 
 
-FORMS = [("recurrent", 64), ("chunked", 64), ("chunked", 8), ("chunked", 5)]
+FORMS = [("recurrent", 64), pytest.param("chunked", 64, marks=pytest.mark.slow),
+         pytest.param("chunked", 8, marks=pytest.mark.slow), ("chunked", 5)]
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -65,7 +66,7 @@ def test_forms_match_reference(x64, mode, chunk, packed):
         assert rel_err(a, b_) < TOL64
 
 
-@pytest.mark.parametrize("mode", ["recurrent", "chunked"])
+@pytest.mark.parametrize("mode", [pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
 def test_chaining_two_halves_equals_one_pass(x64, mode):
     t, cut = 40, 17
     q, k, v, i, f = _inputs(5, t)
@@ -95,6 +96,7 @@ def test_packed_equals_separate_documents_and_initial_state_reaches_only_the_fir
             assert rel_err(a, b_) < TOL64
 
 
+@pytest.mark.slow
 def test_empty_state_is_the_default_and_zero_m_gives_the_same_outputs(x64):
     q, k, v, i, f = _inputs(3, 12)
     y, _ = mlstm(q, k, v, i, f)
@@ -106,6 +108,7 @@ def test_empty_state_is_the_default_and_zero_m_gives_the_same_outputs(x64):
     np.testing.assert_array_equal(y_empty, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["recurrent", "chunked"])
 def test_large_input_gate_does_not_overflow(mode):
     """``i = 50`` (``exp(50) ~ 5e21``, and ``exp(100)`` overflows float32 outright): finite, and
@@ -125,7 +128,7 @@ def test_large_input_gate_does_not_overflow(mode):
     assert all(bool(jnp.isfinite(x).all()) for x in g)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gradients_agree_between_forms(x64, packed):
     t = 21
     args = _inputs(13, t)
@@ -143,6 +146,7 @@ def test_gradients_agree_between_forms(x64, packed):
         assert rel_err(b_, a) < 1e-9
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(x64):
     q, k, v, i, f = _inputs(17, 9)
     fn = lambda i, f: jnp.sum(jnp.cos(mlstm(q, k, v, i, f, chunk_size=4)[0]))  # noqa: E731
@@ -164,6 +168,7 @@ def test_bf16_matches_float32_and_dtypes():
     assert rel_rmse(y16, y32) < 2e-2
 
 
+@pytest.mark.slow
 def test_custom_scale_scales_k(x64):
     q, k, v, i, f = _inputs(23, 10)
     y, _ = mlstm(q, k, v, i, f, scale=0.3, chunk_size=4)
@@ -205,6 +210,7 @@ def test_block_is_registered():
     assert get_block("mlstm") is MLSTM and get_block("mL") is MLSTM
 
 
+@pytest.mark.slow
 def test_block_forget_gate_starts_near_one():
     blk = MLSTM(d_model=32, num_heads=4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, 32))
@@ -215,6 +221,7 @@ def test_block_forget_gate_starts_near_one():
 
 
 @pytest.mark.parametrize("conv_width", [0, 4])
+@pytest.mark.slow
 def test_block_prefill_then_steps_equal_forward_and_forms_agree(conv_width):
     blk = MLSTM(d_model=32, num_heads=2, conv_width=conv_width, chunk_size=4, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (2, 13, 32))
@@ -234,6 +241,7 @@ def test_block_prefill_then_steps_equal_forward_and_forms_agree(conv_width):
         blk(x[:, :1], cache=cache, segment_ids=jnp.zeros((2, 1), jnp.int32))
 
 
+@pytest.mark.slow
 def test_block_packed_equals_separate_documents():
     blk = MLSTM(d_model=32, num_heads=2, chunk_size=4, rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (2, 14, 32))
@@ -243,6 +251,7 @@ def test_block_packed_equals_separate_documents():
     np.testing.assert_allclose(y[:, 6:], blk(x[:, 6:]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_block_gradients_are_finite_and_reach_every_parameter():
     blk = MLSTM(d_model=32, num_heads=2, rngs=nnx.Rngs(5))
     x = jax.random.normal(jax.random.key(6), (2, 10, 32))

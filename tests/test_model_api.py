@@ -18,9 +18,11 @@ from memjax.nn.layers import logical_axes
 from memjax.nn.registry import block_kwargs, get_block, known_names
 
 BLOCKS = sorted(n for n in known_names() if "=" not in n)
+# built in the slow run only: variants that share their constructor path with a block that stays
+VARIANTS = {"linear_attn", "gla", "deltanet", "hgrn2", "titans_mal", "pkm", "stem_ffn"}
 
 
-@pytest.mark.parametrize("name", BLOCKS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in BLOCKS])
 def test_every_block_builds_from_d_model_and_rngs_alone(name):
     cls = get_block(name)
     model_args, _ = block_kwargs(cls)
@@ -28,10 +30,11 @@ def test_every_block_builds_from_d_model_and_rngs_alone(name):
     blk = cls(d_model=32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, 32))
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
-    y = blk(x, tokens=tokens)
+    # jitted: eager dispatch of a chunked memory's many small ops took up to 5x longer than compiling
+    y = nnx.jit(lambda m, x, t: m(x, tokens=t))(blk, x, tokens)
     assert y.shape == x.shape and y.dtype == x.dtype
     cache = blk.init_cache(2, 16)
-    y2, cache2 = blk(x, tokens=tokens, cache=cache)
+    y2, cache2 = nnx.jit(lambda m, x, t, c: m(x, tokens=t, cache=c))(blk, x, tokens, cache)
     np.testing.assert_allclose(y2, y, rtol=2e-4, atol=2e-4)
     assert jax.tree.structure(cache2) == jax.tree.structure(cache)
     for _, var in nnx.to_flat_state(nnx.state(blk, nnx.Param)):

@@ -42,7 +42,8 @@ def single_device_step():
 
 
 @pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
-                                  pytest.param((2, 1, 4, 1), marks=pytest.mark.slow), (1, 2, 2, 2)])
+                                  pytest.param((2, 1, 4, 1), marks=pytest.mark.slow),
+                                  pytest.param((1, 2, 2, 2), marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device(mesh, single_device_step):
     """One train step of a hybrid with one block of every family present, on three
     (data, fsdp, seq, tensor) meshes that use every axis; seq > 1 splits the time axis

@@ -111,6 +111,7 @@ def test_s4d_eigenvalues_start_at_the_chosen_init():
             np.testing.assert_allclose(np.asarray(A[3]), hippo.S4D_INITS[init](8), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_d_model_and_rngs_suffice():
     for cls in (S4D, Mamba2, RGLRUBlock, SlidingWindowSSM):
         blk = cls(64, rngs=nnx.Rngs(0))

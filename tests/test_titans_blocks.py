@@ -23,6 +23,7 @@ _call = nnx.jit(lambda b, x: b(x))
 _call_cached = nnx.jit(lambda b, x, cache: b(x, cache=cache))
 
 
+@pytest.mark.slow  # tests/test_decoding.py decodes titans_mag by default
 @pytest.mark.parametrize("cls,opts", [(TitansMAG, {}), (TitansMAL, {"depth": 2, "activation": "gelu"})])
 def test_block_prefill_then_steps_match_full_sequence(cls, opts):
     """Prefill 5 tokens (a chunk and a partial one), then decode 16 one by one (crossing chunk
@@ -70,6 +71,7 @@ def test_block_parameters_and_options():
     _block(TitansMAL, chunk_size=8, depth=2)
 
 
+@pytest.mark.slow  # tests/test_model_api.py builds every block from d_model and rngs
 def test_block_defaults_suffice():
     x = jnp.ones((1, 3, 64))
     for cls in (TitansMAG, TitansMAL):

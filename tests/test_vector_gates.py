@@ -92,7 +92,8 @@ def assert_all_close(got, want, tol, what=""):
 # ----------------------------------------------------------------------------- forms vs reference
 
 
-@pytest.mark.parametrize("vector,bonus,packed", [(True, False, False), (True, True, True), (False, True, False)])
+@pytest.mark.parametrize("vector,bonus,packed", [pytest.param(True, False, False, marks=pytest.mark.slow), (True, True, True),
+                                                 pytest.param(False, True, False, marks=pytest.mark.slow)])
 def test_chunked_recurrent_reference_agree(x64, vector, bonus, packed):
     # T = 37 with chunk 16: a padded tail; K = 4 channels with different decays; with packing
     # the segments start inside and at the edge of chunks and sub-chunks.
@@ -130,6 +131,7 @@ def test_packed_segments_equal_separate_documents(x64):
         assert_all_close(o, jnp.concatenate(parts, 1), TOL64, mode)
 
 
+@pytest.mark.slow
 def test_minus_inf_resets_a_channel(x64):
     q, k, v, g, u, s0, co, cs = make(bonus=False)
     g = g.at[0, 10, 0, 1].set(-jnp.inf).at[1, 16, 1, :].set(-jnp.inf).at[0, 31, 1, 3].set(-jnp.inf)
@@ -145,6 +147,7 @@ def test_minus_inf_resets_a_channel(x64):
     np.testing.assert_array_equal(s_a[0, 0, 1], s_b[0, 0, 1])
 
 
+@pytest.mark.slow
 def test_strong_decay_is_finite_float32():
     q, k, v, g, u, s0, co, cs = make(T=40, bonus=True, dtype=np.float32)
     g = jnp.full_like(g, -30.0).at[:, ::3].set(-1e-3)
@@ -166,6 +169,7 @@ def test_bf16_inputs_are_close_to_float64():
     assert rel_err(o, want[0]) < 3e-2 and rel_err(s, want[1]) < 3e-2
 
 
+@pytest.mark.slow
 def test_grouped_value_heads_equal_repeated_qk(x64):
     q, k, v, g, u, s0, co, cs = make(H=2, HV=4, bonus=True)
     rep = lambda x: jnp.repeat(x, 2, axis=2)
