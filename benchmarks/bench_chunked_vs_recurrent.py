@@ -1,6 +1,6 @@
 """Chunked vs token-by-token recurrent form of every chunked sequence memory, forward + backward.
 
-    python -m benchmarks.bench_chunked_vs_recurrent                 # T = 4096, best of 3 (~3 min on 2 cores)
+    python -m benchmarks.bench_chunked_vs_recurrent                 # T = 4096, best of 3 (~8 min on 2 cores)
     python -m benchmarks.bench_chunked_vs_recurrent --T 1024 4096 --repeats 5
     python -m benchmarks.bench_chunked_vs_recurrent --ops vector_g delta_product --json /tmp/x.json
     python -m benchmarks.bench_chunked_vs_recurrent --ops strong   # vector g, general (strong-decay) route
@@ -11,8 +11,9 @@ For each mechanism and length: the best wall time of one jitted ``value_and_grad
 times faster the chunked form is). Issue 18 asks for >= 10x at T = 4096 on CPU.
 
 Shapes: the matrix memories use B = 1, H = 4, K = V = 64, float32, chunk 64 (the library
-default); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) B = 1, H = 4,
-P = 64, N = 64. Writes ``benchmarks/results/chunked_vs_recurrent.json`` (or ``--json``).
+default); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) and ``mamba3`` B = 1, H = 4,
+P = 64, N = 64. The log-linear recurrent forms keep an ``[L, K, V]`` stack per token for the
+backward (~3.5 GB at T = 4096): they are decoding forms. Writes ``benchmarks/results/chunked_vs_recurrent.json`` (or ``--json``).
 """
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ import jax.numpy as jnp
 from benchmarks.runner import Table, loss_and_grad, time_fn
 from memjax.memory.delta import delta_rule
 from memjax.memory.delta_product import delta_product
+from memjax.memory.dplr import dplr_delta_rule
+from memjax.memory.gdn2 import gdn2
 from memjax.memory.linear import linear_attention
+from memjax.memory.log_linear import log_linear_attention, num_levels
+from memjax.memory.log_linear_delta import log_linear_delta_rule
 from memjax.memory.mamba1 import mamba1_scan
+from memjax.memory.mamba3 import mamba3
 from memjax.memory.mlstm import mlstm
 from memjax.memory.ssm import selective_scan
 
@@ -109,6 +115,66 @@ def selective_case(T, mode):
     return loss_and_grad(fn, (0, 1, 2, 3)), (x, dt, Bm, Cm)
 
 
+def kda_case(T, mode):
+    ks = jax.random.split(jax.random.key(6), 4)
+    q, k, v = _normal(ks[0], 3, (B, T, H, K))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[1], (B, T, H)))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)) + 3.0)
+    fn = lambda q, k, v, beta, g: delta_rule(q, _unit(k), v, beta, g=g, mode=mode)
+    return loss_and_grad(fn, (0, 1, 2, 3, 4)), (q, k, v, beta, g)
+
+
+def gdn2_case(T, mode):
+    ks = jax.random.split(jax.random.key(7), 5)
+    q, k, v = _normal(ks[0], 3, (B, T, H, K))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[1], (B, T, H, K)) + 3.0)
+    b = jax.nn.sigmoid(jax.random.normal(ks[2], (B, T, H, K)))
+    w = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, V)))
+    fn = lambda q, k, v, g, b, w: gdn2(q, _unit(k), v, g, b, w, mode=mode)
+    return loss_and_grad(fn, (0, 1, 2, 3, 4, 5)), (q, k, v, g, b, w)
+
+
+def dplr_case(T, mode):
+    """The RWKV-7 regime: a = -kappa, b = kappa * a_gate with a unit kappa (contracting transitions)."""
+    ks = jax.random.split(jax.random.key(8), 5)
+    q, k, v, kappa = _normal(ks[0], 4, (B, T, H, K))
+    gate = jax.nn.sigmoid(jax.random.normal(ks[1], (B, T, H, K)))
+    g = -jnp.exp(-0.5) * jax.nn.sigmoid(jax.random.normal(ks[2], (B, T, H, K)))
+
+    def fn(q, k, v, kappa, gate, g):
+        kh = _unit(kappa)
+        return dplr_delta_rule(q, k * K ** -0.5, v, -kh, kh * gate, g, mode=mode)
+
+    return loss_and_grad(fn, (0, 1, 2, 3, 4, 5)), (q, k, v, kappa, gate, g)
+
+
+def log_linear_case(T, mode, *, delta=False):
+    ks = jax.random.split(jax.random.key(9), 4)
+    q, k, v = _normal(ks[0], 3, (B, T, H, K))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[1], (B, T, H)) + 3.0)
+    lam = jax.nn.softplus(jax.random.normal(ks[2], (B, T, H, num_levels(T))))
+    if delta:
+        beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+        fn = lambda q, k, v, g, lam, beta: log_linear_delta_rule(q, _unit(k), v, beta, lam, g=g, mode=mode)
+        return loss_and_grad(fn, (0, 1, 2, 3, 4, 5)), (q, k, v, g, lam, beta)
+    fn = lambda q, k, v, g, lam: log_linear_attention(q, k, v, g, lam, mode=mode)
+    return loss_and_grad(fn, (0, 1, 2, 3, 4)), (q, k, v, g, lam)
+
+
+def mamba3_case(T, mode):
+    """SISO with rotations on half the state pairs, the trapezoid weight lam data dependent."""
+    p, n = 64, 64
+    ks = jax.random.split(jax.random.key(10), 5)
+    x = jax.random.normal(ks[0], (B, T, H, p))
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (B, T, H)) - 2.0)
+    A = -jnp.linspace(1.0, 4.0, H)
+    Bm, Cm = _normal(ks[2], 2, (B, T, 1, n)) * n ** -0.5
+    lam = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    theta = jax.random.normal(ks[4], (B, T, H, n // 4))
+    fn = lambda x, dt, Bm, Cm, lam, theta: mamba3(x, dt, A, Bm, Cm, lam=lam, theta=theta, mode=mode)
+    return loss_and_grad(fn, (0, 1, 2, 3, 4, 5)), (x, dt, Bm, Cm, lam, theta)
+
+
 OPS = {
     "linear_attention_scalar_g": lambda T, mode: linear_case(T, mode, gate="scalar"),
     "linear_attention_vector_g": lambda T, mode: linear_case(T, mode, gate="vector"),
@@ -118,6 +184,12 @@ OPS = {
     "mlstm": mlstm_case,
     "mamba1_scan": mamba1_case,
     "selective_scan": selective_case,
+    "kda": kda_case,
+    "gdn2": gdn2_case,
+    "dplr_delta_rule": dplr_case,
+    "log_linear_attention": log_linear_case,
+    "log_linear_delta_rule": lambda T, mode: log_linear_case(T, mode, delta=True),
+    "mamba3": mamba3_case,
 }
 # Not in the default run: the vector-gate chunked form's slower general route (strong decays).
 EXTRA = {"linear_attention_vector_g_strong": lambda T, mode: linear_case(T, mode, gate="strong")}
@@ -155,7 +227,8 @@ def main(argv=None):
                           "ratio = recurrent / chunked",
                   "shapes": {"matrix_memories": dict(B=B, H=H, K=K, V=V, chunk=64),
                              "mamba1_scan": dict(B=B, D=256, N=16, chunk=16),
-                             "selective_scan": dict(B=B, H=H, P=64, N=64)},
+                             "selective_scan": dict(B=B, H=H, P=64, N=64),
+                             "mamba3": dict(B=B, H=H, P=64, N=64, rotated_pairs=16)},
                   "repeats": args.repeats})
 
 
