@@ -151,8 +151,8 @@ def test_poison_detects_an_unwritten_value_block(x64):
 
 
 @pytest.mark.parametrize("t", [1, pytest.param(63, marks=pytest.mark.slow), pytest.param(100, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("fn", [pytest.param("gla", marks=pytest.mark.slow), "gated_delta",
-                                pytest.param("ssd", marks=pytest.mark.slow)])
+@pytest.mark.slow  # (tests/test_chunk_pass_tpu.py runs memories through a kernel in interpret mode by default)
+@pytest.mark.parametrize("fn", ["gla", "gated_delta", "ssd"])
 def test_memories_with_the_kernel_match_recurrent_float64(x64, fn, t):
     """linear_attention / delta_rule / selective_scan with impl='pallas' (interpreted) == the
     token-by-token form: outputs, final state and gradients, with a decay, an initial state and

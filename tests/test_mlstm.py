@@ -66,7 +66,8 @@ def test_forms_match_reference(x64, mode, chunk, packed):
         assert rel_err(a, b_) < TOL64
 
 
-@pytest.mark.parametrize("mode", [pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["recurrent", "chunked"])
 def test_chaining_two_halves_equals_one_pass(x64, mode):
     t, cut = 40, 17
     q, k, v, i, f = _inputs(5, t)

@@ -80,6 +80,7 @@ def test_block_defaults_suffice():
     assert SlidingWindowAttention(64, rngs=nnx.Rngs(0))(x).shape == (1, 3, 4, 16)
 
 
+@pytest.mark.slow
 def test_block_memory_public_pieces_agree():
     """NeuralMemory's pieces: the call is o_norm(update(project(x))); a read of the final weights
     (retrieve) at the last query is the last output (o_t reads M_t after its write); decoding
