@@ -12,15 +12,27 @@ step adds ``G_t - G_s`` without the gates of the past. ``g = -inf`` is a full re
 after it sees no key before it (computed as a mask, never as ``-inf - -inf``).
 
 Implementations of :func:`causal_attention` (``impl``):
-  ``"xla"``    the masked softmax written out here (forms the ``[B, H, T, S]`` logits; every case).
-  ``"cudnn"``  cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16 /
-               f16, causal self-attention with an optional sliding window; no packed segments,
-               explicit positions or cache masks). A forget gate goes in as a dense bias
-               ``[B, H, T, T]`` in ``q``'s dtype (cuDNN's ``bias`` argument, differentiated by
-               cuDNN's ``dbias``); only on request: bf16 rounds ``D`` by up to ``|D| / 256``.
-  ``"auto"``   cuDNN where it applies *and* the device is in ``VERIFIED_DEVICES`` (it has run this
-               library's checks there); XLA otherwise. None is verified yet: ``auto`` is XLA. With a
-               forget gate ``auto`` is XLA on every device (the XLA form keeps ``D`` in float32).
+
+- ``"xla"`` the masked softmax written out here (forms the ``[B, H, T, S]`` logits; every case).
+- ``"cudnn"`` cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16 /
+  f16, causal self-attention with an optional sliding window; no packed segments,
+  explicit positions or cache masks). A forget gate goes in as a dense bias
+  ``[B, H, T, T]`` in ``q``'s dtype (cuDNN's ``bias`` argument, differentiated by
+  cuDNN's ``dbias``); only on request: bf16 rounds ``D`` by up to ``|D| / 256``.
+- ``"chunked"`` the online-softmax recurrence over key/value blocks
+  (:mod:`memjax.memory.flash_attention`, Rabe & Staats 2021 / FlashAttention-2): O(T)
+  memory forward and backward (a ``custom_vjp`` that recomputes each block), every case
+  the XLA form covers; with default positions it visits only the key blocks a query
+  block can see (causal, window).
+- ``"splash"`` JAX's own Pallas TPU splash-attention kernel through
+  :mod:`memjax.kernels.splash_attention` (causal, window, packed segments, GQA; T and S
+  multiples of 128; no explicit positions, cache masks or forget gate); TPU targets,
+  on CPU only with ``interpret=True`` (tests).
+- ``"auto"`` cuDNN (GPU) or splash (TPU) where it applies *and* the device is in ``VERIFIED_DEVICES`` (it has run this
+  library's checks there); otherwise ``"chunked"`` when queries and keys both number at
+  least ``CHUNKED_MIN_LENGTH`` (measured on XLA:CPU, benchmarks/bench_attention.py), XLA
+  below. None is verified yet. With a forget gate cuDNN is never chosen by ``auto``
+  (the XLA and chunked forms keep ``D`` in float32).
 """
 from __future__ import annotations
 
@@ -29,14 +41,23 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from memjax.kernels import splash_attention as splash
 from memjax.kernels.pallas_common import on_verified_device
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
-from memjax.memory.contract import check_gate, state_dtype
+from memjax.memory.contract import check_floating, check_gate, state_dtype
+from memjax.memory.flash_attention import flash_attention
 from memjax.memory.segments import document_ids, segment_cumsum, segment_starts
 
-IMPLS = ("auto", "xla", "cudnn")
-# backend -> device-kind prefixes where impl="cudnn" has passed the GPU benchmark's comparison
+# Every implementation name in one tuple (a new kernel, e.g. "splash", is one entry here plus its branch).
+IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
+# "auto" takes the chunked path when T and S are both at least this long. XLA:CPU (2 loaded cores,
+# benchmarks/bench_attention.py -> benchmarks/results/attention_cpu.json, B 1, H 8, K 64, f32): at
+# T = 512 the chunked form is 3x faster forward, 2.4x forward + backward, with 3x fewer planned
+# temporaries, and the gap grows with T (16x less memory at 2048). It also won at 256, but short
+# sequences (tests, decoding steps) stay on the dense form, the simpler program to compile.
+CHUNKED_MIN_LENGTH = 512
+# backend -> device-kind prefixes where impl="cudnn" / "splash" has passed the GPU benchmark's comparison
 # with the XLA form. Empty: cuDNN attention has not run under this library yet.
 VERIFIED_DEVICES: dict[str, tuple[str, ...]] = {}
 
@@ -165,12 +186,28 @@ def _check_forget(b, t, s, h, forget_gate, q_gate_cumsum, k_gate_cumsum) -> None
         check_gate(fn, "k_gate_cumsum", k_gate_cumsum, (b, s, h), "[B, S, H]")
 
 
+def _use_splash(impl: str, q, k, v, *, segment_ids, interpret: bool, others: dict) -> bool:
+    """Whether to run JAX's splash kernel: on request (then anything it cannot do is an error), or
+    under ``auto`` where it applies on a TPU target that is in ``VERIFIED_DEVICES``."""
+    if impl not in ("splash", "auto"):
+        return False
+    given = sorted(name for name, x in others.items() if x is not None)
+    platform = "tpu" if interpret and impl == "splash" else target_platform()
+    reason = (f"{', '.join(given)} (causal / window / segment_ids / GQA only)" if given
+              else splash.unsupported(q, k, v, segment_ids=segment_ids, platform=platform))
+    if impl == "splash":
+        if reason:
+            raise ValueError(f"causal_attention: impl='splash' does not support {reason}; use impl='xla' or 'auto'")
+        return True
+    return reason is None and platform == "tpu" and on_verified_device(VERIFIED_DEVICES, "tpu")
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                      segment_ids: jax.Array | None = None, window: int = 0,
                      q_positions: jax.Array | None = None, k_positions: jax.Array | None = None,
                      k_valid: jax.Array | None = None, forget_gate: jax.Array | None = None,
                      q_gate_cumsum: jax.Array | None = None, k_gate_cumsum: jax.Array | None = None,
-                     impl: str = "auto") -> jax.Array:
+                     impl: str = "auto", interpret: bool = False) -> jax.Array:
     """Masked softmax attention; returns ``o: [B, T, H, V]`` (softmax in float32, float64 for float64 inputs).
 
     ``o_t = sum_s softmax_s(scale * q_t . k_s + D_ts) v_s`` over the visible keys ``s`` (causal,
@@ -190,7 +227,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     of the recurrent memories), so an id reused later in the row starts a new document.
     The XLA form keeps non-finite inputs causal (:mod:`memjax.memory.nonfinite`): a NaN key or
     value makes NaN exactly the rows that attend to it, a NaN query its own row.
-    ``impl``: ``"auto" | "xla" | "cudnn"`` (module docstring).
+    ``impl``: ``"auto" | "xla" | "cudnn" | "chunked" | "splash"`` (module docstring).
+    ``interpret``: run the splash kernel in the Pallas interpreter (any backend; tests).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got q{q.shape} k{k.shape} v{v.shape}")
@@ -198,6 +236,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     s, hkv = k.shape[1], k.shape[2]
     if k.shape[0] != b or k.shape[3] != dk or v.shape[:3] != k.shape[:3] or h % hkv:
         raise ValueError(f"k{k.shape} / v{v.shape} do not match q{q.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_floating("causal_attention", name, x)
     if impl not in IMPLS:
         raise ValueError(f"causal_attention: impl must be one of {IMPLS}, got {impl!r}")
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
@@ -209,6 +249,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     if _use_cudnn(impl, reason, forget=forget_gate is not None):
         gate = {} if forget_gate is None else {"forget_gate": forget_gate}
         return fused_attention(q, k, v, scale=scale, window=window, **gate)
+    if _use_splash(impl, q, k, v, segment_ids=segment_ids, interpret=interpret,
+                   others=dict(q_positions=q_positions, k_positions=k_positions, k_valid=k_valid,
+                               forget_gate=forget_gate, q_gate_cumsum=q_gate_cumsum)):
+        return splash.splash_attention(q, k, v, scale=scale, segment_ids=segment_ids, window=window,
+                                       interpret=interpret)
+    if impl == "chunked" or (impl == "auto" and min(t, s) >= CHUNKED_MIN_LENGTH):
+        return _chunked(q, k, v, scale=scale, segment_ids=segment_ids, window=window, q_positions=q_positions,
+                        k_positions=k_positions, k_valid=k_valid, forget_gate=forget_gate,
+                        q_gate_cumsum=q_gate_cumsum, k_gate_cumsum=k_gate_cumsum)
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if k_positions is None:
@@ -264,3 +313,48 @@ def _decay(b, t, s, hkv, r, forget_gate, q_gate_cumsum, k_gate_cumsum, segment_i
     decay = heads(cq, t)[..., :, None] - heads(ck, s)[..., None, :]
     same = None if n is None else heads(n, t)[..., :, None] == heads(n, s)[..., None, :]
     return decay, same
+
+
+def attention_inputs(q, k, v, *, segment_ids=None, forget_gate=None, q_gate_cumsum=None, k_gate_cumsum=None):
+    """The sanitised arrays the blockwise kernels take (:mod:`memjax.memory.flash_attention`):
+    ``(q, k, v, doc [B, T] | None, q_gate, k_gate, resets | None, bad_kv [B, S, H] | None,
+    poisoned [B, T, H] | None)`` with non-finite ``q, k, v`` zeroed, the cumulative gates in
+    float32 (float64 for float64 inputs) and the rows poisoned whatever they see (a bad query,
+    query gate cumsum or, through :func:`memjax.memory.nonfinite.running`, forget gate); the
+    rows that see a bad key are added from the kernel's ``seen``."""
+    h, hkv = q.shape[2], k.shape[2]
+    doc = None if segment_ids is None else document_ids(segment_ids)
+    bad_kv = jnp.repeat(nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3)), h // hkv, axis=2)
+    bad_kv = nonfinite.either(bad_kv, nonfinite.bad(k_gate_cumsum, 3))
+    poisoned = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(q_gate_cumsum, 3))
+    qg = kg = resets = None
+    if forget_gate is not None:
+        qg, resets = gate_cumsums(nonfinite.finite_gate(forget_gate), state_dtype(forget_gate), segment_ids)
+        kg = qg
+        poisoned = nonfinite.either(poisoned, nonfinite.running(nonfinite.bad(forget_gate, 3, gate=True),
+                                                                segment_ids))
+    elif q_gate_cumsum is not None:
+        qg, kg = (nonfinite.finite_or_zero(x).astype(state_dtype(x)) for x in (q_gate_cumsum, k_gate_cumsum))
+    q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
+    return q, k, v, doc, qg, kg, resets, bad_kv, poisoned
+
+
+def _chunked(q, k, v, *, scale, segment_ids, window, q_positions, k_positions, k_valid, forget_gate,
+             q_gate_cumsum, k_gate_cumsum, block_q=None, block_k=None):
+    """``impl="chunked"``: :func:`memjax.memory.flash_attention.flash_attention` on the sanitised
+    inputs, with the XLA form's masks and non-finite rule; output in ``v``'s dtype."""
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    # default positions are aranges: the kernel may skip key blocks by index arithmetic
+    causal_blocks = q_positions is None and k_positions is None
+    q_pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if q_positions is None else q_positions
+    k_pos = jnp.broadcast_to(jnp.arange(s), (b, s)) if k_positions is None else k_positions
+    dtype = v.dtype
+    q, k, v, doc, qg, kg, resets, bad_kv, poisoned = attention_inputs(
+        q, k, v, segment_ids=segment_ids, forget_gate=forget_gate, q_gate_cumsum=q_gate_cumsum,
+        k_gate_cumsum=k_gate_cumsum)
+    o, _, seen = flash_attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, window=window, q_seg=doc,
+                                 k_seg=doc, k_valid=k_valid, q_gate=qg, k_gate=kg, q_resets=resets,
+                                 k_resets=resets, bad_kv=bad_kv, causal_blocks=causal_blocks,
+                                 block_q=block_q, block_k=block_k)
+    return nonfinite.poison(o.astype(dtype), nonfinite.either(poisoned, seen))
