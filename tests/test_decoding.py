@@ -11,17 +11,20 @@ from memjax.model.lm import LM
 from memjax.nn.registry import known_names
 
 
-# In the slow run only (`pytest -m slow`): each shares its decoding code with a block that stays in the default run
-# (linear_attn, gla, deltanet: gated_deltanet's AssociativeCache path; hgrn2: gla_vec's; titans_mal:
-# titans_mag's), keeps no state across tokens (pkm, memory_plus, stem_ffn, mlp), or is decoded by a
-# default test in its own file.
-VARIANTS = {"linear_attn", "gla", "deltanet", "hgrn2", "titans_mal", "pkm", "memory_plus", "stem_ffn", "mlp",
-            # decoded by default in their own files (test_mixture_block, test_ssm_blocks, test_mamba1, test_fox)
-            "mom", "swa_ssm", "rglru", "mamba2", "mamba1", "fox"}
+# The default run decodes the blocks below through the model (scanned layers, stacked caches); every
+# other registered block is decoded here in the slow run only (`pytest -m slow`). Those either share
+# their decoding code with a block listed (linear_attn, gla, deltanet: gated_deltanet's
+# AssociativeCache path; hgrn2: gla_vec's; titans_mal: titans_mag's), keep no state across tokens
+# (pkm, memory_plus, stem_ffn, mlp), or are decoded by a default test in their own file
+# (test_mixture_block, test_ssm_blocks, test_mamba1, test_fox, test_episodic, test_miras, test_move,
+# test_pararnn). A new block gets its default decode test in its own file.
+DEFAULT = {"attention", "gated_deltanet", "gated_deltaproduct", "gdn2", "gla_vec", "hopfield", "kda",
+           "log_linear_gdn", "log_linear_mamba2", "mamba3", "mlstm", "ngram_mem", "rwkv6", "rwkv7", "s4d",
+           "titans_mac", "titans_mag"}
 
 
 def _blocks():
-    return [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n
+    return [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
             for n in sorted(n for n in known_names() if "=" not in n)]
 
 

@@ -19,7 +19,10 @@ from memjax.nn.registry import block_kwargs, get_block, known_names
 
 BLOCKS = sorted(n for n in known_names() if "=" not in n)
 # built in the slow run only: variants that share their constructor path with a block that stays
-VARIANTS = {"linear_attn", "gla", "deltanet", "hgrn2", "titans_mal", "pkm", "stem_ffn"}
+# (linear_attn, gla, deltanet, hgrn2, titans_mal, pkm, stem_ffn) and the blocks whose own test file
+# builds them from keyword arguments by default (test_episodic, test_miras, test_move, test_pararnn)
+VARIANTS = {"linear_attn", "gla", "deltanet", "hgrn2", "titans_mal", "pkm", "stem_ffn",
+            "episodic", "moneta", "yaad", "memora", "move_attention", "pararnn_gru", "pararnn_lstm"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in BLOCKS])

@@ -13,6 +13,9 @@ from memjax.memory.attention import causal_attention, rope
 from memjax.memory.delta import delta_rule
 from memjax.memory.delta_product import delta_product
 from memjax.memory.dplr import dplr_delta_rule
+from memjax.memory.episodic import (EpisodicState, episodic_init, episodic_reset, episodic_retrieve, episodic_write,
+                                    topk_attention)
+from memjax.memory.flash_attention import flash_attention
 from memjax.memory.gdn2 import gdn2
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
@@ -20,16 +23,21 @@ from memjax.memory.log_linear import LogLinearState, log_linear_attention
 from memjax.memory.log_linear_delta import log_linear_delta_rule
 from memjax.memory.mamba1 import mamba1_scan
 from memjax.memory.mamba3 import Mamba3State, mamba3
+from memjax.memory.miras import PRESETS as MIRAS_PRESETS
+from memjax.memory.miras import MirasSpec, miras
+from memjax.memory.miras import preset as miras_preset
 from memjax.memory.mixture import mixture_of_memories
 from memjax.memory.mlstm import mlstm
 from memjax.memory.rg_lru import rglru
+from memjax.memory.ring_attention import ring_attention
 from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "LogLinearState", "Mamba3State", "causal_attention", "contract", "delta_product", "delta_rule",
-    "diagonal_ssm", "dplr_delta_rule", "feature_maps", "gdn2", "hippo", "hopfield_energy",
+    "EpisodicState", "LogLinearState", "MIRAS_PRESETS", "Mamba3State", "MirasSpec", "causal_attention", "contract", "delta_product", "delta_rule",
+    "diagonal_ssm", "dplr_delta_rule", "episodic_init", "episodic_reset",
+    "episodic_retrieve", "episodic_write", "feature_maps", "flash_attention", "gdn2", "hippo", "hopfield_energy",
     "hopfield_retrieval", "linear_attention", "log_linear_attention", "log_linear_delta_rule", "mamba1_scan",
-    "mamba3", "mixture_of_memories", "mlstm", "ngram_memory", "product_keys", "reparam", "rglru", "rope",
-    "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
+    "mamba3", "miras", "miras_preset", "mixture_of_memories", "mlstm", "ngram_memory", "product_keys", "reparam", "rglru", "ring_attention", "rope",
+    "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans", "topk_attention",
 ]

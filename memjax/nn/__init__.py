@@ -9,6 +9,7 @@ from memjax.nn.attention import Attention
 from memjax.nn.fox import ForgettingAttention
 from memjax.nn.block import Block
 from memjax.nn.cache import KVCache, NoCache
+from memjax.nn.episodic import EpisodicAttention, EpisodicCache
 from memjax.nn.hopfield import HopfieldLayer as Hopfield
 from memjax.nn.hybrid import SlidingWindowSSM
 from memjax.nn.kda import GatedDeltaNet2, KimiDeltaAttention
@@ -19,7 +20,9 @@ from memjax.nn.mamba3 import Mamba3, Mamba3Cache
 from memjax.nn.memory_layers import MemoryPlusLayer as MemoryPlus
 from memjax.nn.memory_layers import PKMLayer as ProductKeyMemory
 from memjax.nn.mixture import MixtureOfMemories
+from memjax.nn.miras import Memora, MirasCache, Moneta, Yaad
 from memjax.nn.mlstm import MLSTM
+from memjax.nn.move import MoVEAttention
 from memjax.nn.mlp import GatedMLP
 from memjax.nn.ngram import STEMFFN as STEM
 from memjax.nn.ngram import NgramMemory
@@ -32,11 +35,11 @@ from memjax.nn.titans_mac import TitansMAC
 from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 
 __all__ = [
-    "Attention", "Block", "DeltaNet", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaNet2",
+    "Attention", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaNet2",
     "GatedDeltaProduct", "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield",
     "KimiDeltaAttention", "KVCache", "Linear", "LinearAttention", "LogLinearGatedDeltaNet", "LogLinearMamba2",
-    "LogLinearMamba2Cache", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "MemoryPlus", "MixtureOfMemories",
+    "LogLinearMamba2Cache", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "Memora", "MemoryPlus", "MirasCache", "MixtureOfMemories", "Moneta", "MoVEAttention",
     "MLSTM", "NeuralMemory", "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6",
-    "RWKV7", "S4D", "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL",
+    "RWKV7", "S4D", "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL", "Yaad",
     "get_block", "known_names", "register_block",
 ]
