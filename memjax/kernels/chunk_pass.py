@@ -28,19 +28,20 @@ and ``a = exp(G_last)``; for the gated delta rule ``u = T V`` and ``w = T diag(g
 transform) and ``delta_n`` are the per-token corrections.
 
 Implementations (``impl``):
-  ``"xla"``     ``lax.scan`` over chunks, differentiated by JAX (the reference).
-  ``"pallas"``  one Triton-lowered Pallas kernel for the forward pass and one for the backward
-                (:mod:`memjax.kernels.chunk_pass_pallas`); on CPU only with
-                ``interpret=True`` (tests).
-  ``"pallas_tpu"``  the Mosaic-lowered TPU kernels (:mod:`memjax.kernels.chunk_pass_pallas_tpu`),
-                scalar or per-key-channel decays; for a TPU target (the platform of the mesh's
-                devices, so a CPU host compiling for compile-only TPU devices gets them), on CPU
-                only with ``interpret=True`` (tests).
-  ``"auto"``    the platform's kernel only where ``supports(shape, dtype, backend)`` holds *and*
-                the device is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware);
-                XLA otherwise. No device is verified yet, so ``auto`` is XLA everywhere until a
-                GPU session has run ``tests/test_chunk_recurrence.py`` and the GPU benchmark (or
-                a TPU session ``tests/test_chunk_pass_tpu.py``).
+
+- ``"xla"``     ``lax.scan`` over chunks, differentiated by JAX (the reference).
+- ``"pallas"``  one Triton-lowered Pallas kernel for the forward pass and one for the backward
+  (:mod:`memjax.kernels.chunk_pass_pallas`); on CPU only with
+  ``interpret=True`` (tests).
+- ``"pallas_tpu"``  the Mosaic-lowered TPU kernels (:mod:`memjax.kernels.chunk_pass_pallas_tpu`),
+  scalar or per-key-channel decays; for a TPU target (the platform of the mesh's
+  devices, so a CPU host compiling for compile-only TPU devices gets them), on CPU
+  only with ``interpret=True`` (tests).
+- ``"auto"``    the platform's kernel only where ``supports(shape, dtype, backend)`` holds *and*
+  the device is in ``VERIFIED_DEVICES`` (it has passed its tests on that hardware);
+  XLA otherwise. No device is verified yet, so ``auto`` is XLA everywhere until a
+  GPU session has run ``tests/test_chunk_recurrence.py`` and the GPU benchmark (or
+  a TPU session ``tests/test_chunk_pass_tpu.py``).
 
 Both Pallas paths share one ``custom_vjp`` (the two kernel families take and return the same
 arrays): the backward kernel returns the gradient of every

@@ -13,17 +13,18 @@ accumulate; rows nobody read get exact zeros) and ``d_weights[b, j] = <d_out[b],
 values[indices[b, j]]>``; indices get no gradient.
 
 Implementations (``impl``):
-  ``"xla"``        ``take`` + ``einsum`` forward, ``.at[].add`` backward (the reference).
-  ``"pallas"``     the Pallas kernel for the target platform (``"pallas_gpu"`` on GPU,
-                   ``"pallas_tpu"`` on TPU); on CPU only with ``interpret=True``. The target is
-                   the platform of the mesh set by ``jax.set_mesh`` (so a CPU host compiling for
-                   a TPU topology picks the TPU kernel), else ``jax.default_backend()``
-                   (``memjax.kernels.platform.target_platform``).
-  ``"pallas_gpu"`` / ``"pallas_tpu"``  a kernel family by name (tests run both interpreted).
-  ``"auto"``       a Pallas kernel only where ``kernel.supports(shape, dtype, backend)`` holds
-                   *and* the device is in ``VERIFIED_DEVICES`` (hardware tests passed: so far
-                   the GPU kernel on an H100); XLA otherwise. On CPU ``auto`` is always XLA:
-                   interpret mode is never chosen implicitly.
+
+- ``"xla"``        ``take`` + ``einsum`` forward, ``.at[].add`` backward (the reference).
+- ``"pallas"``     the Pallas kernel for the target platform (``"pallas_gpu"`` on GPU,
+  ``"pallas_tpu"`` on TPU); on CPU only with ``interpret=True``. The target is
+  the platform of the mesh set by ``jax.set_mesh`` (so a CPU host compiling for
+  a TPU topology picks the TPU kernel), else ``jax.default_backend()``
+  (``memjax.kernels.platform.target_platform``).
+- ``"pallas_gpu"`` / ``"pallas_tpu"``  a kernel family by name (tests run both interpreted).
+- ``"auto"``       a Pallas kernel only where ``kernel.supports(shape, dtype, backend)`` holds
+  *and* the device is in ``VERIFIED_DEVICES`` (hardware tests passed: so far
+  the GPU kernel on an H100); XLA otherwise. On CPU ``auto`` is always XLA:
+  interpret mode is never chosen implicitly.
 
 Out-of-range indices (outside ``[0, N)``, including negative ones): when ``indices`` is a
 concrete array a ``ValueError`` is raised; under ``jit`` the check is impossible and indices

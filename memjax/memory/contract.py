@@ -189,21 +189,25 @@ def check_state(fn: str, initial_state, expected: tuple, dims: str = "[B, H, K, 
 
 
 def check_mode(fn: str, mode, allowed: tuple) -> None:
+    """``ValueError`` naming ``fn`` unless ``mode`` is one of ``allowed`` (e.g. ``("chunked", "recurrent")``)."""
     if mode not in allowed:
         raise ValueError(f"{fn}: mode must be one of {allowed}, got {mode!r}")
 
 
 def check_chunk_size(fn: str, chunk_size) -> None:
+    """``ValueError`` naming ``fn`` unless ``chunk_size`` is a positive ``int`` (a ``bool`` is refused)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def check_impl(fn: str, impl) -> None:
+    """``ValueError`` naming ``fn`` unless ``impl`` is one of :data:`IMPLS` (``"auto"``, ``"xla"``, the kernels)."""
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
 
 
 def check_scale(fn: str, scale) -> None:
+    """``ValueError`` naming ``fn`` unless ``scale`` is ``None`` (meaning ``K ** -0.5``) or a scalar."""
     if scale is not None and jnp.ndim(scale) != 0:
         raise ValueError(f"{fn}: scale must be a scalar, got shape {jnp.shape(scale)}")
 

@@ -23,14 +23,17 @@ import jax.numpy as jnp
 
 
 def identity(x: jax.Array) -> jax.Array:
+    """``phi(x) = x``: plain linear attention (Katharopoulos et al. 2020 without a feature map); shape kept."""
     return x
 
 
 def elu_plus_one(x: jax.Array) -> jax.Array:
+    """``phi(x) = elu(x) + 1 > 0`` (Katharopoulos et al. 2020, "Transformers are RNNs"); shape kept."""
     return jax.nn.elu(x) + 1.0
 
 
 def relu(x: jax.Array) -> jax.Array:
+    """``phi(x) = max(x, 0)``, element-wise; shape kept."""
     return jax.nn.relu(x)
 
 
@@ -52,6 +55,7 @@ FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def get_feature_map(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The feature map registered as ``name`` in ``FEATURE_MAPS``; ``ValueError`` listing the names otherwise."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"feature map must be one of {sorted(FEATURE_MAPS)}, got {name!r}")
     return FEATURE_MAPS[name]

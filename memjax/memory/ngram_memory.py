@@ -41,6 +41,7 @@ _FMIX_C1, _FMIX_C2 = 0x85EBCA6B, 0xC2B2AE35
 
 
 def is_prime(n: int) -> bool:
+    """Whether ``n`` is prime (trial division); the hash tables use prime sizes so that the modulus mixes well."""
     if n < 2:
         return False
     if n % 2 == 0:

@@ -37,10 +37,11 @@ class Block(nnx.Module):
     """Base class of memjax blocks (see the module docstring for the contract).
 
     Class attributes:
-      ``stateful``: carries information across positions (needs a decoding cache).
-      ``scannable``: instances of one configuration may be stacked and run under ``nnx.scan``
-        (False for blocks whose parameters are shared with other layers, or whose
-        construction depends on the layer index).
+
+    - ``stateful``: carries information across positions (needs a decoding cache).
+    - ``scannable``: instances of one configuration may be stacked and run under ``nnx.scan``
+      (False for blocks whose parameters are shared with other layers, or whose
+      construction depends on the layer index).
     """
 
     stateful = False

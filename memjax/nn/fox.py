@@ -28,10 +28,11 @@ class ForgettingAttention(Attention):
     as ``D_ts = sum_{s < l <= t} g_l``.
 
     Args (beyond :class:`memjax.nn.Attention`'s):
-      rope: rotate q, k with RoPE as well (FoX's default, and this one's, is no RoPE).
-      fgate_bias_init: initial ``b_f``; 0 (the paper's default for its data-dependent gate) makes
-        the gate start near ``sigmoid(0) = 0.5``; larger values (e.g. 3 to 6) start it near 1,
-        i.e. close to plain attention.
+
+    - ``rope``: rotate q, k with RoPE as well (FoX's default, and this one's, is no RoPE).
+    - ``fgate_bias_init``: initial ``b_f``; 0 (the paper's default for its data-dependent gate) makes
+      the gate start near ``sigmoid(0) = 0.5``; larger values (e.g. 3 to 6) start it near 1,
+      i.e. close to plain attention.
 
     ``impl="cudnn"`` passes the decay to cuDNN as a dense bias; ``"auto"`` uses XLA.
     Decoding cache: :class:`memjax.nn.cache.ForgetKVCache` (keys, values and each key's ``G``).

@@ -214,11 +214,12 @@ class MemoryPlusLayer(_ProductKeyMemory):
     """Memory+ (Berges et al. 2024): qk-norm product keys, ``y = (silu(x W_g) * mem(x)) W_o``.
 
     Options: the common ones (see :class:`_ProductKeyMemory`) and
-      value_dim: width of the value table (0: ``d_model``).
-      shared_pool: one value table for all ``memory_plus`` blocks of a model: the model makes it
-        with :meth:`shared_params` and passes it to every block as ``shared_values``; a block
-        built alone with ``shared_pool=True`` and no ``shared_values`` makes its own.
-      shared_values: the shared table ``[n_keys^2, value_dim]`` (only with ``shared_pool``).
+
+    - ``value_dim``: width of the value table (0: ``d_model``).
+    - ``shared_pool``: one value table for all ``memory_plus`` blocks of a model: the model makes it
+      with :meth:`shared_params` and passes it to every block as ``shared_values``; a block
+      built alone with ``shared_pool=True`` and no ``shared_values`` makes its own.
+    - ``shared_values``: the shared table ``[n_keys^2, value_dim]`` (only with ``shared_pool``).
     """
 
     def __init__(self, d_model: int, *, n_keys: int = 32, heads: int = 4, knn: int = 8, k_dim: int = 0,

@@ -49,10 +49,12 @@ def canonical_name(name: str) -> str:
 
 
 def get_block(name: str) -> type:
+    """The block class registered under ``name`` or one of its aliases (``"D"`` -> ``GatedDeltaNet``)."""
     return _BLOCKS[canonical_name(name)]
 
 
 def known_names() -> list[str]:
+    """Every registered block name, sorted, then every alias as ``"alias=name"``."""
     return sorted(_BLOCKS) + sorted(f"{a}={n}" for a, n in _ALIASES.items())
 
 
