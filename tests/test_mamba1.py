@@ -281,7 +281,7 @@ def test_block_builds_from_d_model_and_rngs_with_mamba_init():
 
 def test_block_prefill_then_steps_match_full_sequence():
     """Prefill 2 tokens (fewer than the conv width), prefill 9 more, then 10 single steps."""
-    blk = Mamba1(32, d_state=8, chunk_size=4, rngs=nnx.Rngs(1))
+    blk = Mamba1(32, d_state=8, mode="chunked", chunk_size=4, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(1), (2, 21, 32))
     y = call(blk, x)
     cache0 = blk.init_cache(2, 32)
@@ -300,7 +300,7 @@ def test_block_prefill_then_steps_match_full_sequence():
 
 
 def test_block_packed_equals_separate_documents():
-    blk = Mamba1(32, d_state=8, chunk_size=4, rngs=nnx.Rngs(2))
+    blk = Mamba1(32, d_state=8, mode="chunked", chunk_size=4, rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(2), (1, 27, 32))
     seg = jnp.asarray(np.repeat([1, 2, 3], 9))[None]
     y = call_packed(blk, x, seg)

@@ -28,16 +28,19 @@ from memjax.memory.miras import MirasSpec, miras
 from memjax.memory.miras import preset as miras_preset
 from memjax.memory.mixture import mixture_of_memories
 from memjax.memory.mlstm import mlstm
+from memjax.memory.pararnn import pararnn, pararnn_gru, pararnn_lstm
 from memjax.memory.rg_lru import rglru
 from memjax.memory.ring_attention import ring_attention
 from memjax.memory.ssm import diagonal_ssm, selective_scan
 from memjax.memory.neural_memory import titans
 
 __all__ = [
-    "EpisodicState", "LogLinearState", "MIRAS_PRESETS", "Mamba3State", "MirasSpec", "causal_attention", "contract", "delta_product", "delta_rule",
-    "diagonal_ssm", "dplr_delta_rule", "episodic_init", "episodic_reset",
-    "episodic_retrieve", "episodic_write", "feature_maps", "flash_attention", "gdn2", "hippo", "hopfield_energy",
-    "hopfield_retrieval", "linear_attention", "log_linear_attention", "log_linear_delta_rule", "mamba1_scan",
-    "mamba3", "miras", "miras_preset", "mixture_of_memories", "mlstm", "ngram_memory", "product_keys", "reparam", "rglru", "ring_attention", "rope",
-    "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans", "topk_attention",
+    "EpisodicState", "LogLinearState", "MIRAS_PRESETS", "Mamba3State", "MirasSpec", "causal_attention",
+    "contract", "delta_product", "delta_rule", "diagonal_ssm", "dplr_delta_rule", "episodic_init",
+    "episodic_reset", "episodic_retrieve", "episodic_write", "feature_maps", "flash_attention", "gdn2",
+    "hippo", "hopfield_energy", "hopfield_retrieval", "linear_attention", "log_linear_attention",
+    "log_linear_delta_rule", "mamba1_scan", "mamba3", "miras", "miras_preset", "mixture_of_memories",
+    "mlstm", "ngram_memory", "pararnn", "pararnn_gru", "pararnn_lstm", "product_keys", "reparam", "rglru",
+    "ring_attention", "rope", "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",
+    "topk_attention",
 ]

@@ -68,7 +68,8 @@ from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_d
                                     state_dtype)
 from memjax.memory.gdn2 import channel_delta, check_channel_options
 from memjax.memory.segments import segment_resets
-from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
+from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sharded_chunk_recurrence,
+                                             sharded_columns)
 from memjax.memory.ut_transform import unit_lower_inverse
 
 __all__ = ["MODES", "delta_rule", "unit_lower_inverse"]
@@ -106,8 +107,9 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence; returns this slice's
         outputs and the whole sequence's final state. The chunk pass then carries ``K`` extra
-        value columns (the ``K x K`` map from the incoming state). Chunked mode and per-head (or
-        no) ``g`` only.
+        value columns (the ``K x K`` map from the incoming state); with per-key-channel ``g``
+        the channel-wise core's own pass does (:func:`memjax.memory.sequence_parallel.sharded_columns`).
+        Chunked mode only.
 
     Returns:
       ``(o [B, T, HV, V]`` in q's dtype, ``final_state [B, HV, K, V]`` float32, or float64 for
@@ -116,8 +118,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       are float32 / float64.
     """
     vector = getattr(g, "ndim", None) == 4
-    if vector:  # (first: these options exist only for per-head decays)
-        check_channel_options("delta_rule", impl, seq_axis)
+    if vector:  # (first: impl="pallas" exists only for per-head decays)
+        check_channel_options("delta_rule", impl)
     b, t, h, dk, dv = check_matrix_memory("delta_rule", q, k, v, gates={"beta": beta, "g": g}, required=("beta",),
                                           initial_state=initial_state, segment_ids=segment_ids, scale=scale,
                                           mode=mode, modes=MODES, chunk_size=chunk_size, impl=impl,
@@ -143,8 +145,14 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
         g = nonfinite.finite_gate(g)
     if vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
         bt = beta[..., None]
-        o, s = channel_delta(q, k, bt * v.astype(acc), bt * k.astype(acc), g, s0, segment_ids, scale, mode=mode,
-                             chunk_size=chunk_size, impl=impl, interpret=interpret)
+        u, erase = bt * v.astype(acc), bt * k.astype(acc)
+        run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, scale, mode=mode,
+                                          chunk_size=chunk_size, impl=impl, interpret=interpret)
+        if seq_axis is None:
+            o, s = run(u, s0)
+        else:  # the K x K map from the incoming state rides along as dk extra value columns
+            o, s = sharded_columns(lambda start: run(extend_columns(u, dk), start), s0, segment_ids,
+                                   axis_name=seq_axis)
     elif mode == "recurrent":
         o, s = _recurrent(q, k, v, beta, g, s0, segment_resets(segment_ids), scale, out_dtype)
     else:

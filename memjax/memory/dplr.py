@@ -60,9 +60,10 @@ Speed (CPU, jit, B = 1, H = 4, K = V = 64, T = 4096, float32, best of 5 on a 2-c
 with other jobs): forward + backward, chunked (C = 64) 1.29 s vs recurrent 3.96 s (3.1x); forward
 alone the token scan is faster (0.11 s vs 0.50 s), so the chunked form pays off in training.
 
-Sequence parallelism (``seq_axis``) is not implemented (the update is affine in the state, but
-each shard's map from its incoming state is a full ``K x K`` matrix per head): ``seq_axis`` other
-than None raises ``ValueError``.
+Sequence parallelism (``seq_axis``, chunked mode): the update is affine in the state and its map
+``prod_t (diag(exp g_t) + b_t a_t^T)`` acts alike on every value column, so each shard runs the
+chunked pass with ``K`` extra zero value columns started from the identity, which carry that
+``K x K`` map and its read (:func:`memjax.memory.sequence_parallel.sharded_columns`).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ from memjax.memory.contract import (check_floating, check_matrix_memory, check_s
                                     resolve_scale, state_dtype)
 from memjax.memory.ut_transform import unit_lower_inverse
 from memjax.memory.segments import segment_resets
+from memjax.memory.sequence_parallel import extend_columns, sharded_columns
 
 MODES = ("chunked", "recurrent")
 
@@ -100,19 +102,19 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C`` for ``"chunked"``; ``T`` need not be a multiple (the tail is padded with
         zeros, which leave the state unchanged, and the output sliced back).
-      seq_axis: must be None (sequence parallelism is not implemented for this memory).
+      seq_axis: sequence parallelism (chunked mode; :mod:`memjax.memory.sequence_parallel`): call
+        inside ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's outputs
+        and the whole sequence's final state (see the module docstring).
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, H, K, V]`` float32, or float64 for
       float64 inputs).
     """
     fn = "dplr_delta_rule"
-    if seq_axis is not None:
-        raise ValueError(f"{fn}: seq_axis (sequence parallelism) is not implemented: each shard's map from its "
-                         "incoming state is a full K x K matrix per head; call without seq_axis")
     bsz, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates={"g": g}, initial_state=initial_state,
                                             segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,
-                                            chunk_size=chunk_size, vector_gates=("g",))
+                                            chunk_size=chunk_size, seq_axis=seq_axis, vector_gates=("g",))
     for name, x in (("a", a), ("b", b)):
         check_shape(fn, name, x, (bsz, t, h, dk), "[B, T, H, K]")
         check_floating(fn, name, x)
@@ -123,15 +125,22 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
     q, k, v, a, b = (x.astype(md) for x in (q, k, v, a, b))
     g = jnp.zeros((bsz, t, h, 1), acc) if g is None else (g if g.ndim == 4 else g[..., None]).astype(acc)
     s0 = jnp.zeros((bsz, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
-    writes = nonfinite.either(*(nonfinite.bad(x, 3) for x in (k, v, a, b)), nonfinite.bad(g, 3, gate=True))
-    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
-    q, k, v, a, b = (nonfinite.finite_or_zero(x) for x in (q, k, v, a, b))
-    g = nonfinite.finite_gate(g)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite);
+    # under seq_axis the document may run over several devices, so there the inputs pass unmasked
+    # (as in linear_attention and delta_rule).
+    mask = None
+    if seq_axis is None:
+        writes = nonfinite.either(*(nonfinite.bad(x, 3) for x in (k, v, a, b)), nonfinite.bad(g, 3, gate=True))
+        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
+        q, k, v, a, b = (nonfinite.finite_or_zero(x) for x in (q, k, v, a, b))
+        g = nonfinite.finite_gate(g)
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, a, b, g, s0, segment_resets(segment_ids), scale, out_dtype)
-    else:
+    elif seq_axis is None:
         o, s = _chunked(q, k, v, a, b, g, s0, segment_ids, scale, chunk_size)
+    else:  # the K x K map from the incoming state rides along as dk extra value columns
+        o, s = sharded_columns(lambda start: _chunked(q, k, extend_columns(v, dk), a, b, g, start, segment_ids, scale,
+                                                      chunk_size), s0, segment_ids, axis_name=seq_axis)
     return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
 
 

@@ -45,9 +45,12 @@ per-channel chunk decay (XLA ``lax.scan``; the GPU Pallas kernel takes scalar de
 crosses them, as in :func:`memjax.memory.chunking.channel_decays`.
 
 Forms: ``"chunked"`` (training; O(T C) intra-chunk work, O(T / C) sequential steps, no per-token
-state) and ``"recurrent"`` (token-by-token ``lax.scan``; also the decoding form). No ``seq_axis``
-(sequence parallelism) yet: the update is affine in the state, but the shared sharded chunk pass
-(:mod:`memjax.memory.sequence_parallel`) carries scalar chunk decays only.
+state) and ``"recurrent"`` (token-by-token ``lax.scan``; also the decoding form).
+
+Sequence parallelism (``seq_axis``, chunked mode): the update is affine in the state and its map
+``prod_t (I - k_t a_t^T) diag(exp g_t)`` acts alike on every value column, so each shard runs this
+chunked pass with ``K`` extra zero value columns started from the identity, which carry that
+``K x K`` map and its read (:func:`memjax.memory.sequence_parallel.sharded_columns`).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ from memjax.memory.chunking import channel_decays, from_head_chunks, masked_exp,
 from memjax.memory.contract import (check_gate, check_matrix_memory, check_vector_gate, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
 from memjax.memory.segments import segment_resets
+from memjax.memory.sequence_parallel import extend_columns, sharded_columns
 from memjax.memory.ut_transform import unit_lower_inverse
 
 MODES = ("chunked", "recurrent")
@@ -91,17 +95,20 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
       impl: the chunk-to-chunk pass (:mod:`memjax.kernels.chunk_pass`); ``"pallas"`` (the GPU
         kernel) is refused: it carries scalar chunk decays.
       interpret: passed to the chunk pass (a Pallas kernel in interpret mode, CPU tests).
-      seq_axis: not supported (``ValueError``); see the module docstring.
+      seq_axis: sequence parallelism (chunked mode; :mod:`memjax.memory.sequence_parallel`): call
+        inside ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence; returns this slice's outputs
+        and the whole sequence's final state (see the module docstring).
 
     Returns:
       ``(o [B, T, HV, V]`` in q's dtype, ``final_state [B, HV, K, V]`` float32, or float64 for
       float64 inputs). Dtypes follow :mod:`memjax.memory.contract`.
     """
     fn = "gdn2"
-    check_channel_options(fn, impl, seq_axis)
+    check_channel_options(fn, impl)
     bsz, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates={}, initial_state=initial_state,
                                             segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,
-                                            chunk_size=chunk_size, impl=impl, grouped=True)
+                                            chunk_size=chunk_size, impl=impl, seq_axis=seq_axis, grouped=True)
     hv = v.shape[2]
     check_vector_gate(fn, "g", g, bsz, t, hv, dk, required=True)
     check_gate(fn, "b", b, (bsz, t, hv, dk), "[B, T, HV, K]", required=True)
@@ -114,22 +121,28 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
         q, k = (jnp.repeat(x, hv // h, axis=2) for x in (q, k))
     g, b, w = (x.astype(acc) for x in (g, b, w))
     s0 = jnp.zeros((bsz, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
-    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3), nonfinite.bad(w, 3),
-                              nonfinite.bad(g, 3, gate=True))
-    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, HV]
-    q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))
-    g = nonfinite.finite_gate(g)
-    o, s = channel_delta(q, k, w * v.astype(acc), b * k.astype(acc), g, s0, segment_ids,
-                         resolve_scale(scale, dk), mode=mode, chunk_size=chunk_size, impl=impl, interpret=interpret)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite);
+    # under seq_axis the document may run over several devices, so there the inputs pass unmasked
+    # (as in linear_attention and delta_rule).
+    mask = None
+    if seq_axis is None:
+        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3),
+                                  nonfinite.bad(w, 3), nonfinite.bad(g, 3, gate=True))
+        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, HV]
+        q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))
+        g = nonfinite.finite_gate(g)
+    u, erase = w * v.astype(acc), b * k.astype(acc)
+    run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, resolve_scale(scale, dk), mode=mode,
+                                      chunk_size=chunk_size, impl=impl, interpret=interpret)
+    if seq_axis is None:
+        o, s = run(u, s0)
+    else:  # the K x K map from the incoming state rides along as dk extra value columns
+        o, s = sharded_columns(lambda start: run(extend_columns(u, dk), start), s0, segment_ids, axis_name=seq_axis)
     return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
 
 
-def check_channel_options(fn: str, impl: str, seq_axis) -> None:
-    """The options the channel-wise core does not take: ``seq_axis`` and ``impl="pallas"``."""
-    if seq_axis is not None:
-        raise ValueError(f"{fn}: seq_axis (sequence parallelism) is not implemented for per-key-channel decays "
-                         "(g [B, T, H, K]) or channel-wise gates; call without seq_axis")
+def check_channel_options(fn: str, impl: str) -> None:
+    """The option the channel-wise core does not take: ``impl="pallas"``."""
     if impl == "pallas":
         raise ValueError(f"{fn}: impl='pallas' is not available with per-key-channel decays (the Pallas chunk pass "
                          "carries a scalar decay per chunk); use impl='auto' or 'xla'")

@@ -72,7 +72,8 @@ from memjax.memory import nonfinite
 from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
                                     resolve_scale, shape_of, state_dtype)
 from memjax.memory.segments import segment_resets
-from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence
+from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sharded_chunk_recurrence,
+                                             sharded_columns)
 
 MODES = ("chunked", "recurrent", "parallel")
 # Largest total decay sum |g| within a chunk (per channel) for the factored intra-chunk product,
@@ -111,8 +112,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice of the sequence, ``initial_state`` the state before the whole sequence. Returns
-        this slice's outputs and the whole sequence's final state. Chunked / parallel modes,
-        per-head ``g`` and no ``bonus`` only.
+        this slice's outputs and the whole sequence's final state. Chunked / parallel modes. With
+        per-key-channel ``g`` or ``bonus`` the local pass carries ``K`` extra value columns (the
+        map from the incoming state; :func:`memjax.memory.sequence_parallel.sharded_columns`).
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, ``final_state [B, H, K, V]`` float32, or float64 for
@@ -131,9 +133,6 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
                              + (f" or [HV, K] = ({hv}, {dk})" if hv != h else "") + f", got {shape_of(bonus)}")
         check_floating(fn, "bonus", bonus)
     vector = g is not None and g.ndim == 4
-    if seq_axis is not None and (vector or bonus is not None):
-        raise ValueError(f"{fn}: seq_axis (sequence parallelism) is not implemented for per-key-channel g "
-                         "[B, T, H, K] or bonus; call without seq_axis")
     out_dtype = output_dtype(q)
     acc = state_dtype(q, k, v, g, initial_state, bonus)
     md = operand_dtype(q, k, v)
@@ -155,8 +154,14 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, bonus, s0, segment_resets(segment_ids), scale, out_dtype)
     elif vector or bonus is not None:
-        o, s = _chunked_channels(q, k, v, g, bonus, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
-                                 impl=impl, interpret=interpret)
+        c = t if mode == "parallel" else chunk_size
+        run = lambda v, s0: _chunked_channels(q, k, v, g, bonus, s0, segment_ids, scale, c, impl=impl,
+                                              interpret=interpret)
+        if seq_axis is None:
+            o, s = run(v, s0)
+        else:  # the incoming state's map rides along as dk extra value columns (sequence_parallel)
+            o, s = sharded_columns(lambda start: run(extend_columns(v, dk), start), s0, segment_ids,
+                                   axis_name=seq_axis)
     else:
         o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
                         impl=impl, interpret=interpret, seq_axis=seq_axis)

@@ -56,6 +56,15 @@ Forms, one result:
 
 The chunk skeleton (:func:`level_pass`, :func:`fenwick_chunks`) is shared with the log-linear
 gated delta rule, :mod:`memjax.memory.log_linear_delta`.
+
+Sequence parallelism (``seq_axis``, chunked / parallel modes; :func:`sharded_levels`): given the
+position at which a shard starts, its pass is affine in the incoming level stack and acts alike on
+every value column. So the shards first fold their token counts (the position each one starts at:
+the previous shard's, unless a document starts in it, plus its tokens since its last document
+start), then each runs its chunked pass with ``L K`` extra zero value columns whose incoming levels
+hold the identity; their outputs and final levels are the ``[L K] -> [L K]`` map from the incoming
+stack, folded over the shards as the delta rule's ``K x K`` map is
+(:mod:`memjax.memory.sequence_parallel`). ``(V + L K) / V`` times the local work.
 """
 from __future__ import annotations
 
@@ -70,6 +79,7 @@ from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_
 from memjax.memory.contract import (check_floating, check_matrix_memory, check_shape, check_state, operand_dtype,
                                     output_dtype, resolve_scale, shape_of, state_dtype)
 from memjax.memory.segments import positions_in_segment, segment_resets
+from memjax.memory.sequence_parallel import extend_columns, fold_matrix, fold_states, sequence_resets
 
 MODES = ("chunked", "recurrent", "parallel")
 
@@ -287,13 +297,14 @@ def key_levels(keys: jax.Array, ke: jax.Array, values: jax.Array, acc) -> jax.Ar
 
 
 def check_log_linear(fn: str, q, k, v, level_scales, initial_state, *, gates: dict, required: tuple = (),
-                     segment_ids, scale, mode, modes, chunk_size) -> tuple[int, int, int, int, int, int]:
+                     segment_ids, scale, mode, modes, chunk_size, seq_axis=None) -> tuple[int, int, int, int, int, int]:
     """The checks of a log-linear memory: those of :func:`memjax.memory.contract.check_matrix_memory`,
     ``level_scales [B, T, H, L]`` with ``L >= ceil(log2 T) + 1`` and ``initial_state`` a
     :class:`LogLinearState` ``(levels [B, H, L, K, V], position [B] int)``. Returns
     ``(B, T, H, K, V, L)``."""
     b, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates=gates, required=required, segment_ids=segment_ids,
-                                          scale=scale, mode=mode, modes=modes, chunk_size=chunk_size)
+                                          scale=scale, mode=mode, modes=modes, chunk_size=chunk_size,
+                                          seq_axis=seq_axis)
     n = check_shape(fn, "level_scales", level_scales, (b, t, h, None), "[B, T, H, L]")[3]
     check_floating(fn, "level_scales", level_scales)
     need = num_levels(t)
@@ -323,10 +334,50 @@ def initial_levels(initial_state, shape, acc) -> tuple[jax.Array, jax.Array]:
     return levels, position
 
 
+def sharded_levels(run, s0: jax.Array, p0: jax.Array, segment_ids: jax.Array | None, length: int, *,
+                   axis_name: str):
+    """Sequence parallelism of a log-linear memory (module docstring).
+
+    Args:
+      run: ``run(levels [B, H, L, K, V + L K], position [B]) -> (o [B, T_local, H, V + L K], levels)``: the
+        memory's local pass with its values extended by ``L K`` zero columns, from that stack at that
+        position (token positions continuing from it).
+      s0, p0: the state before the whole sequence, levels ``[B, H, L, K, V]`` and position ``[B]``.
+      segment_ids: ``[B, T_local]`` or None. length: ``T_local``.
+
+    Returns ``(o [B, T_local, H, V]``, the whole sequence's :class:`LogLinearState`, the same on every
+    device).
+    """
+    b, h, n_lv, dk, dv = s0.shape
+    acc, m = s0.dtype, n_lv * dk
+    resets = sequence_resets(segment_ids, axis_name)
+    # Positions: p_in(j + 1) = [no document start in shard j] p_in(j) + (its tokens since its last start).
+    if resets is None:
+        count, keep = jnp.full((b,), length, jnp.int32), jnp.ones((b,), jnp.int32)
+    else:
+        last = jnp.max(jnp.where(resets, jnp.arange(length, dtype=jnp.int32), -1), axis=1)  # -1: no start
+        count, keep = length - jnp.maximum(last, 0), (last < 0).astype(jnp.int32)
+    p_in, p_end = fold_states(p0, count, keep, lambda keep, s, c: keep * s + c, axis_name)
+    start = p_in if resets is None else jnp.where(resets[:, 0], 0, p_in)  # a document starting at token 0
+    eye = jnp.eye(m, dtype=acc).reshape(n_lv, dk, m)
+    ident = jnp.concatenate([jnp.zeros_like(s0), jnp.broadcast_to(eye, (b, h, n_lv, dk, m))], axis=-1)
+    ident = jnp.where((start > 0)[:, None, None, None, None], ident, jnp.zeros((), acc))  # position 0: empty
+    if axis_name not in jax.typeof(ident).mat.varying:  # (a loop carry that meets per-device values)
+        ident = jax.lax.pcast(ident, (axis_name,), to="varying")
+    o_ext, s_ext = run(ident, start)
+    flat = lambda x: x.reshape(b, h, m, x.shape[-1])  # [B, H, L, K, X] -> [B, H, L K, X]
+    o_loc, o_phi = o_ext[..., :dv], o_ext[..., dv:]
+    s_loc, phi = flat(s_ext[..., :dv].astype(acc)), flat(s_ext[..., dv:].astype(acc))
+    s_in, final = fold_matrix(flat(s0), s_loc, phi, axis_name)
+    s_in = jnp.where((start > 0)[:, None, None, None], s_in, jnp.zeros((), acc))
+    o = o_loc.astype(acc) + jnp.einsum("bthi,bhiv->bthv", o_phi.astype(acc), s_in)
+    return o.astype(o_loc.dtype), LogLinearState(final.reshape(s0.shape), p_end)
+
+
 def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, level_scales: jax.Array, *,
                          scale: float | None = None, initial_state: LogLinearState | None = None,
                          segment_ids: jax.Array | None = None, mode: str = "chunked",
-                         chunk_size: int = 64) -> tuple[jax.Array, LogLinearState]:
+                         chunk_size: int = 64, seq_axis: str | None = None) -> tuple[jax.Array, LogLinearState]:
     """Log-linear (gated linear) attention; see the module docstring for the equations and forms.
 
     Args:
@@ -342,6 +393,11 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
         restart at every document start and no key is read across a boundary.
       mode: ``"chunked"``, ``"recurrent"`` or ``"parallel"``.
       chunk_size: ``C`` of ``"chunked"`` (any positive int; ``T`` need not be a multiple).
+      seq_axis: sequence parallelism (chunked / parallel modes; see the module docstring): call
+        inside ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
+        slice, ``initial_state`` the state before the whole sequence (``L`` must cover the whole
+        sequence's positions); returns this slice's outputs and the whole sequence's final state.
+        Non-finite inputs are not masked there.
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, :class:`LogLinearState` of the last document: levels
@@ -351,7 +407,7 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     fn = "log_linear_attention"
     b, t, h, dk, dv, n = check_log_linear(fn, q, k, v, level_scales, initial_state, gates={"g": g},
                                           segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,
-                                          chunk_size=chunk_size)
+                                          chunk_size=chunk_size, seq_axis=seq_axis)
     out_dtype = output_dtype(q)
     acc = state_dtype(q, k, v, g, level_scales, None if initial_state is None else initial_state[0])
     md = operand_dtype(q, k, v)
@@ -360,6 +416,12 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     g = None if g is None else g.astype(acc)
     lam = level_scales.astype(acc)
     s0, p0 = initial_levels(initial_state, (b, h, n, dk, dv), acc)
+    c = t if mode == "parallel" else chunk_size
+    if seq_axis is not None:  # (a document may run over several devices: no non-finite masking here)
+        run = lambda lv, p: _chunked(q, k, extend_columns(v, n * dk), g, lam, lv, p,
+                                     token_positions(b, t, segment_ids, p), segment_ids, scale, c)
+        o, state = sharded_levels(run, s0, p0, segment_ids, t, axis_name=seq_axis)
+        return o.astype(out_dtype), state
     # A non-finite token poisons only itself (q, level_scales: reads) or the rest of its document
     # (k, v, g: writes) (memjax.memory.nonfinite).
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
@@ -370,7 +432,6 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, lam, s0, pos, scale, out_dtype)
     else:
-        c = t if mode == "parallel" else chunk_size
         o, s = _chunked(q, k, v, g, lam, s0, p0, pos, segment_ids, scale, c,
                         aligned=is_aligned(c, t, segment_ids, initial_state))
     o, s = nonfinite.poison_outputs(o.astype(out_dtype), s, mask)

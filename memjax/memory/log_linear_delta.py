@@ -41,8 +41,9 @@ from memjax.memory.contract import operand_dtype, output_dtype, resolve_scale, s
 from memjax.memory.delta import unit_lower_inverse
 from memjax.memory.log_linear import (LogLinearState, aligned_levels, check_log_linear, fenwick_chunks, gather_levels,
                                       initial_levels, is_aligned, level_pass, merge_levels, read_levels,
-                                      token_positions)
+                                      sharded_levels, token_positions)
 from memjax.memory.segments import segment_resets
+from memjax.memory.sequence_parallel import extend_columns
 
 MODES = ("chunked", "recurrent")
 
@@ -50,7 +51,8 @@ MODES = ("chunked", "recurrent")
 def log_linear_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, level_scales: jax.Array, *,
                           g: jax.Array | None = None, scale: float | None = None,
                           initial_state: LogLinearState | None = None, segment_ids: jax.Array | None = None,
-                          mode: str = "chunked", chunk_size: int = 64) -> tuple[jax.Array, LogLinearState]:
+                          mode: str = "chunked", chunk_size: int = 64,
+                          seq_axis: str | None = None) -> tuple[jax.Array, LogLinearState]:
     """Log-linear (gated) delta rule; see the module docstring for the equations and forms.
 
     Args:
@@ -65,6 +67,9 @@ def log_linear_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Ar
       mode: ``"chunked"`` or ``"recurrent"`` (no separate quadratic form: one chunk of ``C >= T``
         is it).
       chunk_size: ``C``; ``T`` need not be a multiple.
+      seq_axis: sequence parallelism (chunked mode): as :func:`memjax.memory.log_linear.log_linear_attention`'s
+        (:func:`memjax.memory.log_linear.sharded_levels`: the transition is affine in the level stack
+        and acts alike on every value column).
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, :class:`LogLinearState` of the last document).
@@ -72,7 +77,7 @@ def log_linear_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Ar
     fn = "log_linear_delta_rule"
     b, t, h, dk, dv, n = check_log_linear(fn, q, k, v, level_scales, initial_state, gates={"beta": beta, "g": g},
                                           required=("beta",), segment_ids=segment_ids, scale=scale, mode=mode,
-                                          modes=MODES, chunk_size=chunk_size)
+                                          modes=MODES, chunk_size=chunk_size, seq_axis=seq_axis)
     out_dtype = output_dtype(q)
     acc = state_dtype(q, k, v, beta, g, level_scales, None if initial_state is None else initial_state[0])
     md = operand_dtype(q, k, v)
@@ -82,6 +87,11 @@ def log_linear_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Ar
     g = None if g is None else g.astype(acc)
     lam = level_scales.astype(acc)
     s0, p0 = initial_levels(initial_state, (b, h, n, dk, dv), acc)
+    if seq_axis is not None:  # (a document may run over several devices: no non-finite masking here)
+        run = lambda lv, p: _chunked(q, k, extend_columns(v, n * dk), beta, g, lam, lv, p,
+                                     token_positions(b, t, segment_ids, p), segment_ids, scale, chunk_size)
+        o, state = sharded_levels(run, s0, p0, segment_ids, t, axis_name=seq_axis)
+        return o.astype(out_dtype), state
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
                               nonfinite.bad(g, 3, gate=True))
     mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(lam, 3), nonfinite.running(writes, segment_ids))

@@ -42,6 +42,14 @@ masked before the ``exp``). ``"recurrent"`` is a ``lax.scan`` over tokens (the d
 State (:class:`Mamba3State`), what decoding needs to continue exactly: ``ssm = h'_{T-1}`` (the
 rotating frame), ``k`` = the last token's rotated ``B`` and ``x`` = its ``X`` (the trapezoid's pending
 write, weighted by the next token's ``beta``) and ``angle = Phi_{T-1} mod 2 pi``.
+
+Sequence parallelism (``seq_axis``, chunked mode; :mod:`memjax.memory.sequence_parallel`): on ``S^``
+the recurrence is scalar-decay linear attention, so the shards exchange states as Mamba-2's do
+(:func:`memjax.memory.sequence_parallel.sharded_chunk_recurrence`). What crosses a shard boundary
+besides the state: the cumulative angle (an element-wise scan over the shards,
+:func:`memjax.memory.sequence_parallel.sharded_linear_scan`), the next token's trapezoid weight
+``delta`` of a shard's last token (one ``ppermute`` from the next shard), the first token's pending
+write of ``initial_state`` (shard 0's ``lam_0, dt_0``) and the last token's ``k, x`` of the final state.
 """
 from __future__ import annotations
 
@@ -51,13 +59,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_pass import chunk_recurrence
 from memjax.memory import nonfinite
 from memjax.memory.chunking import chunk_decays, pad_time, to_chunks, to_head_chunks
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_impl, check_mode,
-                                    check_scale, check_segment_ids, check_sequence, check_shape, check_state,
+                                    check_scale, check_segment_ids, check_seq_axis, check_sequence, check_shape,
+                                    check_state,
                                     operand_dtype, output_dtype, shape_of, state_dtype)
-from memjax.memory.segments import segment_cumsum, segment_resets
+from memjax.memory.segments import segment_cumsum
+from memjax.memory.sequence_parallel import (from_first_shard, from_last_shard, next_shard_first, sequence_resets,
+                                             sharded_chunk_recurrence, sharded_linear_scan)
 
 __all__ = ["MODES", "Mamba3State", "mamba3"]
 
@@ -91,7 +101,8 @@ class Mamba3State(NamedTuple):
 def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, lam: jax.Array | None = None,
            theta: jax.Array | None = None, D: jax.Array | None = None, scale: float | None = None,
            initial_state: Mamba3State | None = None, segment_ids: jax.Array | None = None, mode: str = "chunked",
-           chunk_size: int = 64, impl: str = "auto", interpret: bool | None = None) -> tuple[jax.Array, Mamba3State]:
+           chunk_size: int = 64, impl: str = "auto", interpret: bool | None = None,
+           seq_axis: str | None = None) -> tuple[jax.Array, Mamba3State]:
     """Mamba-3 SSM: trapezoidal discretisation, rotations (complex state), optional MIMO rank.
 
     Args:
@@ -118,6 +129,10 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
       chunk_size: tokens per chunk of ``"chunked"`` (capped at ``T``); a chunk holds ``chunk_size * R``
         (token, rank) rows, so MIMO wants ``64 / R``. ``T`` need not be a multiple.
       impl, interpret: the chunk-to-chunk pass (:mod:`memjax.kernels.chunk_pass`).
+      seq_axis: sequence parallelism (chunked mode; see the module docstring): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's slice,
+        ``initial_state`` the state before the whole sequence; returns this slice's outputs and the
+        whole sequence's final state. Non-finite inputs are not masked there.
 
     Returns:
       ``(y`` with x's shape and dtype, :class:`Mamba3State` ``)``. Dtypes follow
@@ -170,6 +185,7 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
                               ("x", (b, h, r, p), "[batch, H, R, P]"), ("angle", (b, h, m), "[batch, H, M]")):
             check_state(fn, getattr(initial_state, name), want, d, name=f"initial_state.{name}")
     check_segment_ids(fn, segment_ids, (b, t), "[batch, T]")
+    check_seq_axis(fn, seq_axis, mode, ("chunked",))
 
     out_dtype = output_dtype(x)
     acc = state_dtype(x, dt, A, B, C, lam, theta, D, initial_state)
@@ -181,21 +197,31 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
     # A non-finite token poisons itself (C: a read) or the rest of its document (everything else).
     heads = lambda v: jnp.repeat(v, h // g, axis=2)  # [batch, T, G, ...] -> [batch, T, H, ...]
     per_token_a = shape_of(A) != (h,)
-    writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), nonfinite.bad(lam, 3),
-                              nonfinite.bad(theta, 3), heads(nonfinite.bad(B, 3)),
-                              nonfinite.bad(A, 3) if per_token_a else None)
-    mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids))
-    x, B, C = (nonfinite.finite_or_zero(v).astype(md) for v in (x, B, C))
-    dt, lam, theta = (None if v is None else nonfinite.finite_or_zero(v).astype(acc) for v in (dt, lam, theta))
-    A = (nonfinite.finite_or_zero(A) if per_token_a else A).astype(acc)
+    # (under seq_axis a document may run over several devices: there the inputs pass unmasked)
+    mask = None
+    if seq_axis is None:
+        writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), nonfinite.bad(lam, 3),
+                                  nonfinite.bad(theta, 3), heads(nonfinite.bad(B, 3)),
+                                  nonfinite.bad(A, 3) if per_token_a else None)
+        mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids))
+        x, B, C, dt, lam, theta = (None if v is None else nonfinite.finite_or_zero(v)
+                                   for v in (x, B, C, dt, lam, theta))
+        A = nonfinite.finite_or_zero(A) if per_token_a else A
+    x, B, C = (v.astype(md) for v in (x, B, C))
+    dt, lam, theta = (None if v is None else v.astype(acc) for v in (dt, lam, theta))
+    A = A.astype(acc)
     gate = dt * A  # log decay [batch, T, H]
-    resets = segment_resets(segment_ids)
+    resets = sequence_resets(segment_ids, seq_axis)  # (a shard's first token too, under seq_axis)
 
     s0 = Mamba3State.zeros(b, h, p, n, rank=r, angles=m, dtype=acc) if initial_state is None else \
         Mamba3State(*(v.astype(acc) for v in initial_state))
     # Cumulative angles, restarted at each segment start; the carried-in angle reaches the first segment.
     if theta is None:
         phi = None
+    elif seq_axis is not None:  # the angle carried over the shards: phi_t = [no reset at t] phi_{t-1} + dt_t theta_t
+        keep = jnp.ones((b, t), acc) if resets is None else 1 - resets.astype(acc)
+        phi, phi_last = sharded_linear_scan(jnp.broadcast_to(keep[..., None, None], theta.shape),
+                                            dt[..., None] * theta, s0.angle, axis_name=seq_axis)
     else:
         phi = _segment_cumsum(dt[..., None] * theta, resets)
         first = None if resets is None else jnp.cumsum(resets, axis=1) == 0  # [batch, T]
@@ -206,14 +232,20 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
     if mode == "recurrent":
         y, ssm = _recurrent(x, gate, dt, lam, k, q, s0, resets, scale)
     else:
-        y, ssm = _chunked(x, gate, dt, lam, k, q, s0, resets, segment_ids, scale, min(chunk_size, t), impl, interpret)
+        y, ssm = _chunked(x, gate, dt, lam, k, q, s0, resets, scale, min(chunk_size, t), impl, interpret,
+                          seq_axis=seq_axis)
     if D is not None:
         y = y.astype(acc) + D.astype(acc)[:, None, None] * x
     y = y.astype(out_dtype)
     if not mimo:
         y = y[:, :, :, 0]
-    angle = s0.angle if phi is None else jnp.mod(phi[:, -1], 2 * math.pi)
-    state = Mamba3State(ssm, k[:, -1].astype(acc), x[:, -1].astype(acc), angle)
+    if seq_axis is None:
+        angle = s0.angle if phi is None else jnp.mod(phi[:, -1], 2 * math.pi)
+        state = Mamba3State(ssm, k[:, -1].astype(acc), x[:, -1].astype(acc), angle)
+    else:  # the last token of the whole sequence is the last shard's
+        angle = s0.angle if phi is None else jnp.mod(phi_last, 2 * math.pi)
+        state = Mamba3State(ssm, from_last_shard(k[:, -1].astype(acc), seq_axis),
+                            from_last_shard(x[:, -1].astype(acc), seq_axis), angle)
     return nonfinite.poison_outputs(y, state, mask)
 
 
@@ -243,14 +275,16 @@ def _rotate(v: jax.Array, phi: jax.Array | None) -> jax.Array:
     return turned.astype(v.dtype)
 
 
-def _weights(dt, lam, resets, acc):
+def _weights(dt, lam, resets, acc, seq_axis=None):
     """``gamma_t = lam_t dt_t`` and ``delta_t = (1 - lam_{t+1}) dt_{t+1}`` (0 for the last token and
-    where token ``t + 1`` starts a segment), both ``[batch, T, H]``."""
+    where token ``t + 1`` starts a segment), both ``[batch, T, H]``. Under ``seq_axis`` the last
+    token's ``t + 1`` is the next shard's first (0 on the last shard)."""
     if lam is None:
         return dt, jnp.zeros_like(dt)
     nxt = (1 - lam) * dt
     nxt = nxt if resets is None else jnp.where(resets[..., None], 0, nxt)
-    delta = jnp.concatenate([nxt[:, 1:], jnp.zeros_like(nxt[:, :1])], axis=1)
+    after = jnp.zeros_like(nxt[:, :1]) if seq_axis is None else next_shard_first(nxt, seq_axis)[:, None]
+    delta = jnp.concatenate([nxt[:, 1:], after], axis=1)
     return lam * dt, delta.astype(acc)
 
 
@@ -293,17 +327,17 @@ def _recurrent(x, gate, dt, lam, k, q, s0, resets, scale):
     return jnp.swapaxes(y, 0, 1), jnp.swapaxes(s, -1, -2)
 
 
-def _chunked(x, gate, dt, lam, k, q, s0, resets, segment_ids, scale, c, impl, interpret):
+def _chunked(x, gate, dt, lam, k, q, s0, resets, scale, c, impl, interpret, seq_axis=None):
     """Scalar-decay linear attention on ``S^`` (module docstring) over chunks of ``c`` tokens, each
-    ``c * R`` rows of the chunk pass."""
+    ``c * R`` rows of the chunk pass (time split over ``seq_axis``, if given)."""
     b, t, h, r, p = x.shape
     n = k.shape[-1]
     acc, md = s0.ssm.dtype, x.dtype
-    gamma, delta = _weights(dt, lam, resets, acc)
+    gamma, delta = _weights(dt, lam, resets, acc, seq_axis)
     rows = lambda v: to_head_chunks(v, c).reshape(b, h, -1, c * r, v.shape[-1])  # [b, H, Z, c R, .]
     qc, kc, xc = rows(q), rows(k), rows(x)
     nz = qc.shape[2]
-    seg = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    seg = None if resets is None else to_chunks(pad_time(resets, c), c)  # the padded tail starts nothing
     dec = chunk_decays(to_chunks(pad_time(gate, c), c), seg, (b, nz, c, h), acc).heads_major()
     gc, dc = (to_head_chunks(v, c) for v in (gamma, delta))  # [b, H, Z, c]; padded tail: 0 (no write)
     # Token j's weight in the read at i: gamma_j at i = j, gamma_j + delta_j below (the banded mask).
@@ -316,8 +350,11 @@ def _chunked(x, gate, dt, lam, k, q, s0, resets, segment_ids, scale, c, impl, in
     scores = scores * expand(jnp.repeat(band, r, axis=-2)) * scale
     qg = qc * (expand(dec.from_start) * scale)[..., None]
     ke = kc * expand(dec.to_end * w)[..., None]
-    o, s = chunk_recurrence(qg.astype(md), scores.astype(md), xc, ke.astype(md), dec.chunk, _pending(s0, dt, lam),
-                            impl=impl, interpret=interpret)
+    pending = _pending(s0, dt, lam)
+    if seq_axis is not None:  # the state before the whole sequence: shard 0's first token sees it
+        pending = from_first_shard(pending, seq_axis)
+    o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), xc, ke.astype(md), dec.chunk, pending,
+                                    axis_name=seq_axis, impl=impl, interpret=interpret)
     # [b, H, Z, c R, P] -> [b, T, H, R, P]; the final S^ is h'_{T-1} (delta_{T-1} = 0; the padding keeps it)
     y = jnp.moveaxis(o.reshape(b, h, nz * c, r, p), 1, 2)[:, :t]
     return y, jnp.swapaxes(s, -1, -2)

@@ -7,7 +7,7 @@ Per batch and head (``C_t in R^{K x V}``, ``n_t in R^K``; ``i_t, f_t`` scalar pr
     h_t = C_t^T q_t / max(|n_t^T q_t|, 1)
 
 The exponential input gate would overflow, so the state is kept *stabilised*: with the log
-forget gate ``log f_t = log_sigmoid(f_t)`` (computed as such, never as ``log(sigmoid(.))``),
+forget gate ``log f_t = log_sigmoid(f_t)`` (computed as such, never as ``log(sigmoid(.))``)::
 
     m_t = max(log f_t + m_{t-1}, i_t)
     C~_t = exp(log f_t + m_{t-1} - m_t) C~_{t-1} + exp(i_t - m_t) k'_t v_t^T      (n~ alike)
@@ -40,6 +40,14 @@ Forms, one result:
 Packed sequences: ``segment_ids [B, T]``; the state is reset to the empty state where the id
 changes (``initial_state`` reaches only the first document).
 
+Sequence parallelism (``seq_axis``, chunked mode; :mod:`memjax.memory.sequence_parallel`): the
+state update is affine in ``(C, n)`` (the map from the incoming state is the scalar
+``prod sigmoid(f)`` since the shard's last document start), but the read's normaliser
+``max(|n^T q|, 1)`` is not linear in it. So each shard runs its chunked pass from the empty state,
+the shards fold their final states in the stabilised form (``m = max(log phi + m_in, m_loc)``, as
+the chunk-to-chunk scan does), and each shard runs its pass again from its incoming state: twice
+the local work, one ``all_gather`` of ``B H (K V + K + 2)`` numbers per shard.
+
 Non-finite inputs (:mod:`memjax.memory.nonfinite`): a NaN / inf in ``k``, ``v``, ``i`` or ``f``
 poisons that head's outputs to the end of its document, in ``q`` only that token's output.
 """
@@ -52,9 +60,9 @@ import jax.numpy as jnp
 
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_chunk_size, check_gate, check_mode, check_qkv, check_scale,
-                                    check_segment_ids, check_state, operand_dtype, output_dtype, resolve_scale,
-                                    state_dtype)
-from memjax.memory.segments import segment_resets
+                                    check_segment_ids, check_seq_axis, check_state, operand_dtype, output_dtype,
+                                    resolve_scale, state_dtype)
+from memjax.memory.sequence_parallel import fold_states, sequence_resets
 
 MODES = ("chunked", "recurrent")
 
@@ -106,7 +114,7 @@ def _quotient_jvp(primals, tangents):
 
 def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, *, initial_state=None,
           segment_ids: jax.Array | None = None, mode: str = "chunked", chunk_size: int = 64,
-          scale: float | None = None) -> tuple[jax.Array, MLSTMState]:
+          scale: float | None = None, seq_axis: str | None = None) -> tuple[jax.Array, MLSTMState]:
     """The mLSTM memory (see the module docstring for the equations and conventions).
 
     Args:
@@ -119,6 +127,10 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: chunk length of the chunked form (``T`` need not be a multiple).
       scale: scalar multiplying ``k`` (the write), default ``K ** -0.5``.
+      seq_axis: sequence parallelism (chunked mode; see the module docstring): call inside
+        ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's slice,
+        ``initial_state`` the state before the whole sequence; returns this slice's outputs and the
+        whole sequence's final state. Non-finite inputs are not masked there.
 
     Returns ``(h [B, T, H, V]`` in q's dtype, :class:`MLSTMState` ``(C, n, m))``.
     """
@@ -136,14 +148,20 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
         check_state(fn, initial_state[1], (b, h, dk), "[B, H, K]", name="initial_state n")
         check_state(fn, initial_state[2], (b, h), "[B, H]", name="initial_state m")
     check_segment_ids(fn, segment_ids, (b, t))
+    check_seq_axis(fn, seq_axis, mode, ("chunked",))
 
     out_dtype = output_dtype(q)
     cd = state_dtype(q, k, v, i, f, initial_state)
     scale = resolve_scale(scale, dk)
 
-    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(i, 3), nonfinite.bad(f, 3))
-    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))
-    q, k, v, i, f = (nonfinite.finite_or_zero(x) for x in (q, k, v, i, f))
+    # (under seq_axis a document may run over several devices: there the inputs pass unmasked, as
+    # in the other sequence-parallel memories)
+    mask = None
+    if seq_axis is None:
+        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(i, 3),
+                                  nonfinite.bad(f, 3))
+        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))
+        q, k, v, i, f = (nonfinite.finite_or_zero(x) for x in (q, k, v, i, f))
 
     log_f = jax.nn.log_sigmoid(f.astype(cd))
     ig = i.astype(cd)
@@ -151,11 +169,13 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
         state = empty_state(b, h, dk, dv, cd)
     else:
         state = MLSTMState(*(x.astype(cd) for x in initial_state))
-    resets = segment_resets(segment_ids)
+    resets = sequence_resets(segment_ids, seq_axis)  # (a shard's first token too, under seq_axis)
     if mode == "recurrent":
         y, final = _recurrent(q, k, v, ig, log_f, state, resets, scale, cd)
-    else:
+    elif seq_axis is None:
         y, final = _chunked(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t))
+    else:
+        y, final = _sharded(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t), seq_axis)
     return nonfinite.poison_outputs(y.astype(out_dtype), final, mask)
 
 
@@ -271,4 +291,33 @@ def _chunked(q, k, v, ig, log_f, state, resets, scale, cd, L):
     den = den + inter * jnp.einsum("bhcik,bhck->bhci", qc.astype(cd), n_prev)
     y = _read(num, den, ms)  # [B, H, NC, L, V]
     y = jnp.moveaxis(y, 1, 3).reshape(b, nc * L, h, dv)[:, :t]
+    return y, final
+
+
+# ----------------------------------------------------------------------------- sequence parallel
+
+
+def _combine(log_phi, s_in: MLSTMState, s_loc: MLSTMState) -> MLSTMState:
+    """The state after a shard: ``phi S_in + S_loc`` in the stabilised form (``log_phi [B, H]`` the log
+    of the shard's forget-gate product, ``-inf`` when a document starts in it), as the chunk scan."""
+    m_e = log_phi + s_in.m
+    m_new = jax.lax.stop_gradient(jnp.maximum(m_e, s_loc.m))
+    ms = _finite_or_zero(m_new)
+    fa, fb = jnp.exp(m_e - ms), jnp.exp(s_loc.m - ms)
+    return MLSTMState(fa[..., None, None] * s_in.C + fb[..., None, None] * s_loc.C,
+                      fa[..., None] * s_in.n + fb[..., None] * s_loc.n, m_new)
+
+
+def _sharded(q, k, v, ig, log_f, state, resets, scale, cd, L, axis_name):
+    """The chunked form with time split over ``axis_name`` (module docstring): a pass from the empty
+    state, the fold of the shards' states, a pass from this shard's incoming state."""
+    b, _, h, dk = q.shape
+    varying = lambda st: MLSTMState(*(x if axis_name in jax.typeof(x).mat.varying
+                                      else jax.lax.pcast(x, (axis_name,), to="varying") for x in st))
+    _, s_loc = _chunked(q, k, v, ig, log_f, varying(empty_state(b, h, dk, v.shape[-1], cd)), resets, scale, cd, L)
+    log_phi = jnp.sum(log_f, axis=1)  # [B, H]
+    if resets is not None:  # a document starts in this shard (its first token included)
+        log_phi = jnp.where(jnp.any(resets, axis=1)[:, None], -jnp.inf, log_phi)
+    s_in, final = fold_states(state, s_loc, log_phi, _combine, axis_name)
+    y, _ = _chunked(q, k, v, ig, log_f, varying(s_in), resets, scale, cd, L)
     return y, final

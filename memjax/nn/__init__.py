@@ -26,6 +26,7 @@ from memjax.nn.move import MoVEAttention
 from memjax.nn.mlp import GatedMLP
 from memjax.nn.ngram import STEMFFN as STEM
 from memjax.nn.ngram import NgramMemory
+from memjax.nn.pararnn import ParaGRU, ParaLSTM, ParaRNNBlock
 from memjax.nn.registry import get_block, known_names, register_block
 from memjax.nn.rglru_block import RGLRUBlock as RGLRU
 from memjax.nn.rwkv7 import RWKV7
@@ -35,11 +36,13 @@ from memjax.nn.titans_mac import TitansMAC
 from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 
 __all__ = [
-    "Attention", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache", "ForgettingAttention", "GatedDeltaNet", "GatedDeltaNet2",
-    "GatedDeltaProduct", "GatedLinearAttention", "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield",
-    "KimiDeltaAttention", "KVCache", "Linear", "LinearAttention", "LogLinearGatedDeltaNet", "LogLinearMamba2",
-    "LogLinearMamba2Cache", "Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "Memora", "MemoryPlus", "MirasCache", "MixtureOfMemories", "Moneta", "MoVEAttention",
-    "MLSTM", "NeuralMemory", "NgramMemory", "NoCache", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6",
-    "RWKV7", "S4D", "ShortConv", "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL", "Yaad",
-    "get_block", "known_names", "register_block",
+    "Attention", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache", "ForgettingAttention",
+    "GatedDeltaNet", "GatedDeltaNet2", "GatedDeltaProduct", "GatedLinearAttention",
+    "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield", "KimiDeltaAttention", "KVCache", "Linear",
+    "LinearAttention", "LogLinearGatedDeltaNet", "LogLinearMamba2", "LogLinearMamba2Cache", "Mamba1",
+    "Mamba2", "Mamba3", "Mamba3Cache", "Memora", "MemoryPlus", "MirasCache", "MixtureOfMemories", "Moneta",
+    "MoVEAttention", "MLSTM", "NeuralMemory", "NgramMemory", "NoCache", "ParaGRU", "ParaLSTM",
+    "ParaRNNBlock", "ProductKeyMemory", "RGLRU", "RMSNorm", "RWKV6", "RWKV7", "S4D", "ShortConv",
+    "SlidingWindowSSM", "STEM", "TitansMAC", "TitansMAG", "TitansMAL", "Yaad", "get_block", "known_names",
+    "register_block",
 ]

@@ -22,8 +22,9 @@ head dim (Kimi Linear's choice).
 
 The projections, short convs, decoding (prefill with the chunked form, single steps with the
 recurrent one) and the cache (:class:`memjax.nn.associative.AssociativeCache`: conv windows and the
-memory ``[B, HV, K, V]`` float32) are :class:`memjax.nn.associative._AssociativeBlock`'s. No
-sequence parallelism (``seq_axis``): the per-key-channel memories do not support it yet.
+memory ``[B, HV, K, V]`` float32) are :class:`memjax.nn.associative._AssociativeBlock`'s, and so is
+sequence parallelism (``seq_axis``: time split over that mesh axis in training; GDN-2's erase and
+write gates travel to the memory as one ``[B, T, HV, K + V]`` array there).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from memjax.nn.associative import AssociativeCache, _AssociativeBlock, a_log_ini
     short_convs
 from memjax.nn.layers import Linear, ShortConv, l2_normalize, param
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_positive
 
 
@@ -50,7 +52,7 @@ class _ChannelDeltaBlock(_AssociativeBlock):
         group of ``HV / H`` value heads shares one q/k head (grouped value heads).
       gate_rank: rank of the decay and output-gate projections (None: the value head dim).
       output_gate: ``RMSNorm(o) * sigmoid(x W_g1 W_g2 + b_g)``; False: ``RMSNorm(o)`` only.
-      seq_axis: must be None (no sequence parallelism for per-key-channel decays).
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
     """
 
     l2_qk = True
@@ -63,15 +65,13 @@ class _ChannelDeltaBlock(_AssociativeBlock):
                  norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
                  allow_neg_eigval: bool = False, rngs: nnx.Rngs):
         name = type(self).__name__
-        if seq_axis is not None:
-            raise ValueError(f"{name}: seq_axis (sequence parallelism) is not supported with per-key-channel decays, "
-                             f"got seq_axis={seq_axis!r}")
         if kernel == "pallas":
             raise ValueError(f"{name}: kernel='pallas' is not available with per-key-channel decays (the Pallas "
                              "chunk pass carries scalar decays); use 'auto' or 'xla'")
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size,
                          conv_width=conv_width, expand_v=expand_v, output_gate=False, mode=mode, kernel=kernel,
-                         norm_eps=norm_eps, dtype=dtype, seq_axis=None, allow_neg_eigval=allow_neg_eigval, rngs=rngs)
+                         norm_eps=norm_eps, dtype=dtype, seq_axis=seq_axis, allow_neg_eigval=allow_neg_eigval,
+                         rngs=rngs)
         h = self.h
         hv = h if num_v_heads is None else num_v_heads
         if isinstance(hv, bool) or not isinstance(hv, int) or hv < 1 or hv % h:
@@ -144,7 +144,7 @@ class KimiDeltaAttention(_ChannelDeltaBlock):
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         return delta_rule(q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids,
-                          mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel)
+                          mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel, seq_axis=seq_axis)
 
 
 @register_block("gdn2", aliases=("GDN2",))
@@ -165,6 +165,20 @@ class GatedDeltaNet2(_ChannelDeltaBlock):
         return (erase, write), self._decay(x)
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
-        erase, write = beta
+        # beta: the (erase, write) pair, or both as one [B, T, HV, K + V] array (see __call__)
+        erase, write = beta if isinstance(beta, tuple) else (beta[..., :self.dk], beta[..., self.dk:])
         return gdn2(q, k, v, g, erase, write, initial_state=initial_state, segment_ids=segment_ids,
-                    mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel)
+                    mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel, seq_axis=seq_axis)
+
+    def __call__(self, x, *, segment_ids=None, tokens=None, cache: AssociativeCache | None = None):
+        """``x: [B, T, d_model]`` -> ``y``, or ``(y, cache)`` with a cache (any ``T >= 1``)."""
+        if cache is not None or self.seq_axis is None:
+            return super().__call__(x, segment_ids=segment_ids, tokens=tokens, cache=cache)
+        # training with time split over seq_axis: the erase and write gates travel as one
+        # [B, T, HV, K + V] array (over_sequence splits arrays, not pairs, along time)
+        q, k, v, _ = self._project(x, segment_ids)
+        (erase, write), g = self._gates(x)
+        o, _ = over_sequence(self._memory, dict(q=q, k=k, v=v, beta=jnp.concatenate([erase, write], axis=-1), g=g,
+                                                segment_ids=segment_ids), {},
+                             axis=self.seq_axis, enabled=self.mode == "chunked")
+        return self._output(o, x)

@@ -47,6 +47,7 @@ from memjax.nn.associative import AssociativeCache, GatedDeltaNet, conv_windows,
 from memjax.nn.layers import Linear, param
 from memjax.nn.registry import register_block
 from memjax.nn.ssm_blocks import Mamba2, decode_mode
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_choice, check_no_segments
 
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(b) = 1
@@ -109,22 +110,24 @@ class LogLinearMamba2(Mamba2):
     """Log-linear Mamba-2: :class:`memjax.nn.ssm_blocks.Mamba2` with its SSD replaced by
     log-linear attention (module docstring).
 
-    Args: those of :class:`Mamba2` (no ``kernel`` / ``seq_axis``: the level pass has no Pallas
-    kernel or sequence parallelism) and ``num_levels``, the Fenwick levels ``L`` of the level-scale
-    projection (documents of up to ``2^(L-1)`` tokens in training).
+    Args: those of :class:`Mamba2` (no ``kernel``: the level pass has no Pallas kernel; ``seq_axis``
+    splits time over that mesh axis in training, each shard carrying ``L N`` extra value columns,
+    :func:`memjax.memory.log_linear.sharded_levels`) and ``num_levels``, the Fenwick levels ``L`` of
+    the level-scale projection (documents of up to ``2^(L-1)`` tokens in training).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 4, expand: int = 2, d_state: int = 64, n_groups: int = 1,
                  conv_width: int = 4, chunk_size: int = 64, num_levels: int = 16, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, a_init_min: float = 1.0, a_init_max: float = 16.0, reparam: str = "exp",
-                 mode: str = "chunked", norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 mode: str = "chunked", norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
+                 rngs: nnx.Rngs):
         _check_levels("LogLinearMamba2", num_levels)
         check_choice("LogLinearMamba2", "mode", mode, ("chunked", "recurrent"))
         super().__init__(d_model, num_heads=num_heads, expand=expand, d_state=d_state, n_groups=n_groups,
                          conv_width=conv_width, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max,
                          a_init_min=a_init_min, a_init_max=a_init_max, reparam=reparam, mode=mode, norm_eps=norm_eps,
                          dtype=dtype, rngs=rngs)
-        self.num_levels = num_levels
+        self.num_levels, self.seq_axis = num_levels, seq_axis
         self.level_scales = LevelScales(d_model, self.h, num_levels, rngs=rngs, dtype=self.dtype)
 
     def _run(self, u, *, segment_ids=None, cache: LogLinearMamba2Cache | None = None, mode):
@@ -143,9 +146,12 @@ class LogLinearMamba2(Mamba2):
         A = reparameterize(self.a_raw[...], self.reparam)
         # SSD as attention: q = C, k = B, v = dt x, log decay dt A (memjax.memory.contract)
         v = (xs * dt[..., None].astype(xs.dtype)).astype(xs.dtype)
-        y, s = log_linear_attention(Cm, Bm, v, dt * A, lam, scale=1.0,
-                                    initial_state=None if cache is None else cache.memory, segment_ids=segment_ids,
-                                    mode=mode, chunk_size=self.chunk_size)
+        memory = lambda seq_axis, initial_state, **a: log_linear_attention(
+            **a, scale=1.0, initial_state=initial_state, mode=mode, chunk_size=self.chunk_size, seq_axis=seq_axis)
+        # training (no cache): time split over mesh axis seq_axis, if given
+        y, s = over_sequence(memory, dict(q=Cm, k=Bm, v=v, g=dt * A, level_scales=lam, segment_ids=segment_ids),
+                             dict(initial_state=None if cache is None else cache.memory), axis=self.seq_axis,
+                             enabled=cache is None and mode == "chunked")
         y = y + xs * self.skip[...][:, None].astype(xs.dtype)
         y = y.reshape(b, t, self.d_inner) * jax.nn.silu(self.wz(u)).astype(y.dtype)
         out = self.wo(self.norm(y))
@@ -175,18 +181,20 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
     """Log-linear Gated DeltaNet: :class:`memjax.nn.associative.GatedDeltaNet` whose memory is a
     Fenwick stack of gated delta-rule states (module docstring).
 
-    Args: the common ones of :class:`memjax.nn.associative._AssociativeBlock` (no ``kernel`` /
-    ``seq_axis``) and ``num_levels`` (the Fenwick levels ``L`` of the level-scale projection).
+    Args: the common ones of :class:`memjax.nn.associative._AssociativeBlock` (no ``kernel``;
+    ``seq_axis`` as :class:`LogLinearMamba2`'s) and ``num_levels`` (the Fenwick levels ``L`` of the
+    level-scale projection).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 64,
                  conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
                  num_levels: int = 16, norm_eps: float = 1e-6, dtype=jnp.float32, allow_neg_eigval: bool = False,
-                 rngs: nnx.Rngs):
+                 seq_axis: str | None = None, rngs: nnx.Rngs):
         _check_levels("LogLinearGatedDeltaNet", num_levels)
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size,
                          conv_width=conv_width, expand_v=expand_v, output_gate=output_gate, mode=mode,
-                         norm_eps=norm_eps, dtype=dtype, allow_neg_eigval=allow_neg_eigval, rngs=rngs)
+                         norm_eps=norm_eps, dtype=dtype, allow_neg_eigval=allow_neg_eigval, seq_axis=seq_axis,
+                         rngs=rngs)
         self.num_levels = num_levels
         self.level_scales = LevelScales(d_model, self.h, num_levels, rngs=rngs, dtype=self.dtype)
 
@@ -196,8 +204,12 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
             q, k, v, _ = self._project(x, segment_ids)
             beta, g = self._gates(x)
             lam = self.level_scales(x, _training_levels("LogLinearGatedDeltaNet", self.num_levels, x.shape[1]))
-            o, _ = log_linear_delta_rule(q, k, v, beta, lam, g=g, segment_ids=segment_ids, mode=self.mode,
-                                         chunk_size=self.chunk_size)
+            memory = lambda seq_axis, **a: log_linear_delta_rule(**a, mode=self.mode, chunk_size=self.chunk_size,
+                                                                 seq_axis=seq_axis)
+            # (time split over mesh axis seq_axis, if given)
+            o, _ = over_sequence(memory, dict(q=q, k=k, v=v, beta=beta, level_scales=lam, g=g,
+                                              segment_ids=segment_ids), {},
+                                 axis=self.seq_axis, enabled=self.mode == "chunked")
             return self._output(o, x)
         check_no_segments("LogLinearGatedDeltaNet", segment_ids)
         q, k, v, conv = self._project(x, windows=cache.conv)

@@ -52,8 +52,8 @@ class Mamba1(Block):
       dt_rank: rank of the step-size projection; 0: ``ceil(d_model / 16)``.
       conv_width: width of the causal depthwise short convolution.
       dt_min, dt_max: ``softplus(dt_bias)`` starts log-uniform in ``[dt_min, dt_max]``.
-      mode: training form, ``"chunked"``, ``"scan"`` or ``"recurrent"``
-        (:func:`memjax.memory.mamba1.mamba1_scan`).
+      mode: training form, ``"auto"`` (the token loop on CPU, where it is fastest; chunked
+        elsewhere), ``"chunked"``, ``"scan"`` or ``"recurrent"`` (:func:`memjax.memory.mamba1.mamba1_scan`).
       chunk_size: ``C`` of the chunked form (its chunk tensor is ``C^2 d_inner N`` per row).
       dtype: compute dtype of the projections and the scan's inputs.
     """
@@ -61,7 +61,7 @@ class Mamba1(Block):
     stateful = True
 
     def __init__(self, d_model: int, *, d_state: int = 16, expand: int = 2, dt_rank: int = 0, conv_width: int = 4,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, mode: str = "chunked", chunk_size: int = 16,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, mode: str = "auto", chunk_size: int = 8,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         check_positive("Mamba1", d_model=d_model, d_state=d_state, expand=expand, conv_width=conv_width,
                        dt_min=dt_min, dt_max=dt_max, chunk_size=chunk_size)

@@ -46,6 +46,7 @@ from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, param
 from memjax.nn.registry import register_block
 from memjax.nn.ssm_blocks import decode_mode, dt_bias_init
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_choice, check_no_segments, check_positive, check_range
 
 
@@ -80,6 +81,8 @@ class Mamba3(Block):
       kernel: chunk-to-chunk pass, ``"auto"``, ``"xla"`` or ``"pallas"``.
       norm_eps: of the B/C RMSNorms.
       dtype: compute dtype of the projections and the SSM's matmul operands.
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism;
+        :func:`memjax.memory.mamba3.mamba3`'s ``seq_axis``).
     """
 
     stateful = True
@@ -87,7 +90,7 @@ class Mamba3(Block):
     def __init__(self, d_model: int, *, num_heads: int = 4, expand: int = 2, d_state: int = 64, n_groups: int = 1,
                  mimo_rank: int = 1, rope_fraction: float = 0.5, chunk_size: int = 64, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, a_floor: float = 1e-4, mode: str = "chunked", kernel: str = "auto",
-                 norm_eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-5, dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
         check_positive("Mamba3", d_model=d_model, num_heads=num_heads, expand=expand, d_state=d_state,
                        n_groups=n_groups, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max, norm_eps=norm_eps)
         if isinstance(mimo_rank, bool) or not isinstance(mimo_rank, int) or mimo_rank < 1:
@@ -104,6 +107,7 @@ class Mamba3(Block):
         check_choice("Mamba3", "mode", mode, MODES)
         check_choice("Mamba3", "kernel", kernel, CHUNK_IMPLS)
         self.mode, self.chunk_size, self.kernel, self.a_floor = mode, chunk_size, kernel, a_floor
+        self.seq_axis = seq_axis
         d = d_model
         self.h, self.r, self.g, self.n = num_heads, mimo_rank, n_groups, d_state
         self.d_inner = expand * d
@@ -159,8 +163,13 @@ class Mamba3(Block):
         b, t, _ = u.shape
         x, dt, A, Bm, Cm, lam, theta = self._inputs(u)
         state = None if cache is None else Mamba3State(*cache)
-        y, s = mamba3(x, dt, A, Bm, Cm, lam=lam, theta=theta, D=self.skip[...], initial_state=state,
-                      segment_ids=segment_ids, mode=mode, chunk_size=self.chunk_size, impl=self.kernel)
+        ssm = lambda seq_axis, D, initial_state, **a: mamba3(**a, D=D, initial_state=initial_state, mode=mode,
+                                                             chunk_size=self.chunk_size, impl=self.kernel,
+                                                             seq_axis=seq_axis)
+        # training (no cache): time split over mesh axis seq_axis, if given
+        y, s = over_sequence(ssm, dict(x=x, dt=dt, A=A, B=Bm, C=Cm, lam=lam, theta=theta, segment_ids=segment_ids),
+                             dict(D=self.skip[...], initial_state=state), axis=self.seq_axis,
+                             enabled=cache is None and mode == "chunked")
         z = self.wz(u).reshape(b, t, self.h, self.p)
         if self.r > 1:  # per-rank gates, then the down-projection over ranks
             gate = jax.nn.silu(z[:, :, :, None] * self.mimo_z[...].astype(z.dtype))

@@ -33,6 +33,7 @@ from memjax.memory.mlstm import MODES, empty_state, mlstm
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, ShortConv, param
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_choice, check_no_segments, check_nonnegative, check_positive
 
 
@@ -70,13 +71,15 @@ class MLSTM(Block):
       forget_bias: ``(low, high)`` of the forget-gate bias init (``linspace`` over heads).
       norm_eps: epsilon of the per-head RMSNorm.
       dtype: compute dtype (parameters and the memory state stay float32).
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism;
+        :func:`memjax.memory.mlstm.mlstm`'s ``seq_axis``).
     """
 
     stateful = True
 
     def __init__(self, d_model: int, *, num_heads: int = 4, proj_factor: float = 2.0, conv_width: int = 4,
                  chunk_size: int = 64, mode: str = "chunked", forget_bias: tuple = (3.0, 6.0),
-                 norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
         name = type(self).__name__
         check_positive(name, d_model=d_model, num_heads=num_heads, proj_factor=proj_factor, chunk_size=chunk_size)
         check_nonnegative(name, conv_width=conv_width)
@@ -88,7 +91,7 @@ class MLSTM(Block):
         if len(tuple(forget_bias)) != 2:
             raise ValueError(f"{name}: forget_bias must be a (low, high) pair, got {forget_bias!r}")
         self.h, self.dh, self.inner = num_heads, inner // num_heads, inner
-        self.chunk_size, self.mode, self.conv_width = chunk_size, mode, conv_width
+        self.chunk_size, self.mode, self.conv_width, self.seq_axis = chunk_size, mode, conv_width, seq_axis
         self.norm_eps = norm_eps
         dt = jnp.dtype(dtype)
         self.dtype = dt
@@ -146,7 +149,10 @@ class MLSTM(Block):
         """``x: [B, T, d_model]`` -> ``y``, or ``(y, cache)`` with a cache (any ``T >= 1``)."""
         if cache is None:
             q, k, v, i, f, c, z, _ = self._inputs(x, segment_ids)
-            hs, _ = mlstm(q, k, v, i, f, segment_ids=segment_ids, mode=self.mode, chunk_size=self.chunk_size)
+            memory = lambda seq_axis, **a: mlstm(**a, mode=self.mode, chunk_size=self.chunk_size, seq_axis=seq_axis)
+            # (time split over mesh axis seq_axis, if given)
+            hs, _ = over_sequence(memory, dict(q=q, k=k, v=v, i=i, f=f, segment_ids=segment_ids), {},
+                                  axis=self.seq_axis, enabled=self.mode == "chunked")
             return self._output(hs, c, z)
         check_no_segments(type(self).__name__, segment_ids)
         q, k, v, i, f, c, z, window = self._inputs(x, window=cache.conv)

@@ -42,6 +42,7 @@ from memjax.nn.associative import decoding_mode
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, l2_normalize, param, token_shift
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_positive
 from memjax.nn.vector_gated import RWKV6Cache
 
@@ -68,6 +69,7 @@ class RWKV7(Block):
         output gate (None: RWKV-LM's formulas, 32 or more).
       chunk_size, mode: the memory's form (:func:`memjax.memory.dplr.dplr_delta_rule`).
       norm_eps: GroupNorm epsilon (RWKV-7: ``64e-5``). dtype: compute dtype (the state is float32).
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
     """
 
     stateful = True
@@ -75,7 +77,7 @@ class RWKV7(Block):
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  decay_rank: int | None = None, a_rank: int | None = None, gate_rank: int | None = None,
                  chunk_size: int = 64, mode: str = "chunked", norm_eps: float = 64e-5, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 seq_axis: str | None = None, rngs: nnx.Rngs):
         name = type(self).__name__
         self.h, self.dk = check_heads(name, d_model, num_heads, head_dim)
         if self.h * self.dk != d_model:
@@ -88,7 +90,7 @@ class RWKV7(Block):
         check_choice(name, "mode", mode, MODES)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
-        self.chunk_size, self.mode, self.eps = chunk_size, mode, float(norm_eps)
+        self.chunk_size, self.mode, self.eps, self.seq_axis = chunk_size, mode, float(norm_eps), seq_axis
         self.dtype = jnp.dtype(dtype)
         d, h, dt = d_model, self.h, self.dtype
         depth = 0.5  # RWKV-LM's layer-dependent ramps, taken at mid depth
@@ -150,9 +152,9 @@ class RWKV7(Block):
         of = of + bonus * v.astype(jnp.float32)
         return self.wo((of.reshape(b, t, -1) * gate).astype(self.dtype))
 
-    def _memory(self, r, k, v, a, b, g, *, initial_state=None, segment_ids=None, mode=None):
+    def _memory(self, r, k, v, a, b, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         return dplr_delta_rule(r, k, v, a, b, g, scale=1.0, initial_state=initial_state, segment_ids=segment_ids,
-                               mode=mode or self.mode, chunk_size=self.chunk_size)
+                               mode=mode or self.mode, chunk_size=self.chunk_size, seq_axis=seq_axis)
 
     def __call__(self, x, *, segment_ids=None, tokens=None, cache: RWKV6Cache | None = None):
         """``x: [B, T, d_model]`` -> ``y``, or ``(y, cache)`` with a cache."""
@@ -162,7 +164,9 @@ class RWKV7(Block):
         prev = token_shift(x, segment_ids, None if cache is None else cache.shift)
         r, k, v, a, b, g, gate = self._time_mix(x, prev)
         if cache is None:
-            o, _ = self._memory(r, k, v, a, b, g, segment_ids=segment_ids)
+            # (time split over mesh axis seq_axis, if given)
+            o, _ = over_sequence(self._memory, dict(r=r, k=k, v=v, a=a, b=b, g=g, segment_ids=segment_ids), {},
+                                 axis=self.seq_axis, enabled=self.mode == "chunked")
             return self._output(o, r, k, v, gate)
         o, mem = self._memory(r, k, v, a, b, g, initial_state=cache.memory, mode=decoding_mode(x))
         return self._output(o, r, k, v, gate), RWKV6Cache(x[:, -1], mem.astype(jnp.float32))

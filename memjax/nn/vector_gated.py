@@ -35,6 +35,7 @@ from memjax.nn.associative import MODES, AssociativeCache, LinearAttention, deco
 from memjax.nn.block import Block
 from memjax.nn.layers import Linear, RMSNorm, param, token_shift
 from memjax.nn.registry import register_block
+from memjax.nn.sequence_parallel import over_sequence
 from memjax.nn.validate import check_choice, check_heads, check_no_segments, check_positive, check_range
 
 
@@ -76,19 +77,24 @@ class _VectorBlock(Block):
 
     stateful = True
 
-    def _setup(self, d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype):
+    def _setup(self, d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype, seq_axis=None):
         name = type(self).__name__
         self.h, self.dk = check_heads(name, d_model, num_heads, head_dim)
         check_positive(name, chunk_size=chunk_size)
         check_choice(name, "mode", mode, MODES)
         check_choice(name, "kernel", kernel, CHUNK_IMPLS)
-        self.chunk_size, self.mode, self.kernel = chunk_size, mode, kernel
+        self.chunk_size, self.mode, self.kernel, self.seq_axis = chunk_size, mode, kernel, seq_axis
         self.dtype = jnp.dtype(dtype)
 
-    def _memory(self, q, k, v, g, *, bonus=None, initial_state=None, segment_ids=None, mode=None):
+    def _memory(self, q, k, v, g, *, bonus=None, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         return linear_attention(q, k, v, g=g, bonus=bonus, scale=1.0, initial_state=initial_state,
                                 segment_ids=segment_ids, mode=mode or self.mode, chunk_size=self.chunk_size,
-                                impl=self.kernel)
+                                impl=self.kernel, seq_axis=seq_axis)
+
+    def _train_memory(self, q, k, v, g, segment_ids, bonus=None):
+        """The memory over the whole sequence in training, time split over ``seq_axis`` if given."""
+        return over_sequence(self._memory, dict(q=q, k=k, v=v, g=g, segment_ids=segment_ids), dict(bonus=bonus),
+                             axis=self.seq_axis, enabled=self.mode == "chunked")
 
 
 @register_block("hgrn2", aliases=("H2",))
@@ -103,12 +109,13 @@ class HGRN2(_VectorBlock):
         layer, rising with depth; a constant here).
       chunk_size, mode, kernel: the memory's form (:func:`linear_attention`).
       norm_eps: epsilon of the output RMSNorm. dtype: compute dtype (the state is float32).
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, lower_bound: float = 0.0,
                  chunk_size: int = 64, mode: str = "chunked", kernel: str = "auto", norm_eps: float = 1e-6,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        self._setup(d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype)
+                 dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
+        self._setup(d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype, seq_axis)
         check_range(type(self).__name__, "lower_bound", lower_bound, 0.0, 1.0, high_open=True)
         self.lower_bound = float(lower_bound)
         self.dv = d_model // self.h
@@ -138,7 +145,7 @@ class HGRN2(_VectorBlock):
         """``x: [B, T, d_model]`` -> ``y``, or ``(y, cache)`` with a cache."""
         q, k, v, g = self._qkvg(x)
         if cache is None:
-            return self._output(self._memory(q, k, v, g, segment_ids=segment_ids)[0])
+            return self._output(self._train_memory(q, k, v, g, segment_ids)[0])
         check_no_segments(type(self).__name__, segment_ids)
         o, mem = self._memory(q, k, v, g, initial_state=cache.memory, mode=decoding_mode(x))
         return self._output(o), AssociativeCache(None, mem.astype(jnp.float32))
@@ -175,12 +182,13 @@ class RWKV6(_VectorBlock):
       mix_rank, decay_rank: ranks of the token-shift and decay LoRAs (32 and 64 in RWKV-6).
       chunk_size, mode, kernel: the memory's form. norm_eps: GroupNorm epsilon (RWKV-6:
       ``64e-5``). dtype: compute dtype (the state is float32).
+      seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, mix_rank: int = 32,
                  decay_rank: int = 64, chunk_size: int = 64, mode: str = "chunked", kernel: str = "auto",
-                 norm_eps: float = 64e-5, dtype=jnp.float32, rngs: nnx.Rngs):
-        self._setup(d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype)
+                 norm_eps: float = 64e-5, dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
+        self._setup(d_model, num_heads, head_dim, chunk_size, mode, kernel, dtype, seq_axis)
         name = type(self).__name__
         check_positive(name, mix_rank=mix_rank, decay_rank=decay_rank)
         if self.h * self.dk != d_model:
@@ -240,7 +248,7 @@ class RWKV6(_VectorBlock):
         r, k, v, g, gate = self._time_mix(x, prev)
         u = self.u[...]
         if cache is None:
-            return self._output(self._memory(r, k, v, g, bonus=u, segment_ids=segment_ids)[0], gate)
+            return self._output(self._train_memory(r, k, v, g, segment_ids, bonus=u)[0], gate)
         o, mem = self._memory(r, k, v, g, bonus=u, initial_state=cache.memory, mode=decoding_mode(x))
         return self._output(o, gate), RWKV6Cache(x[:, -1], mem.astype(jnp.float32))
 
