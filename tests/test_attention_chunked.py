@@ -3,6 +3,7 @@ impl="chunked") against an independent NumPy loop and the XLA form, in float64: 
 gradients, every mask kind, odd lengths, GQA, packed documents, window, forget gate, explicit
 positions and KV-cache masks; its memory plan grows linearly in T; the auto dispatch; the
 decoding block with the chunked prefill; the benchmark script."""
+import importlib
 import json
 import sys
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.memory import flash_attention as flash
 from memjax.memory.attention import CHUNKED_MIN_LENGTH, IMPLS, causal_attention
 from memjax.nn.attention import Attention
 from memjax.nn.cache import KVCache, WindowKVCache
 from tests.helpers import TOL64, rand, rel_err
+
+# the module itself: memjax.memory exports the function of the same name
+flash = importlib.import_module("memjax.memory.flash_attention")
 
 attention_module = sys.modules["memjax.memory.attention"]
 

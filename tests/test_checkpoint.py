@@ -55,6 +55,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     ck.close()
 
 
+@pytest.mark.slow
 def test_keep_limits_the_number_of_checkpoints(tmp_path):
     cfg = tiny_config("A,F", steps=8, checkpoint_every=2, keep_checkpoints=2)
     train_and_evaluate(cfg, str(tmp_path))

@@ -118,6 +118,7 @@ def test_chunk_sizes_and_larger_heads(x64, chunk):
     assert_all_close(dplr(q, k, v, a, b, g, initial_state=s0, mode="chunked", chunk_size=chunk), want, TOL64)
 
 
+@pytest.mark.slow
 def test_initial_state_chaining(x64):
     q, k, v, a, b, g, s0, _, _ = make(regime="random", seed=1)
     for mode in ("chunked", "recurrent"):

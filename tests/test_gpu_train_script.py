@@ -102,6 +102,7 @@ def test_smoke_run_writes_json(tmp_path):
     assert d["rows"][0]["tokens_per_s"] == pytest.approx(d["tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_host_init_gives_the_device_init_state():
     """Initialising on the host CPU and copying over (the default on a GPU) gives the same train
     state, with the train step's shardings."""
@@ -118,6 +119,7 @@ def test_host_init_gives_the_device_init_state():
         assert a.sharding == b.sharding
 
 
+@pytest.mark.slow
 def test_oom_retries_with_more_microbatches(tmp_path, monkeypatch):
     calls = []
 

@@ -39,9 +39,13 @@ def _inputs(shape, complex_, seed=0):
     return jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("complex_", [False, True])
-@pytest.mark.parametrize("t", [1, 2, 37])
+# default: each length, real and complex, with and without remat once; the rest of the product is slow
+_DEFAULT_CASES = {(1, False, False), (2, True, True), (37, False, True), (37, True, False)}
+
+
+@pytest.mark.parametrize("t,complex_,remat", [
+    (t, c, r) if (t, c, r) in _DEFAULT_CASES else pytest.param(t, c, r, marks=pytest.mark.slow)
+    for t in (1, 2, 37) for c in (False, True) for r in (False, True)])
 def test_values_and_gradients_match_loop(t, complex_, remat):
     a, b, h0 = _inputs((2, t, 3), complex_)
     scan = lambda a, b, h0: linear_scan(a, b, h0, remat=remat)

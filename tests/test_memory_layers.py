@@ -267,6 +267,7 @@ def test_memory_values_get_their_own_learning_rate_in_the_loop():
     assert dv == pytest.approx(1e-2, rel=0.05) and dq == pytest.approx(1e-4, rel=0.05), (dv, dq)
 
 
+@pytest.mark.slow
 def test_scanned_model_stacks_memory_layers_and_records_every_layer():
     """Product-key layers without a shared pool stack under the scanned model; slot recording runs
     the stacked groups eagerly and names each table by its model-wide layer."""

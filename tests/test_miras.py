@@ -356,6 +356,7 @@ def test_block_decoding_equals_forward(cls, mode):
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
+@pytest.mark.slow
 def test_block_segments_reset_and_registry():
     x = jnp.asarray(np.random.default_rng(13).normal(size=(1, 8, 16)), jnp.float32)
     blk = get_block("MON")(16, num_heads=2, chunk_size=4, rngs=nnx.Rngs(1))

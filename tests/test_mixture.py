@@ -154,6 +154,7 @@ def test_unselected_memory_is_untouched(x64):
     assert float(jnp.abs(s[:, 0] - state[:, 0]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_close_to_float32():
     x, state = make_inputs(5, t=40, dk=16, dv=16, dtype=np.float32)
     o32, s32 = jmom(**x, top_k=2, memory="delta", initial_state=state, chunk_size=16)

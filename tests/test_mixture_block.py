@@ -46,6 +46,7 @@ def test_block_prefill_then_steps_match_full_sequence(opts):
     assert rel_err(jnp.concatenate(ys, 1), y) < 1e-4
 
 
+@pytest.mark.slow
 def test_block_packed_equals_separate_documents():
     blk = _block(chunk_size=4)
     lengths = [7, 10, 5]

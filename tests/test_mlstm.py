@@ -81,6 +81,7 @@ def test_chaining_two_halves_equals_one_pass(x64, mode):
         assert rel_err(a, b_) < TOL64
 
 
+@pytest.mark.slow
 def test_packed_equals_separate_documents_and_initial_state_reaches_only_the_first(x64):
     t = 24
     q, k, v, i, f = _inputs(9, t)
@@ -160,6 +161,7 @@ def test_gradient_matches_finite_differences(x64):
         np.testing.assert_allclose(gf[idx], df, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_bf16_matches_float32_and_dtypes():
     q, k, v, i, f = _inputs(19, 33, jnp.float32)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))  # the same numbers in both runs

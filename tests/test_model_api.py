@@ -18,14 +18,15 @@ from memjax.nn.layers import logical_axes
 from memjax.nn.registry import block_kwargs, get_block, known_names
 
 BLOCKS = sorted(n for n in known_names() if "=" not in n)
-# built in the slow run only: variants that share their constructor path with a block that stays
-# (linear_attn, gla, deltanet, hgrn2, titans_mal, pkm, stem_ffn) and the blocks whose own test file
-# builds them from keyword arguments by default (test_episodic, test_miras, test_move, test_pararnn)
-VARIANTS = {"linear_attn", "gla", "deltanet", "hgrn2", "titans_mal", "pkm", "stem_ffn",
-            "episodic", "moneta", "yaad", "memora", "move_attention", "pararnn_gru", "pararnn_lstm"}
+# Built from keyword arguments in the default run: one block per constructor family (projections +
+# matrix memory, vector gates, KDA / GDN-2, SSMs, DPLR, Titans, memory layers, n-gram memory,
+# mixture, Hopfield, log-linear). Every registered block is built here under `-m slow`; the blocks'
+# own test files construct them by default as well.
+DEFAULT = {"attention", "gated_deltanet", "gla_vec", "kda", "mamba2", "mamba3", "rwkv7", "titans_mac",
+           "memory_plus", "ngram_mem", "mom", "hopfield", "log_linear_gdn", "s4d"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in BLOCKS])
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in BLOCKS])
 def test_every_block_builds_from_d_model_and_rngs_alone(name):
     cls = get_block(name)
     model_args, _ = block_kwargs(cls)
@@ -53,7 +54,7 @@ def test_public_block_names_are_exported():
 
 
 def test_scanned_layers_equal_unrolled_layers():
-    pattern = "A,D,M2"
+    pattern = "A,D"
     cfg = ModelConfig(vocab_size=40, d_model=32, num_heads=2, pattern=pattern, pattern_repeat=2, scan_layers=False)
     flat = LM(cfg, rngs=nnx.Rngs(0))
     scanned = LM(ModelConfig(**{**cfg.__dict__, "scan_layers": True}), rngs=nnx.Rngs(1))
@@ -131,6 +132,7 @@ def test_pattern_errors():
     assert block_names(ModelConfig(pattern="A,D", pattern_repeat=2)) == ["attention", "gated_deltanet"] * 2
 
 
+@pytest.mark.slow
 def test_readme_user_code_example_runs():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     m = re.search(r"<!-- user-code example -->\s*```python\n(.*?)```", readme, re.S)

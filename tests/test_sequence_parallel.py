@@ -65,9 +65,10 @@ def _assoc_inputs(b=2, t=64, h=2, dk=8, dv=6, seed=0):
 
 
 # chunk 12 does not divide the 16-token shards: each shard pads its own tail
-@pytest.mark.parametrize("mem,chunk,packed", [pytest.param("linear", 8, True, marks=pytest.mark.slow), ("gla", 8, True),
+@pytest.mark.parametrize("mem,chunk,packed", [pytest.param("linear", 8, True, marks=pytest.mark.slow), pytest.param("gla", 8, True, marks=pytest.mark.slow),
                                               pytest.param("gla", 12, False, marks=pytest.mark.slow),
-                                              ("delta", 8, True), ("gated_delta", 8, True),
+                                              pytest.param("delta", 8, True, marks=pytest.mark.slow),
+                                              ("gated_delta", 8, True),  # the default: the delta path, decays, packing
                                               pytest.param("gated_delta", 12, False, marks=pytest.mark.slow)])
 def test_associative_memories_sharded_equal_single_device(mem, chunk, packed):
     rng, q, k, v, beta, g, s0 = _assoc_inputs()

@@ -262,6 +262,7 @@ def test_bf16_close_to_float32():
     assert rel_rmse(sb.weights[1], s32.weights[1]) < 2e-2
 
 
+@pytest.mark.slow
 def test_extreme_gates_stay_finite():
     """Tiny eta and 1 - alpha (log factors near the dtype's limit) over long chunks, with packed
     documents (all three gradient bases of a chunk in use): no NaN/inf in the output or in any
