@@ -70,7 +70,9 @@ class Table:
         self.rows.append(row)
         print(" | ".join(_fmt(row.get(c, "")) for c in self.columns), flush=True)
 
-    def finish(self, extra: dict | None = None) -> str:
+    def finish(self, extra: dict | None = None, json_path: str | None = None) -> str:
+        """Print the Markdown table and write ``benchmarks/results/<name>.json`` (and, if given,
+        the same rows and ``extra`` to ``json_path``); returns the Markdown."""
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in self.columns) + " |" for r in self.rows]
         md = "\n".join(lines)
@@ -80,6 +82,9 @@ class Table:
         with open(path, "w") as f:
             json.dump({"name": self.name, "machine": machine(), "rows": self.rows, **(extra or {})}, f, indent=2)
         print(f"\nwrote {path}")
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"name": self.name, "rows": self.rows, **(extra or {})}, f, indent=1, default=str)
         return md
 
 

@@ -25,7 +25,6 @@ to compile at ``B`` it is retried at ``B = 1`` and both rows are kept. Compiling
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -142,10 +141,7 @@ def main(argv=None) -> list[dict]:
              "dtype": str(dtype), "machine": machine(),
              "note": "XLA TPU cost model on a CPU host (compile-only devices); Pallas calls count operands only"}
     table.rows = rows
-    table.finish(extra)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, **extra}, f, indent=1, default=str)
+    table.finish(extra, json_path=args.json)
     return rows
 
 

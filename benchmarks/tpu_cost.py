@@ -24,7 +24,6 @@ as "the XLA glue around the kernel plus the kernel's operands").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -150,10 +149,7 @@ def main(argv=None) -> list[dict]:
     extra = {"topology": args.topology, "shape": {"B": args.B, "T": args.T, "H": args.H, "K": args.K, "V": args.V},
              "machine": machine(), "hbm_bandwidth_bytes_per_s": bandwidth}
     table.rows = rows
-    table.finish(extra)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, **extra}, f, indent=1, default=str)
+    table.finish(extra, json_path=args.json)
     return rows
 
 

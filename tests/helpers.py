@@ -8,6 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from memjax.train import compile as plan_lib
 
 TOL64 = 1e-10  # float64 comparisons between forms and against naive references
 
@@ -87,3 +91,17 @@ def jaxpr_eqns(fn, *args, primitive: str | None = None) -> list:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def compile_for_tpu(topology: str, f, args, inside=None):
+    """``jax.jit(f)`` compiled for one compile-only TPU device of ``topology`` (libtpu, no TPU
+    attached), ``args`` replicated on it; ``inside()`` runs under the same mesh first (a check
+    of what the mesh's TPU target makes the library choose)."""
+    mesh = jax.make_mesh((1,), ("x",), devices=plan_lib.topology_devices(topology)[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    rep = NamedSharding(mesh, P())
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
+    with jax.set_mesh(mesh):  # the mesh's (compile-only TPU) devices make the target a TPU
+        if inside is not None:
+            inside()
+        return jax.jit(f).lower(*args).compile()

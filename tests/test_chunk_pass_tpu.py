@@ -5,6 +5,7 @@ without the delta term, bf16), poisoned outputs, the memories on top with packed
 dispatch rules, and (with libtpu) compiling forward and backward through Mosaic for v5p and v5e
 compile-only devices. Nothing here has run on a TPU."""
 import functools
+import json
 import importlib.util
 
 import jax
@@ -12,8 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 from memjax.kernels import chunk_pass as cr
@@ -21,7 +20,7 @@ from memjax.kernels import chunk_pass_pallas_tpu as tpu
 from memjax.kernels.chunk_pass import chunk_recurrence
 from memjax.memory.delta import delta_rule
 from memjax.memory.linear import linear_attention
-from tests.helpers import rel_rmse
+from tests.helpers import compile_for_tpu, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -324,15 +323,10 @@ def test_block_sizes():
 
 
 def _compile(topology, f, args):
-    from memjax.train import compile as plan_lib
-
-    mesh = jax.make_mesh((1,), ("x",), devices=plan_lib.topology_devices(topology)[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    rep = NamedSharding(mesh, P())
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
-    with jax.set_mesh(mesh):  # the mesh's (compile-only TPU) devices make the target a TPU
-        assert cr.resolve_impl("pallas_tpu", (1, 2, 3, 64, 128, 128), jnp.bfloat16, None) == ("pallas_tpu", False)
-        compiled = jax.jit(f).lower(*args).compile()
+    check = lambda: cr.resolve_impl("pallas_tpu", (1, 2, 3, 64, 128, 128), jnp.bfloat16, None) == ("pallas_tpu", False)  # noqa: E731
+    checked = []
+    compiled = compile_for_tpu(topology, f, args, inside=lambda: checked.append(check()))
+    assert checked == [True]
     cost = compiled.cost_analysis()
     return compiled.as_text(), cost[0] if isinstance(cost, list) else cost
 
@@ -415,3 +409,24 @@ def test_hardware_kernel_matches_xla(with_w, vector):
         g_ref = loss("xla")(*[x[k] for k in names])
     for name, r, g in zip(names, g_ref, loss("pallas_tpu")(*[x[k] for k in names])):
         assert rel_rmse(g, r) < 1e-2, name
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tpu_cost_benchmark_smoke(tmp_path):
+    """benchmarks/tpu_cost.py at a tiny shape: both impls compile for v5p, every row has bytes, the
+    io ratio is the accessed bytes over the inputs + outputs (forward) or inputs + cotangents +
+    gradients (backward)."""
+    from benchmarks import tpu_cost
+
+    out = tmp_path / "cost.json"
+    rows = tpu_cost.main(["--B", "1", "--T", "128", "--H", "1", "--K", "128", "--V", "128", "--ops", "gla_scalar",
+                          "--json", str(out)])
+    assert [(r["impl"], r["pass"]) for r in rows] == [("xla", "fwd"), ("xla", "fwd+bwd"), ("pallas_tpu", "fwd"),
+                                                      ("pallas_tpu", "fwd+bwd")]
+    for r in rows:
+        assert "error" not in r and r["bytes_accessed"] > r["io_bytes"] > 0
+        assert r["ratio"] == pytest.approx(r["bytes_accessed"] / r["io_bytes"])
+    # forward io: q, k, v (bf16 [1, 128, 1, 128]), g (f32 [1, 128, 1]); out (bf16) and the f32 state
+    assert rows[0]["io_bytes"] == 3 * 128 * 128 * 2 + 128 * 4 + 128 * 128 * 2 + 128 * 128 * 4
+    assert json.loads(out.read_text())["rows"][0]["memory"] == "gla_scalar"

@@ -8,7 +8,6 @@ Reference (per token): ``w = softmax(x W_r)`` (over the top_k logits when top_k 
 ``g = sigmoid(x W_g + b_g)`` per key/value head, ``v_h = x W_v,h + g_h sum_m w_m E_m,h``.
 Tolerances: float64 1e-12 relative; float32 decoding / packing 1e-5 relative.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -17,12 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from memjax.kernels import splash_attention as sp
 from memjax.memory.attention import causal_attention
-from tests.helpers import rand, rel_err, rel_rmse
+from tests.helpers import compile_for_tpu, rand, rel_err, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -207,14 +205,7 @@ def test_supports_and_block_sizes():
 
 
 def _compile(topology, f, args):
-    from memjax.train import compile as plan_lib
-
-    mesh = jax.make_mesh((1,), ("x",), devices=plan_lib.topology_devices(topology)[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    rep = NamedSharding(mesh, P())
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
-    with jax.set_mesh(mesh):  # the mesh's (compile-only TPU) devices make the target a TPU
-        return jax.jit(f).lower(*args).compile().as_text()
+    return compile_for_tpu(topology, f, args).as_text()
 
 
 @needs_libtpu
@@ -254,7 +245,7 @@ def test_mosaic_rejects_blocks_over_vmem(monkeypatch):
 @needs_libtpu
 @SLOW
 def test_cost_benchmark_smoke(tmp_path):
-    from benchmarks import tpu_attention_cost
+    from benchmarks import tpu_attention_cost  # noqa: PLC0415 - the benchmarks package, imported only with libtpu
 
     out = tmp_path / "cost.json"
     rows = tpu_attention_cost.main(["--T", "256", "--B", "1", "--H", "2", "--D", "128", "--impls", "xla", "splash",
