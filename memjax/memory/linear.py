@@ -237,7 +237,6 @@ def _chunked_channels(q, k, v, g, u, s0, segment_ids, scale, chunk_size, *, impl
     acc = s0.dtype
     md = q.dtype
     qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
-    n = qc.shape[2]
     if g is None:
         g = jnp.zeros((b, t, h, 1), acc)
     elif g.ndim == 3:

@@ -331,7 +331,6 @@ def _chunked(x, gate, dt, lam, k, q, s0, resets, scale, c, impl, interpret, seq_
     """Scalar-decay linear attention on ``S^`` (module docstring) over chunks of ``c`` tokens, each
     ``c * R`` rows of the chunk pass (time split over ``seq_axis``, if given)."""
     b, t, h, r, p = x.shape
-    n = k.shape[-1]
     acc, md = s0.ssm.dtype, x.dtype
     gamma, delta = _weights(dt, lam, resets, acc, seq_axis)
     rows = lambda v: to_head_chunks(v, c).reshape(b, h, -1, c * r, v.shape[-1])  # [b, H, Z, c R, .]

@@ -75,8 +75,7 @@ import jax.numpy as jnp
 
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_qkv,
-                                    check_segment_ids, check_shape, operand_dtype, output_dtype, shape_of,
-                                    state_dtype)
+                                    check_segment_ids, check_shape, operand_dtype, output_dtype, state_dtype)
 
 MODES = ("chunked", "recurrent")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
