@@ -135,14 +135,13 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     beta = beta.astype(acc)
     g = None if g is None else g.astype(acc)
     s0 = jnp.zeros((b, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
-                                  nonfinite.bad(g, 3, gate=True))
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
-        q, k, v, beta = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta))
-        g = nonfinite.finite_gate(g)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
+    # across shards under seq_axis.
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
+                              nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, beta = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta))  # mask: [B, T, HV]
+    g = nonfinite.finite_gate(g)
     if vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
         bt = beta[..., None]
         u, erase = bt * v.astype(acc), bt * k.astype(acc)
@@ -158,7 +157,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     else:
         o, s = _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret,
                         seq_axis=seq_axis)
-    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask, seq_axis)
 
 
 def _recurrent(q, k, v, beta, g, s0, resets, scale, out_dtype):

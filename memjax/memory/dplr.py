@@ -125,15 +125,12 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
     q, k, v, a, b = (x.astype(md) for x in (q, k, v, a, b))
     g = jnp.zeros((bsz, t, h, 1), acc) if g is None else (g if g.ndim == 4 else g[..., None]).astype(acc)
     s0 = jnp.zeros((bsz, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite);
-    # under seq_axis the document may run over several devices, so there the inputs pass unmasked
-    # (as in linear_attention and delta_rule).
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(*(nonfinite.bad(x, 3) for x in (k, v, a, b)), nonfinite.bad(g, 3, gate=True))
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
-        q, k, v, a, b = (nonfinite.finite_or_zero(x) for x in (q, k, v, a, b))
-        g = nonfinite.finite_gate(g)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
+    # across shards under seq_axis.
+    writes = nonfinite.either(*(nonfinite.bad(x, 3) for x in (k, v, a, b)), nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, a, b = (nonfinite.finite_or_zero(x) for x in (q, k, v, a, b))  # mask: [B, T, H]
+    g = nonfinite.finite_gate(g)
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, a, b, g, s0, segment_resets(segment_ids), scale, out_dtype)
     elif seq_axis is None:
@@ -141,7 +138,7 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
     else:  # the K x K map from the incoming state rides along as dk extra value columns
         o, s = sharded_columns(lambda start: _chunked(q, k, extend_columns(v, dk), a, b, g, start, segment_ids, scale,
                                                       chunk_size), s0, segment_ids, axis_name=seq_axis)
-    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask, seq_axis)
 
 
 def _recurrent(q, k, v, a, b, g, s0, resets, scale, out_dtype):

@@ -121,16 +121,13 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
         q, k = (jnp.repeat(x, hv // h, axis=2) for x in (q, k))
     g, b, w = (x.astype(acc) for x in (g, b, w))
     s0 = jnp.zeros((bsz, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite);
-    # under seq_axis the document may run over several devices, so there the inputs pass unmasked
-    # (as in linear_attention and delta_rule).
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3),
-                                  nonfinite.bad(w, 3), nonfinite.bad(g, 3, gate=True))
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, HV]
-        q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))
-        g = nonfinite.finite_gate(g)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
+    # across shards under seq_axis.
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3),
+                              nonfinite.bad(w, 3), nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))  # mask: [B, T, HV]
+    g = nonfinite.finite_gate(g)
     u, erase = w * v.astype(acc), b * k.astype(acc)
     run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, resolve_scale(scale, dk), mode=mode,
                                       chunk_size=chunk_size, impl=impl, interpret=interpret)
@@ -138,7 +135,7 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
         o, s = run(u, s0)
     else:  # the K x K map from the incoming state rides along as dk extra value columns
         o, s = sharded_columns(lambda start: run(extend_columns(u, dk), start), s0, segment_ids, axis_name=seq_axis)
-    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask, seq_axis)
 
 
 def check_channel_options(fn: str, impl: str) -> None:

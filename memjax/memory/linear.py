@@ -144,13 +144,12 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
         bonus = jnp.repeat(bonus, hv // bonus.shape[0], axis=0).astype(acc)  # [HV, K]
     g = None if g is None else g.astype(acc)
     s0 = jnp.zeros((b, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
-        q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
-        g = nonfinite.finite_gate(g)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
+    # across shards under seq_axis.
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))  # mask: [B, T, HV]
+    g = nonfinite.finite_gate(g)
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, bonus, s0, segment_resets(segment_ids), scale, out_dtype)
     elif vector or bonus is not None:
@@ -165,7 +164,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     else:
         o, s = _chunked(q, k, v, g, s0, segment_ids, scale, t if mode == "parallel" else chunk_size,
                         impl=impl, interpret=interpret, seq_axis=seq_axis)
-    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(o.astype(out_dtype), s, mask, seq_axis)
 
 
 def _recurrent(q, k, v, g, u, s0, resets, scale, out_dtype):

@@ -397,7 +397,7 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
         inside ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence (``L`` must cover the whole
         sequence's positions); returns this slice's outputs and the whole sequence's final state.
-        Non-finite inputs are not masked there.
+        Non-finite inputs poison the single-device positions (across shards).
 
     Returns:
       ``(o [B, T, H, V]`` in q's dtype, :class:`LogLinearState` of the last document: levels
@@ -417,17 +417,19 @@ def log_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     lam = level_scales.astype(acc)
     s0, p0 = initial_levels(initial_state, (b, h, n, dk, dv), acc)
     c = t if mode == "parallel" else chunk_size
-    if seq_axis is not None:  # (a document may run over several devices: no non-finite masking here)
+    # A non-finite token poisons only itself (q, level_scales: reads) or the rest of its document
+    # (k, v, g: writes) (memjax.memory.nonfinite), across shards under seq_axis.
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(lam, 3),
+                            nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, lam = (nonfinite.finite_or_zero(x) for x in (q, k, v, lam))
+    g = nonfinite.finite_gate(g)
+    if seq_axis is not None:
         run = lambda lv, p: _chunked(q, k, extend_columns(v, n * dk), g, lam, lv, p,
                                      token_positions(b, t, segment_ids, p), segment_ids, scale, c)
         o, state = sharded_levels(run, s0, p0, segment_ids, t, axis_name=seq_axis)
-        return o.astype(out_dtype), state
-    # A non-finite token poisons only itself (q, level_scales: reads) or the rest of its document
-    # (k, v, g: writes) (memjax.memory.nonfinite).
-    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
-    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(lam, 3), nonfinite.running(writes, segment_ids))
-    q, k, v, lam = (nonfinite.finite_or_zero(x) for x in (q, k, v, lam))
-    g = nonfinite.finite_gate(g)
+        o, s = nonfinite.poison_outputs(o.astype(out_dtype), state.levels, mask, seq_axis)
+        return o, LogLinearState(s, state.position)
     pos = token_positions(b, t, segment_ids, p0)
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, lam, s0, pos, scale, out_dtype)

@@ -87,16 +87,20 @@ def log_linear_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Ar
     g = None if g is None else g.astype(acc)
     lam = level_scales.astype(acc)
     s0, p0 = initial_levels(initial_state, (b, h, n, dk, dv), acc)
-    if seq_axis is not None:  # (a document may run over several devices: no non-finite masking here)
+    # (memjax.memory.nonfinite: reads q, lam poison their token, writes the rest of the document,
+    # across shards under seq_axis)
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
+                              nonfinite.bad(g, 3, gate=True))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(lam, 3),
+                            nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, beta, lam = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta, lam))
+    g = nonfinite.finite_gate(g)
+    if seq_axis is not None:
         run = lambda lv, p: _chunked(q, k, extend_columns(v, n * dk), beta, g, lam, lv, p,
                                      token_positions(b, t, segment_ids, p), segment_ids, scale, chunk_size)
         o, state = sharded_levels(run, s0, p0, segment_ids, t, axis_name=seq_axis)
-        return o.astype(out_dtype), state
-    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
-                              nonfinite.bad(g, 3, gate=True))
-    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.bad(lam, 3), nonfinite.running(writes, segment_ids))
-    q, k, v, beta, lam = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta, lam))
-    g = nonfinite.finite_gate(g)
+        o, s = nonfinite.poison_outputs(o.astype(out_dtype), state.levels, mask, seq_axis)
+        return o, LogLinearState(s, state.position)
     pos = token_positions(b, t, segment_ids, p0)
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, beta, g, lam, s0, pos, scale, out_dtype)

@@ -132,7 +132,7 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
       seq_axis: sequence parallelism (chunked mode; see the module docstring): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's slice,
         ``initial_state`` the state before the whole sequence; returns this slice's outputs and the
-        whole sequence's final state. Non-finite inputs are not masked there.
+        whole sequence's final state. Non-finite inputs poison the single-device positions.
 
     Returns:
       ``(y`` with x's shape and dtype, :class:`Mamba3State` ``)``. Dtypes follow
@@ -197,16 +197,14 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
     # A non-finite token poisons itself (C: a read) or the rest of its document (everything else).
     heads = lambda v: jnp.repeat(v, h // g, axis=2)  # [batch, T, G, ...] -> [batch, T, H, ...]
     per_token_a = shape_of(A) != (h,)
-    # (under seq_axis a document may run over several devices: there the inputs pass unmasked)
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), nonfinite.bad(lam, 3),
-                                  nonfinite.bad(theta, 3), heads(nonfinite.bad(B, 3)),
-                                  nonfinite.bad(A, 3) if per_token_a else None)
-        mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids))
-        x, B, C, dt, lam, theta = (None if v is None else nonfinite.finite_or_zero(v)
-                                   for v in (x, B, C, dt, lam, theta))
-        A = nonfinite.finite_or_zero(A) if per_token_a else A
+    # (across shards under seq_axis: memjax.memory.nonfinite.running)
+    writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), nonfinite.bad(lam, 3),
+                              nonfinite.bad(theta, 3), heads(nonfinite.bad(B, 3)),
+                              nonfinite.bad(A, 3) if per_token_a else None)
+    mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    x, B, C, dt, lam, theta = (None if v is None else nonfinite.finite_or_zero(v)
+                               for v in (x, B, C, dt, lam, theta))
+    A = nonfinite.finite_or_zero(A) if per_token_a else A
     x, B, C = (v.astype(md) for v in (x, B, C))
     dt, lam, theta = (None if v is None else v.astype(acc) for v in (dt, lam, theta))
     A = A.astype(acc)
@@ -246,7 +244,7 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
         angle = s0.angle if phi is None else jnp.mod(phi_last, 2 * math.pi)
         state = Mamba3State(ssm, from_last_shard(k[:, -1].astype(acc), seq_axis),
                             from_last_shard(x[:, -1].astype(acc), seq_axis), angle)
-    return nonfinite.poison_outputs(y, state, mask)
+    return nonfinite.poison_outputs(y, state, mask, seq_axis)
 
 
 def _segment_cumsum(v: jax.Array, resets: jax.Array | None) -> jax.Array:

@@ -112,17 +112,16 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
     # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite);
     # the memories below then see finite inputs only. A bad key, value, gate or routing logit
     # poisons every memory of the head (the routing decides which memories a token writes).
-    mask = None
-    if seq_axis is None:
-        per_head = lambda m: None if m is None else jnp.any(m, axis=2)  # [B, T, M', H] -> [B, T, H]
-        route_bad = nonfinite.bad(router_logits, 3 if router_logits.ndim == 4 else 2)
-        writes = nonfinite.either(per_head(nonfinite.bad(k, 4)), per_head(nonfinite.bad(v, 4)),
-                                  per_head(nonfinite.bad(beta, 4)), per_head(nonfinite.bad(g, 4, gate=True)),
-                                  route_bad if route_bad.ndim == 3 else route_bad[..., None])
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))
-        mask = jnp.broadcast_to(mask, (b, t, h))
-        q, k, v, beta, router_logits = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta, router_logits))
-        g = nonfinite.finite_gate(g)
+    # Under seq_axis the poison crosses shards (memjax.memory.nonfinite.running).
+    per_head = lambda m: None if m is None else jnp.any(m, axis=2)  # [B, T, M', H] -> [B, T, H]
+    route_bad = nonfinite.bad(router_logits, 3 if router_logits.ndim == 4 else 2)
+    writes = nonfinite.either(per_head(nonfinite.bad(k, 4)), per_head(nonfinite.bad(v, 4)),
+                              per_head(nonfinite.bad(beta, 4)), per_head(nonfinite.bad(g, 4, gate=True)),
+                              route_bad if route_bad.ndim == 3 else route_bad[..., None])
+    writes = jnp.broadcast_to(writes, (b, t, h))  # (a [B, T, 1] routing flag: every head)
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, beta, router_logits = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta, router_logits))
+    g = nonfinite.finite_gate(g)
     weights, selected = route(router_logits, top_k, h)  # [B, T, H, M] each
     if shared_memory:
         pad = [(0, 0)] * 3 + [(0, 1)]
@@ -145,9 +144,8 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, router_logits:
     # The mix accumulates in the router weights' precision; the output is in q's dtype.
     o = jnp.sum(w * o.astype(w.dtype), axis=2).astype(output_dtype(q))
     s = s.reshape(b, mp, h, dk, dv)
-    if mask is None:
-        return o, s
-    return nonfinite.poison(o, mask), nonfinite.poison(s, mask[:, -1, None])  # (the state's [B, M', H])
+    # (the state's [B, M', H]: every memory of a poisoned head)
+    return nonfinite.poison(o, mask), nonfinite.poison(s, nonfinite.last_token(mask, seq_axis)[:, None])
 
 
 def route(router_logits: jax.Array, top_k: int, num_heads: int) -> tuple[jax.Array, jax.Array]:

@@ -130,7 +130,7 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
       seq_axis: sequence parallelism (chunked mode; see the module docstring): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's slice,
         ``initial_state`` the state before the whole sequence; returns this slice's outputs and the
-        whole sequence's final state. Non-finite inputs are not masked there.
+        whole sequence's final state. Non-finite inputs poison the single-device positions.
 
     Returns ``(h [B, T, H, V]`` in q's dtype, :class:`MLSTMState` ``(C, n, m))``.
     """
@@ -154,14 +154,11 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
     cd = state_dtype(q, k, v, i, f, initial_state)
     scale = resolve_scale(scale, dk)
 
-    # (under seq_axis a document may run over several devices: there the inputs pass unmasked, as
-    # in the other sequence-parallel memories)
-    mask = None
-    if seq_axis is None:
-        writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(i, 3),
-                                  nonfinite.bad(f, 3))
-        mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))
-        q, k, v, i, f = (nonfinite.finite_or_zero(x) for x in (q, k, v, i, f))
+    # (memjax.memory.nonfinite; across shards under seq_axis)
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(i, 3),
+                              nonfinite.bad(f, 3))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    q, k, v, i, f = (nonfinite.finite_or_zero(x) for x in (q, k, v, i, f))
 
     log_f = jax.nn.log_sigmoid(f.astype(cd))
     ig = i.astype(cd)
@@ -176,7 +173,7 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
         y, final = _chunked(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t))
     else:
         y, final = _sharded(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t), seq_axis)
-    return nonfinite.poison_outputs(y.astype(out_dtype), final, mask)
+    return nonfinite.poison_outputs(y.astype(out_dtype), final, mask, seq_axis)
 
 
 # ----------------------------------------------------------------------------- recurrent

@@ -103,10 +103,10 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
     gate_a, gate_x, lam = (v.astype(cd) for v in (gate_a, gate_x, lam))
     # A non-finite input poisons its channel from that token to the end of its document
     # (memjax.memory.nonfinite): reset or not, `a_t * h` would carry a NaN on (0 * NaN = NaN).
-    mask = None
-    if seq_axis is None:
-        mask = nonfinite.running(~(jnp.isfinite(x) & jnp.isfinite(gate_a) & jnp.isfinite(gate_x)), segment_ids)
-        x, gate_a, gate_x = (nonfinite.finite_or_zero(v) for v in (x, gate_a, gate_x))
+    # (across shards under seq_axis)
+    mask = nonfinite.running(~(jnp.isfinite(x) & jnp.isfinite(gate_a) & jnp.isfinite(gate_x)), segment_ids,
+                             axis_name=seq_axis)
+    x, gate_a, gate_x = (nonfinite.finite_or_zero(v) for v in (x, gate_a, gate_x))
     a, norm, i = rglru_gates(gate_a, gate_x, lam, c)
     resets = sequence_resets(segment_ids, seq_axis)
     if not normalize_at_reset and initial_state is None:
@@ -131,4 +131,4 @@ def rglru(x: jax.Array, gate_a: jax.Array, gate_x: jax.Array, lam: jax.Array, *,
 
         s, y = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(u, 0, 1)))
         y = jnp.swapaxes(y, 0, 1)
-    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask, seq_axis)

@@ -43,6 +43,13 @@ which JAX derives: the ``all_gather`` transposes to a reduce-scatter). What ``Ph
 Packed sequences: a document that starts at a shard's first token must not see the previous
 shard's state. :func:`sequence_resets` compares that token's segment id with the previous
 shard's last one (one ``ppermute``); the reset zeroes ``Phi`` and ``O_phi`` of that shard.
+
+Non-finite inputs: every memory sanitises its per-token inputs before its local pass and puts the
+NaN back afterwards, exactly where the single-device pass does (:mod:`memjax.memory.nonfinite`;
+``running(..., axis_name=)`` carries a bad write's poison over the shards its document spans, one
+``all_gather`` of two booleans per row and head). So the states exchanged here are always finite:
+a NaN on one shard never reaches an earlier token, another document or, through ``0 * NaN``, a
+reset shard.
 """
 from __future__ import annotations
 

@@ -123,9 +123,10 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
     check_seq_axis(fn, seq_axis, mode, ("scan",))
 
     # A non-finite input poisons its channel from that token to the end of its document
-    # (memjax.memory.nonfinite); the parameters are not per token and are left alone.
-    mask = nonfinite.running(~jnp.isfinite(x), segment_ids) if seq_axis is None else None
-    x = x if mask is None else nonfinite.finite_or_zero(x)
+    # (memjax.memory.nonfinite; across shards under seq_axis); the parameters are not per token and
+    # are left alone.
+    mask = nonfinite.running(~jnp.isfinite(x), segment_ids, axis_name=seq_axis)
+    x = nonfinite.finite_or_zero(x)
     rd = state_dtype(x, A, B, C, dt, initial_state)
     is_complex = any(v is not None and jnp.iscomplexobj(v) for v in (A, B, C, initial_state))
     sd = jnp.result_type(rd, jnp.complex64) if is_complex else rd
@@ -157,7 +158,7 @@ def diagonal_ssm(x: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, dt: jax
             y, s = _diag_recurrent(xf, Abar, Bbar, C, s0, resets)
     if D is not None:
         y = y + D.astype(rd) * xf
-    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask, seq_axis)
 
 
 def _real(z):
@@ -323,13 +324,12 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     x, B, C = (v.astype(md) for v in (x, B, C))  # (a no-op unless x, B, C differ in dtype)
     dt, A = dt.astype(acc), A.astype(acc)
     s0 = jnp.zeros((b, h, p, n), acc) if initial_state is None else initial_state.astype(acc)
-    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
-    mask = None
-    if seq_axis is None:
-        heads = lambda m: jnp.repeat(m, h // g, axis=2)  # [batch, T, G] -> [batch, T, H]
-        writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), heads(nonfinite.bad(B, 3)))
-        mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids))
-        x, dt, B, C = (nonfinite.finite_or_zero(v) for v in (x, dt, B, C))
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
+    # across shards under seq_axis.
+    heads = lambda m: jnp.repeat(m, h // g, axis=2)  # [batch, T, G] -> [batch, T, H]
+    writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), heads(nonfinite.bad(B, 3)))
+    mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
+    x, dt, B, C = (nonfinite.finite_or_zero(v) for v in (x, dt, B, C))
     if mode == "recurrent":
         y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
     else:
@@ -337,7 +337,7 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
                             seq_axis=seq_axis)
     if D is not None:
         y = y.astype(acc) + D.astype(acc)[:, None] * x
-    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask)
+    return nonfinite.poison_outputs(y.astype(out_dtype), s, mask, seq_axis)
 
 
 def _ssd_recurrent(x, dt, A, B, C, s0, resets):
