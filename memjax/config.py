@@ -96,6 +96,9 @@ class DataConfig(_Section):
     seed: int = 0
     shuffle: bool = True
     worker_count: int = 0  # Grain worker processes (0: in-process)
+    # Attach each example's cluster path for hierarchical memories (memjax.data.cluster_paths):
+    # {"depth": 2, "branching": 4, ...}; empty: off.
+    cluster_paths: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +164,9 @@ class TrainConfig(_Section):
     progress: bool = True
     # Test hook: make the loss NaN at this step (0: never) to exercise the NaN guard.
     inject_nan_at_step: int = 0
+    # Where host-resident parameter tables (memjax.train.memory_bank) live: a directory, a
+    # gs://bucket/path URL or a TensorStore kvstore spec; "" : <workdir>/host_tables.
+    host_tables_dir: str = ""
 
 
 @dataclass

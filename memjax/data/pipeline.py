@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from memjax.config import Config, options_from_dict
+from memjax.data.cluster_paths import cluster_path_transform
 from memjax.data.registry import get_task
 
 
@@ -51,6 +52,9 @@ def make_dataset(cfg: Config, split: str, *, batch_size: int | None = None,
     if batch_size % pc:
         raise ValueError(f"batch_size {batch_size} is not divisible by the process count {pc}")
     ds = grain.MapDataset.source(task)
+    paths = cluster_path_transform(cfg)
+    if paths is not None:  # (per example, before shuffling: a document's path never depends on its order)
+        ds = ds.map(paths)
     if split == "train":
         if cfg.data.shuffle:
             ds = ds.shuffle(seed=cfg.data.seed)

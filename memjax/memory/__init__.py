@@ -17,6 +17,7 @@ from memjax.memory.episodic import (EpisodicState, episodic_init, episodic_reset
                                     topk_attention)
 from memjax.memory.flash_attention import flash_attention
 from memjax.memory.gdn2 import gdn2
+from memjax.memory.hierarchical_bank import memory_ffn, num_blocks, path_block_ids
 from memjax.memory.hopfield import hopfield_energy, hopfield_retrieval
 from memjax.memory.linear import linear_attention
 from memjax.memory.log_linear import LogLinearState, log_linear_attention
@@ -38,7 +39,7 @@ __all__ = [
     "EpisodicState", "LogLinearState", "MIRAS_PRESETS", "Mamba3State", "MirasSpec", "causal_attention",
     "contract", "delta_product", "delta_rule", "diagonal_ssm", "dplr_delta_rule", "episodic_init",
     "episodic_reset", "episodic_retrieve", "episodic_write", "feature_maps", "flash_attention", "gdn2",
-    "hippo", "hopfield_energy", "hopfield_retrieval", "linear_attention", "log_linear_attention",
+    "hippo", "memory_ffn", "num_blocks", "path_block_ids", "hopfield_energy", "hopfield_retrieval", "linear_attention", "log_linear_attention",
     "log_linear_delta_rule", "mamba1_scan", "mamba3", "miras", "miras_preset", "mixture_of_memories",
     "mlstm", "ngram_memory", "pararnn", "pararnn_gru", "pararnn_lstm", "product_keys", "reparam", "rglru",
     "ring_attention", "rope", "selective_scan", "sequence_parallel", "sharded_lookup", "ssm", "titans",

@@ -10,6 +10,8 @@ from memjax.nn.fox import ForgettingAttention
 from memjax.nn.block import Block
 from memjax.nn.cache import KVCache, NoCache
 from memjax.nn.episodic import EpisodicAttention, EpisodicCache
+from memjax.nn.hierarchical_memory import HierarchicalMemoryFFN
+from memjax.nn.host_params import HostIndex, HostParam
 from memjax.nn.hopfield import HopfieldLayer as Hopfield
 from memjax.nn.hybrid import SlidingWindowSSM
 from memjax.nn.kda import GatedDeltaNet2, KimiDeltaAttention
@@ -38,7 +40,8 @@ from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 __all__ = [
     "Attention", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache", "ForgettingAttention",
     "GatedDeltaNet", "GatedDeltaNet2", "GatedDeltaProduct", "GatedLinearAttention",
-    "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "Hopfield", "KimiDeltaAttention", "KVCache", "Linear",
+    "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "HierarchicalMemoryFFN", "Hopfield", "HostIndex",
+    "HostParam", "KimiDeltaAttention", "KVCache", "Linear",
     "LinearAttention", "LogLinearGatedDeltaNet", "LogLinearMamba2", "LogLinearMamba2Cache", "Mamba1",
     "Mamba2", "Mamba3", "Mamba3Cache", "Memora", "MemoryPlus", "MirasCache", "MixtureOfMemories", "Moneta",
     "MoVEAttention", "MLSTM", "NeuralMemory", "NgramMemory", "NoCache", "ParaGRU", "ParaLSTM",

@@ -5,6 +5,12 @@ Each checkpoint is a ``Composite`` of ``state`` (params, optimizer state, step) 
 becomes visible only once complete, so a process killed mid-save leaves the previous
 one restorable. Restoring uses an abstract target carrying the *current* shardings,
 so a checkpoint written on one mesh restores onto another.
+
+Host-resident tables (``bank``: a :class:`memjax.train.memory_bank.MemoryBank`) are part of a
+checkpoint too: saving step ``s`` first snapshots them synchronously (so a complete Orbax step
+always has its snapshot), snapshots of steps Orbax no longer keeps are deleted, and restoring
+step ``s`` copies its snapshot back into the live tables (a step whose snapshot is missing counts
+as unreadable: the previous one is tried).
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ def steps_on_disk(directory: str) -> list[int]:
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, every: int = 0, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, bank=None):
         self.directory = os.path.abspath(directory)
+        self.bank = bank  # host tables saved and restored with each step (None: none)
         self._pending = None  # the step of a save still being written
         if read_only and not steps_on_disk(self.directory):
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -59,11 +66,15 @@ class Checkpointer:
         mount) surfaces here or in :meth:`wait` as :class:`CheckpointError`; the half-written
         step stays in Orbax's temporary directory and the previous checkpoint stays restorable."""
         with self._failures(step):
+            if self.bank is not None and (force or self.manager.should_save(step)):
+                self.bank.snapshot(step)
             started = self.manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
                 force=force,
             )
+            if self.bank is not None:
+                self.bank.retain(set(self.manager.all_steps()) | {step})
         if started:
             self._pending = step
         return started
@@ -120,6 +131,8 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
+        if self.bank is not None:
+            self.bank.restore(step)
         return out["state"], out["data"]
 
     def wait(self) -> None:

@@ -12,6 +12,7 @@ from memjax.config import Config, ConfigError
 from memjax.eval.plots import metrics_table_markdown
 from memjax.train.checkpoint import CheckpointError, Checkpointer, steps_on_disk
 from memjax.train.loop import build, evaluate
+from memjax.train.memory_bank import HostTables
 from memjax.train.run_record import check_same_run
 
 
@@ -33,6 +34,9 @@ def restore_state(cfg: Config, workdir: str, step: int | None = None, *, allow_c
         state, _, step = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
+    if setup.host_modules:  # host-resident tables: the checkpoint's own snapshot, opened read-only
+        root = cfg.train.host_tables_dir or os.path.join(workdir, "host_tables")
+        setup.host = HostTables.open_snapshot(setup.host_modules, root, step)
     return setup, state, step
 
 

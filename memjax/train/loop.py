@@ -4,6 +4,14 @@ Sections: setup (mesh, model, optimizer, shardings) -> jitted steps -> restore -
 loop (train, log, eval, checkpoint, NaN guard, SIGTERM) -> final eval. The loop
 knows nothing about any particular memory: the model comes from the config's block
 pattern and the data from the task registry.
+
+Host-resident tables (parameters too large for the device, :mod:`memjax.train.memory_bank`):
+a model whose modules hold ``HostParam`` windows gets them as a step *input*, not as train
+state. ``run_steps`` fetches the rows the batch needs (with their Adam moments) from the
+TensorStore bank, the step differentiates the loss w.r.t. them and applies a row-wise Adam
+(``memjax.train.memory_bank.row_adam``; ``optim.memory_values_lr`` when set, else the schedule; no
+weight decay, no clipping), and the updated rows are written back; each checkpoint snapshots the
+bank (``Checkpointer(bank=...)``). One process, ``train.microbatches == 1``.
 """
 from __future__ import annotations
 
@@ -25,11 +33,13 @@ from memjax.config import Config, ConfigError, validate
 from memjax.data.pipeline import make_dataset, make_task
 from memjax.model.lm import LM
 from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
+from memjax.nn.host_params import HostIndex, HostParam
 from memjax.nn.layers import logical_axes
 from memjax.train import run_record
 from memjax.train.checkpoint import Checkpointer, abstract_like, steps_on_disk
+from memjax.train.memory_bank import HostTables, discover, row_adam
 from memjax.train.metrics import MetricWriter
-from memjax.train.optimizer import make_optimizer
+from memjax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +74,10 @@ class Setup:
     init_fn: Any
     train_step: Any
     eval_step: Any
+    # Host-resident parameter tables (memjax.train.memory_bank): the modules using them, and the
+    # opened store (train_and_evaluate opens it; a caller of run_steps sets it with open_host_tables).
+    host_modules: list = dataclasses.field(default_factory=list)
+    host: HostTables | None = None
 
 
 def _param_metadata(abs_params: nnx.State, key: str, default):
@@ -95,7 +109,19 @@ def build(cfg: Config, devices=None) -> Setup:
     # Sequence parallelism is explicit: the blocks get the mesh axis that time is split over.
     seq_axis = "seq" if mesh.shape["seq"] > 1 else None
     abs_model = nnx.eval_shape(lambda: LM(mcfg, seq_axis=seq_axis, rngs=nnx.Rngs(cfg.train.seed)))
-    graphdef, abs_params, abs_rest = nnx.split(abs_model, nnx.Param, ...)
+    # Host-table windows (HostParam / HostIndex) are step inputs, not part of the train state:
+    # the store holds them (and their optimizer state), fetched before and written after each step.
+    host_modules = discover(abs_model, seed=cfg.train.seed)
+    has_host = bool(host_modules)
+
+    def split(model):
+        """``(graphdef, params, rest)`` of ``model``, host-table windows left out."""
+        if not has_host:
+            return nnx.split(model, nnx.Param, ...)
+        graphdef, params, _, rest = nnx.split(model, nnx.Param, (HostParam, HostIndex), ...)
+        return graphdef, params, rest
+
+    graphdef, abs_params, abs_rest = split(abs_model)
     p_specs = param_specs(abs_params, rules, mesh).to_pure_dict()
     labels = _param_metadata(abs_params, "optim_group", "default")
     decay = matrix_mask(abs_params)
@@ -104,7 +130,7 @@ def build(cfg: Config, devices=None) -> Setup:
 
     def init_fn():
         model = LM(mcfg, seq_axis=seq_axis, rngs=nnx.Rngs(cfg.train.seed))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
+        _, params, rest = split(model)
         params = params.to_pure_dict()
         return {"step": jnp.zeros((), jnp.int32), "bad_step": jnp.zeros((), jnp.int32),
                 "params": params, "opt_state": tx.init(params), "rest": rest.to_pure_dict()}
@@ -125,21 +151,32 @@ def build(cfg: Config, devices=None) -> Setup:
     micro = cfg.train.microbatches
     inject = cfg.train.inject_nan_at_step
 
-    def apply(params, rest, batch):
-        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+    def apply(params, rest, batch, host=None):
+        states = [nnx.State(params), nnx.State(rest)]
+        if host is not None:
+            states += [nnx.State(host["rows"]), nnx.State(host["index"])]
+        model = nnx.merge(graphdef, *states)
         logits = model(batch["inputs"], segment_ids=batch["segment_ids"])
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        _, _, new_rest = split(model)
         return logits, new_rest.to_pure_dict()
 
-    def loss_sums(params, rest, batch):
-        logits, new_rest = apply(params, rest, batch)
+    def loss_sums(params, rest, batch, host=None):
+        logits, new_rest = apply(params, rest, batch, host)
         nll, correct, count = masked_xent(logits, batch["targets"], batch["mask"])
         return nll, (correct, count, new_rest)
 
-    def train_step(state, batch):
+    ocfg = cfg.optim
+    schedule = learning_rate_schedule(ocfg, cfg.train.steps)
+
+    def train_step(state, batch, host=None):
         params, rest = state["params"], state["rest"]
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-        if micro == 1:
+        if host is not None:
+            # Gradients w.r.t. the fetched rows too (the window is an input of the step).
+            host_loss = lambda p, rows, r, b: loss_sums(p, r, b, {"rows": rows, "index": host["index"]})
+            (nll, (correct, count, rest)), (grads, row_grads) = jax.value_and_grad(
+                host_loss, argnums=(0, 1), has_aux=True)(params, host["rows"], rest, batch)
+        elif micro == 1:
             (nll, (correct, count, rest)), grads = grad_fn(params, rest, batch)
         else:
             # Sum per-micro-batch gradients of the *summed* loss, then divide by the total
@@ -164,6 +201,19 @@ def build(cfg: Config, devices=None) -> Setup:
         new_params = optax.apply_updates(params, updates)
         # NaN guard: a non-finite step leaves the state untouched and records where it happened.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["bad_step"] == 0)
+        if host is not None:
+            row_grads = jax.tree.map(lambda g: g / denom, row_grads)
+            row_norm = optax.global_norm(row_grads)
+            ok = ok & jnp.isfinite(row_norm)
+            # Row-wise Adam with the moments fetched beside the rows; the memory-values learning
+            # rate when set (memory tables train at a constant rate), else the schedule.
+            lr = ocfg.memory_values_lr if ocfg.memory_values_lr > 0 else schedule(state["step"])
+            treedef = jax.tree.structure(host["rows"])
+            flat = {k: treedef.flatten_up_to(host[k]) for k in ("rows", "mu", "nu", "count")}
+            upd = [row_adam(r, g, m, n, c, lr=lr, b1=ocfg.b1, b2=ocfg.b2) for r, g, m, n, c in zip(
+                flat["rows"], treedef.flatten_up_to(row_grads), flat["mu"], flat["nu"], flat["count"])]
+            new_host = {k: treedef.unflatten([jnp.where(ok, u[i], flat[k][j]) for j, u in enumerate(upd)])
+                        for i, k in enumerate(("rows", "mu", "nu", "count"))}
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = {
             "step": state["step"] + jnp.where(ok, 1, 0),
@@ -174,21 +224,50 @@ def build(cfg: Config, devices=None) -> Setup:
         }
         metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
                    "tokens": count}
+        if host is not None:
+            metrics["host_grad_norm"] = row_norm
+            return new_state, metrics, new_host
         return new_state, metrics
 
-    def eval_step(state, batch):
-        logits, _ = apply(state["params"], state["rest"], batch)
+    def eval_step(state, batch, host=None):
+        logits, _ = apply(state["params"], state["rest"], batch, host)
         nll, correct, count = masked_xent(logits, batch["targets"], batch["mask"])
         return {"nll": nll, "correct": correct, "count": count}, jnp.argmax(logits, -1)
 
     rep = NamedSharding(mesh, replicated)
     with jax.set_mesh(mesh), axis_rules(rules):
         init_j = jax.jit(init_fn, out_shardings=state_shardings)
-        train_j = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                          out_shardings=(state_shardings, rep), donate_argnums=0)
-        eval_j = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(rep, batch_sharding))
-    return Setup(cfg, mesh, graphdef, state_shardings, batch_sharding, tx, init_j, train_j, eval_j)
+        if has_host:  # (the fetched rows, their moments and indices: replicated step inputs)
+            train_j = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, rep),
+                              out_shardings=(state_shardings, rep, rep), donate_argnums=0)
+            eval_j = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding, rep),
+                             out_shardings=(rep, batch_sharding))
+        else:
+            train_j = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                              out_shardings=(state_shardings, rep), donate_argnums=0)
+            eval_j = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+                             out_shardings=(rep, batch_sharding))
+    return Setup(cfg, mesh, graphdef, state_shardings, batch_sharding, tx, init_j, train_j, eval_j,
+                 host_modules=host_modules)
+
+
+def open_host_tables(setup: Setup, root, *, fresh: bool = False) -> HostTables | None:
+    """Open (creating what is missing) the store of the model's host tables under ``root`` and
+    attach it to ``setup``; ``None`` for a model without host tables. ``fresh``: re-initialise."""
+    if not setup.host_modules:
+        return None
+    if jax.process_count() > 1:
+        raise ConfigError("host-resident tables (e.g. hierarchical_memory) run in one process only: the fetch "
+                          "plan of a batch is made on one host")
+    setup.host = HostTables.open(setup.host_modules, root, fresh=fresh)
+    return setup.host
+
+
+def _need_host(setup: Setup) -> HostTables:
+    if setup.host is None:
+        raise RuntimeError("the model has host-resident tables: open their store first with "
+                           "memjax.train.loop.open_host_tables(setup, root)")
+    return setup.host
 
 
 def to_global(setup: Setup, batch: dict) -> dict:
@@ -198,8 +277,16 @@ def to_global(setup: Setup, batch: dict) -> dict:
 
 
 def run_steps(setup: Setup, state, batch):
+    """One train step; with host tables: fetch the batch's rows, step, write the updated rows back."""
+    if not setup.host_modules:
+        with jax.set_mesh(setup.mesh), axis_rules(setup.cfg.mesh.rules):
+            return setup.train_step(state, to_global(setup, batch))
+    tables = _need_host(setup)
+    host, plans = tables.fetch(batch)
     with jax.set_mesh(setup.mesh), axis_rules(setup.cfg.mesh.rules):
-        return setup.train_step(state, to_global(setup, batch))
+        state, metrics, new = setup.train_step(state, to_global(setup, batch), host)
+    tables.write(plans, new)  # (a host sync per step: the next batch may need these rows)
+    return state, metrics
 
 
 def evaluate(setup: Setup, state, *, num_batches: int | None = None, task=None) -> dict:
@@ -214,7 +301,12 @@ def evaluate(setup: Setup, state, *, num_batches: int | None = None, task=None) 
         for i, batch in enumerate(ds):
             if i >= num_batches:
                 break
-            sums, preds = setup.eval_step(state, to_global(setup, batch))
+            if setup.host_modules:
+                host, _ = _need_host(setup).fetch(batch, with_moments=False)
+                sums, preds = setup.eval_step(state, to_global(setup, batch),
+                                              {"rows": host["rows"], "index": host["index"]})
+            else:
+                sums, preds = setup.eval_step(state, to_global(setup, batch))
             for k in totals:
                 totals[k] += float(sums[k])
             if hasattr(task, "metrics"):
@@ -278,8 +370,12 @@ def train_and_evaluate(cfg: Config, workdir: str, *, allow_changed: tuple[str, .
     resuming = bool(steps_on_disk(ckpt_dir))
     changes = run_record.check_same_run(cfg, workdir, allow_changed=allow_changed) if resuming else {}
     setup = build(cfg)
+    # Host tables live beside the checkpoints; each checkpoint snapshots them (a fresh start
+    # re-initialises rows an earlier, checkpoint-less attempt may have written).
+    tables = open_host_tables(setup, tcfg.host_tables_dir or os.path.join(workdir, "host_tables"),
+                              fresh=not resuming)
     ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every or 0,
-                        async_save=tcfg.async_checkpointing)
+                        async_save=tcfg.async_checkpointing, bank=None if tables is None else tables.bank)
     train_ds = make_dataset(cfg, "train")
     it = iter(train_ds)
     eval_task = make_task(cfg, "eval")
