@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="configs/*.py file passed to memjax-train")
     p.add_argument("--workdir", required=True, help="shared workdir of all processes")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--num-processes", type=int, default=2, help="processes to start (default 2)")
     p.add_argument("--local-device-count", type=int, default=4,
                    help="CPU devices per process (default 4)")

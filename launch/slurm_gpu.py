@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("training")
     run.add_argument("--config", required=True, help="config file (relative to --chdir or absolute)")
     run.add_argument("--workdir", required=True, help="run directory on a filesystem shared by all nodes")
-    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    run.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; run nothing")
     return p
 

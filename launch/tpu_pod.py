@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("training")
     run.add_argument("--config", required=True, help="config file, relative to the repository root")
     run.add_argument("--workdir", required=True, help="run directory shared by all workers")
-    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    run.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="environment variable for the training processes (repeatable)")
     run.add_argument("--skip-plan", action="store_true",

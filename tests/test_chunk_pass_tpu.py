@@ -332,7 +332,7 @@ def _compile(topology, f, args):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", "v5e:1x1"])
+@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("with_w,vector", [(False, False), (True, True)])
 def test_kernels_compile_through_mosaic(topology, with_w, vector):
     """chunk_recurrence(impl='pallas_tpu') forward and forward + backward compile for a TPU from

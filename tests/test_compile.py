@@ -7,6 +7,7 @@ are skipped. Nothing runs on a TPU: the devices are compile-only.
 import importlib.util
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from memjax.config import MeshConfig
 from memjax.kernels.platform import target_device_kind, target_platform
+from memjax.model.sharding import make_mesh
 from memjax.train import cli
 from memjax.train import compile as plan_lib
 
@@ -119,6 +122,20 @@ def test_topology_devices():
 
 
 @needs_libtpu
+def test_mesh_that_splits_a_torus_axis_is_laid_out_with_a_warning():
+    """v5p-128 is a 4x4x4 torus: seq 8 is no product of whole torus axes, so JAX's own layout
+    refuses it; the mesh splits a physical axis instead (and says so), seq 16 needs no split."""
+    devices = plan_lib.topology_devices("v5p-128")
+    with pytest.warns(UserWarning, match="splits a physical axis"):
+        mesh = make_mesh(MeshConfig(data=8, fsdp=1, seq=8), devices)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "seq": 8, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dict(make_mesh(MeshConfig(data=4, fsdp=1, seq=16), devices).shape)["seq"] == 16
+
+
+@needs_libtpu
 def test_compile_tiny_for_v5p_8(tiny_plan):
     p = tiny_plan
     assert set(plan_lib.RESULT_KEYS) <= set(p) and {"fits", "breakdown", "details"} <= set(p)
@@ -141,6 +158,7 @@ def test_compile_tiny_for_v5p_8(tiny_plan):
 
 
 @needs_libtpu
+@pytest.mark.slow  # CI installs libtpu: keep its default TPU compiles few
 def test_cost_analysis_is_per_device():
     """The same step on one chip: XLA's FLOPs are ~4x the 4-way data-parallel program's."""
     from memjax.config import load_config
@@ -153,6 +171,7 @@ def test_cost_analysis_is_per_device():
 
 
 @needs_libtpu
+@pytest.mark.slow  # CI installs libtpu: keep its default TPU compiles few
 def test_loop_correction_counts_every_scanned_group():
     """Scanned layers (one loop) after the correction cost what the unrolled step costs."""
     from memjax.config import load_config

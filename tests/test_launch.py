@@ -223,3 +223,17 @@ def test_cli_accepts_the_distributed_flags():
         ("h:1", 2, 1, 4, False)
     b = _parser("memjax-train").parse_args(["--config", "c", "--workdir", "w", "--distributed"])
     assert b.distributed and b.coordinator is None
+
+
+
+@pytest.mark.parametrize("name", ["local", "slurm_gpu", "tpu_pod"])
+def test_repeated_set_flags_add_up(name):
+    """``--set a=1 --set b=2`` keeps both overrides (argparse's default would keep the last)."""
+    from memjax.train.cli import _parser
+
+    a = _parser("memjax-train").parse_args(["--config", "c", "--workdir", "w", "--set", "train.steps=5",
+                                            "--set", "train.progress=False"])
+    assert a.set == ["train.steps=5", "train.progress=False"]
+    argv = ["--config", "c.py", "--workdir", "w"] + (["--name", "n", "--zone", "z"] if name == "tpu_pod" else [])
+    b = _load(name).build_parser().parse_args(argv + ["--set", "x=1", "--set", "y=2"])
+    assert b.set == ["x=1", "y=2"]

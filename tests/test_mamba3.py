@@ -39,7 +39,7 @@ def reference(x, dt, A, B, C, lam, theta, D, s0, seg, scale=1.0):
     """``x [b, T, H, R, P]``, ``B, C [b, T, G, R, N]``, ``A [H]`` or ``[b, T, H]``; ``lam``/``theta``
     may be None. Returns ``(y [b, T, H, R, P], Mamba3State)``."""
     b, t, h, r, p = x.shape
-    g, n = B.shape[2], B.shape[-1]
+    g = B.shape[2]
     B, C = (jnp.repeat(v, h // g, axis=2) for v in (B, C))
     A = jnp.broadcast_to(A, (b, t, h))
     lam = jnp.ones((b, t, h), x.dtype) if lam is None else lam

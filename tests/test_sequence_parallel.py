@@ -112,6 +112,7 @@ def test_associative_memories_sharded_equal_single_device(mem, chunk, packed):
     _grads_match(loss(False), loss(True), args)
 
 
+@pytest.mark.slow  # secondary: tests/test_causal_safety_sharded.py runs the sharded selective scan by default
 def test_selective_scan_sharded_equals_single_device():
     rng = np.random.default_rng(3)
     b, t, h, p, grp, n = 2, 64, 4, 5, 2, 6
@@ -140,7 +141,7 @@ def test_selective_scan_sharded_equals_single_device():
     _grads_match(loss(False), loss(True), args)
 
 
-@pytest.mark.parametrize("normalize_at_reset,with_state", [(True, True), (False, False)])
+@pytest.mark.parametrize("normalize_at_reset,with_state", [pytest.param(True, True, marks=pytest.mark.slow), (False, False)])
 def test_rglru_sharded_equals_single_device(normalize_at_reset, with_state):
     rng = np.random.default_rng(4)
     b, t, d = 2, 40, 6

@@ -209,7 +209,7 @@ def _compile(topology, f, args):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", "v5e:1x1"])
+@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=pytest.mark.slow)])
 def test_compiles_through_mosaic(topology):
     """Forward and forward + backward (GQA, window, packed documents) compile for a TPU from this
     CPU host: Mosaic checks block shapes and VMEM as on hardware. One forward kernel; the backward

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import warnings
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
@@ -53,8 +55,23 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     axes would make every op's sharding part of its type, which our layers don't need)."""
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError as e:
+        # A TPU slice's devices form a torus (v5p-128: 4x4x4) and each mesh axis should be a
+        # product of whole torus axes (4, 16, 64 there); mesh.seq = 8 is not. Splitting a
+        # physical axis still gives a valid mesh whose neighbours are a link or two apart.
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (NotImplementedError, ValueError) as e2:
+            raise ConfigError(f"config keys mesh.data x mesh.fsdp x mesh.seq x mesh.tensor = "
+                              f"{' x '.join(map(str, shape))} cannot be laid out on these devices: {e2}") from e
+        warnings.warn(f"mesh {dict(sizes)} splits a physical axis of the device torus ({e.args[0].split('.')[0]}); "
+                      "collectives may cross extra links: mesh sizes that are products of the torus axes avoid it",
+                      stacklevel=2)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(axes, rules: dict, mesh: jax.sharding.Mesh | None = None, shape=None, where: str = "") -> P:

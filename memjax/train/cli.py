@@ -15,7 +15,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and logs go here; rerun to resume")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set train.steps=200 model.d_model=64")
     p.add_argument("--allow-changed", nargs="*", default=[], metavar="KEY",
                    help="config keys (or sections, e.g. optim) allowed to differ from the workdir's saved "
@@ -125,7 +125,7 @@ def compile_main(argv=None) -> None:
     p.add_argument("--topology", required=True,
                    help="TPU slice: an accelerator name (v5p-8, v4-32, v5e-256, v6e-64; v4/v5p count "
                         "TensorCores, 2 per chip) or a topology (v5p:2x2x1, v5e:16x16, v4:2x2x4)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set train.batch_size=64 mesh.fsdp=4")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON here")
     p.add_argument("--no-loop-correction", action="store_true",
