@@ -13,12 +13,15 @@ block's local attention enters: :func:`memjax.memory.attention.rope` rotates in 
 the input dtype, so the block's outputs and gradients are compared at 1e-6 (a wrong mask, selection
 or gate is off by 1e-2 or more).
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import bench_episodic
 from memjax.memory.episodic import (EpisodicState, episodic_init, episodic_reset, episodic_retrieve, episodic_write,
                                     topk_attention)
 from memjax.nn.episodic import EpisodicAttention, EpisodicCache
@@ -372,3 +375,33 @@ def test_block_keeps_bf16():
     assert y.dtype == jnp.bfloat16 and bool(jnp.isfinite(y.astype(jnp.float32)).all())
     assert rel_rmse(y, y32) < 5e-2
     assert isinstance(blk.init_cache(2, 8).memory, EpisodicState)
+
+
+# ----------------------------------------------------------------------------- the recall benchmark
+
+
+def test_bench_local_documents_restate_and_ask_in_the_last_segment():
+    """``make_docs(local_fraction=1)``: the last segment restates r = L // 4 facts in its first half
+    and asks them (targets = the values stated earlier) in its second half; 0: only the far ask."""
+    kw = dict(segment_length=16, filler_segments=2, facts=6, n_keys=32, n_values=16, n_filler=16)
+    tok, tgt, w = bench_episodic.make_docs(np.random.default_rng(0), 3, **kw, local_fraction=1.0)
+    q0, r = 16 * 3, 4
+    for b in range(3):
+        stated = dict(zip(tok[b, 0:12:2], tok[b, 1:12:2]))  # segment 0: the 6 facts
+        restated = dict(zip(tok[b, q0:q0 + 2 * r:2], tok[b, q0 + 1:q0 + 2 * r:2]))
+        asked = np.flatnonzero(w[b])
+        assert len(asked) == r and asked.min() >= q0 + 8 and sorted(restated) == sorted(tok[b, asked])
+        assert all(stated[k] == restated[k] == tgt[b, i] for k, i in zip(tok[b, asked], asked))
+    _, _, w_far = bench_episodic.make_docs(np.random.default_rng(0), 3, **kw)
+    assert (w_far.sum(1) == 6).all() and np.flatnonzero(w_far[0]).min() == q0
+
+
+@pytest.mark.slow
+def test_bench_episodic_learned_smoke(tmp_path):
+    """``python -m benchmarks.bench_episodic --learned --local-fraction 0.5`` at toy size."""
+    out = tmp_path / "episodic.json"
+    bench_episodic.main(["--learned", "--local-fraction", "0.5", "--steps", "2", "--batch", "2", "--d-embed", "8",
+                         "--filler-segments", "1", "--eval-batches", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["learned_qk"] for r in rows] == [True, True]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["local_accuracy"] <= 1.0 for r in rows)

@@ -10,18 +10,21 @@ Reference (float64, token by token, written from the paper's equations 24-27; ``
     Memora:                 W_t = c exp(Z) / sum_K exp(Z),  Z = alpha_t log W_{t-1} - eta_t k e^T
     o_t = scale W_t^T q_t
 
-With ``chunk = C`` the same loop takes ``e`` at the memory of the last chunk boundary (or the reset
-memory if a document started since): the chunked form's stated semantics.
+With ``chunk = C`` the same loop takes ``e`` at the memory of the last chunk start, chunks counted
+from each document's first token: the chunked form's stated semantics.
 
 Tolerance: relative max error <= 1e-10 in float64 (outputs, final states, gradients w.r.t. every
 input and the initial state); presets against the existing functions <= 1e-12.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import bench_miras
 from memjax.memory.delta import delta_rule
 from memjax.memory.linear import linear_attention
 from memjax.memory.miras import PRESETS, MirasSpec, memory_of, miras, preset
@@ -56,9 +59,8 @@ def reference(name, q, k, v, eta, g, delta, s0, seg, scale, chunk=None, c=1.0):
         a = jnp.where(new, reset, a)
         if chunk is None:
             w = mem(a)
-        else:  # the chunk-start memory; the reset one once a document starts inside the chunk
-            base = jnp.where(i % chunk == 0, mem(a), base)
-            base = jnp.where(new, mem(reset), base)
+        else:  # the memory at the start of the token's chunk, counted from its document's first token
+            base = jnp.where((i % chunk == 0)[:, None, None, None], mem(a), base)
             w = base
         e = jnp.einsum("bhkv,bhk->bhv", w, kt) - vt
         outer = lambda u: kt[..., :, None] * u[..., None, :]
@@ -78,7 +80,8 @@ def reference(name, q, k, v, eta, g, delta, s0, seg, scale, chunk=None, c=1.0):
         return (a, base), scale * jnp.einsum("bhkv,bhk->bhv", mem(a), qt)
 
     tm = lambda x: jnp.moveaxis(x, 1, 0)
-    (a, _), o = jax.lax.scan(step, (s0, mem(s0)), (jnp.arange(t), tm(q), tm(k), tm(v), tm(eta), tm(g), tm(delta),
+    pos = jnp.arange(t) - jax.lax.cummax(jnp.where(new_doc, jnp.arange(t), 0), axis=1)  # in the document
+    (a, _), o = jax.lax.scan(step, (s0, mem(s0)), (tm(pos), tm(q), tm(k), tm(v), tm(eta), tm(g), tm(delta),
                                                   tm(new_doc)))
     return tm(o), a
 
@@ -242,7 +245,8 @@ def test_moneta_p2_q2_is_l2_gradient_descent(x64):
 
 @pytest.mark.parametrize("mode", ["recurrent", pytest.param("chunked", marks=pytest.mark.slow)])
 def test_segments_equal_separate_documents(x64, mode):
-    """A packed row == its documents run one by one (chunked: documents start at multiples of C)."""
+    """A packed row == its documents run one by one (documents starting at multiples of C here; any
+    start: test_chunked_packed_equals_separate_documents_at_any_start)."""
     name = "memora" if mode == "chunked" else "yaad"
     q, k, v, eta, g, delta, _ = inputs(name, seed=7, t=12)
     spec = PRESETS[name]
@@ -253,6 +257,42 @@ def test_segments_equal_separate_documents(x64, mode):
             sl = lambda x: None if x is None else x[row:row + 1, lo:hi]
             od, _ = run(sl(q), sl(k), sl(v), spec, eta=sl(eta), g=sl(g), delta=sl(delta), mode=mode, chunk_size=4)
             assert rel_err(o[row:row + 1, lo:hi], od) < 1e-12
+
+
+ODD_DOCS = ((0, 5), (5, 11), (11, 13))  # C = 4: documents starting at odd offsets inside a block
+
+
+@pytest.mark.parametrize("name", ["yaad", pytest.param("moneta", marks=pytest.mark.slow),
+                                  pytest.param("memora", marks=pytest.mark.slow)])
+def test_chunked_packed_equals_separate_documents_at_any_start(x64, name):
+    """Chunked (C = 4): a row packing documents that start at 5 and 11 == each document alone in
+    its own row (zero-padded at the end, which is causal), outputs and every gradient."""
+    q, k, v, eta, g, delta, _ = inputs(name, seed=15)
+    row = lambda x: None if x is None else x[:1]
+    q, k, v, eta, g, delta = map(row, (q, k, v, eta, g, delta))
+    seg = jnp.asarray(np.concatenate([np.full(hi - lo, i) for i, (lo, hi) in enumerate(ODD_DOCS)])[None])
+    spec = PRESETS[name]
+    w = jnp.cos(jnp.arange(T * H * V, dtype=jnp.float64).reshape(1, T, H, V))
+
+    def alone(x):  # [1, T, ...] -> [3, T, ...]: document i moved to the front of row i, zeros after
+        if x is None:
+            return None
+        rows = [jnp.pad(x[:, lo:hi], [(0, 0), (0, T - hi + lo)] + [(0, 0)] * (x.ndim - 2)) for lo, hi in ODD_DOCS]
+        return jnp.concatenate(rows, axis=0)
+
+    def loss(args, seg, weights):
+        q, k, v, eta, g, delta = args
+        o, _ = miras(q, k, v, spec, eta=eta, g=g, delta=delta, segment_ids=seg, mode="chunked", chunk_size=4)
+        return jnp.sum(o * weights), o
+
+    vg = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    args = (q, k, v, eta, g, delta)
+    (_, o), grads = vg(args, seg, w)
+    (_, o_sep), grads_sep = vg(tuple(map(alone, args)), None, alone(w))
+    assert rel_err(alone(o), o_sep) < TOL64
+    for a, b_ in zip(grads, grads_sep):
+        if a is not None:
+            assert rel_err(alone(a), b_) < TOL64
 
 
 @pytest.mark.parametrize("mode,names", [("chunked", ("memora",)),
@@ -372,6 +412,13 @@ def test_block_segments_reset_and_registry():
         Moneta(16, q=1.0, rngs=nnx.Rngs(0))
 
 
+def test_yaad_delta_bias_init():
+    """``delta_bias_init`` sets the bias of the threshold ``delta = softplus(x W_d + b)``; default 0."""
+    assert float(jnp.max(jnp.abs(Yaad(16, num_heads=2, rngs=nnx.Rngs(0)).d_bias[...]))) == 0.0
+    blk = Yaad(16, num_heads=2, delta_bias_init=6.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(blk.d_bias[...]), np.full(2, 6.0, np.float32))
+
+
 @pytest.mark.slow
 def test_block_gradients_finite():
     x = jnp.asarray(np.random.default_rng(14).normal(size=(2, 12, 16)), jnp.float32)
@@ -381,3 +428,89 @@ def test_block_gradients_finite():
         leaves = jax.tree.leaves(grads)
         assert all(bool(jnp.all(jnp.isfinite(l))) for l in leaves)
         assert max(float(jnp.abs(l).max()) for l in leaves) > 0
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+
+NF_T, NF_AT = 17, 13  # a NaN at t = 13 (mid-block with C = 4)
+NF_DOCS = ((0, 5), (5, 11), (11, 17))  # documents at odd offsets; a NaN at t = 7 sits in the second
+NF_SEG = jnp.asarray(np.repeat(np.concatenate([np.full(hi - lo, i) for i, (lo, hi) in enumerate(NF_DOCS)])[None],
+                               B, axis=0))
+_NF = {}
+
+
+def _nf_case(name, mode):
+    """float32 inputs and ``jit((x, seg, keep [B, T]) -> (o, grads of sum(o[keep])))``."""
+    if (name, mode) not in _NF:
+        q, k, v, eta, g, delta, _ = (None if x is None else jnp.asarray(x, jnp.float32)
+                                     for x in inputs(name, seed=16, t=NF_T))
+        x = dict(q=q, k=k, v=v, eta=eta, g=g) | ({"delta": delta} if delta is not None else {})
+
+        @jax.jit
+        def f(x, seg, keep):
+            fn = lambda x: miras(x["q"], x["k"], x["v"], PRESETS[name], eta=x["eta"], g=x["g"], delta=x.get("delta"),
+                                 segment_ids=seg, mode=mode, chunk_size=4)[0]
+            o, vjp = jax.vjp(fn, x)
+            return o, vjp(jnp.broadcast_to(keep[..., None, None], o.shape).astype(o.dtype))[0]
+
+        _NF[name, mode] = (x, f)
+    return _NF[name, mode]
+
+
+def _assert_bit_identical(clean, dirty, keep):
+    (o_c, g_c), (o_d, g_d) = clean, dirty
+    assert np.isfinite(np.asarray(o_c)).all()
+    np.testing.assert_array_equal(np.asarray(o_d)[:, keep], np.asarray(o_c)[:, keep], err_msg="output")
+    assert np.isnan(np.asarray(o_d)[:, ~keep]).any()  # the bad token itself is NaN
+    for n in g_c:
+        np.testing.assert_array_equal(np.asarray(g_d[n])[:, keep], np.asarray(g_c[n])[:, keep], err_msg=n)
+
+
+@pytest.mark.parametrize("name,mode", [("memora", "chunked"),
+                                       pytest.param("moneta", "recurrent", marks=pytest.mark.slow),
+                                       pytest.param("yaad", "chunked", marks=pytest.mark.slow),
+                                       pytest.param("moneta", "chunked", marks=pytest.mark.slow),
+                                       pytest.param("memora", "recurrent", marks=pytest.mark.slow),
+                                       pytest.param("yaad", "recurrent", marks=pytest.mark.slow)])
+def test_non_finite_token_changes_no_earlier_or_other_document_output(name, mode):
+    """NaN / inf in any per-token input at t leaves the outputs before t, and the gradients of
+    their sum, bit-identical (one document); in a packed row a NaN in document 2 leaves
+    documents 1 and 3 bit-identical (forward and gradient)."""
+    x, f = _nf_case(name, mode)
+    one_doc = jnp.zeros((B, NF_T), jnp.int32)
+    keep = np.arange(NF_T) < NF_AT
+    clean = f(x, one_doc, jnp.broadcast_to(jnp.asarray(keep), (B, NF_T)))
+    for n, bad in zip(x, (jnp.nan, jnp.inf, -jnp.inf, jnp.nan, jnp.inf, jnp.nan)):
+        dirty = f(dict(x, **{n: x[n].at[:, NF_AT].set(bad)}), one_doc, jnp.broadcast_to(jnp.asarray(keep), (B, NF_T)))
+        _assert_bit_identical(clean, dirty, keep)
+        if n != "q":  # a bad write poisons the rest of the document
+            assert np.isnan(np.asarray(dirty[0])[:, NF_AT:]).all(), n
+    keep = np.ones(NF_T, bool)
+    keep[NF_DOCS[1][0]:NF_DOCS[1][1]] = False
+    keep_b = jnp.broadcast_to(jnp.asarray(keep), (B, NF_T))
+    clean = f(x, NF_SEG, keep_b)
+    for n in x:
+        _assert_bit_identical(clean, f(dict(x, **{n: x[n].at[:, 7].set(jnp.nan)}), NF_SEG, keep_b), keep)
+
+
+@pytest.mark.slow
+def test_minus_inf_log_gate_is_not_poison(x64):
+    """``g = -inf`` (alpha = 0) is a valid full decay, not a non-finite input: finite outputs, and
+    the chunked form at C = 1 == the recurrent one."""
+    q, k, v, eta, g, delta, s0 = inputs("yaad", seed=17)
+    g = g.copy()
+    g[:, 6] = -np.inf
+    outs = [run(q, k, v, PRESETS["yaad"], eta=eta, g=g, delta=delta, initial_state=s0, mode=m, chunk_size=c)[0]
+            for m, c in (("recurrent", 1), ("chunked", 1))]
+    assert np.isfinite(np.asarray(outs[0])).all() and rel_err(outs[1], outs[0]) < 1e-12
+
+
+@pytest.mark.slow
+def test_bench_miras_mqar_smoke(tmp_path):
+    """``python -m benchmarks.bench_miras --mqar`` at toy size: one row per block and rate, JSON written."""
+    md = bench_miras.main(["--mqar", "--blocks", "MON", "--lrs", "0.01", "--d-model", "16", "--seq-len", "16",
+                           "--kv", "2", "--steps", "2", "--batch", "4", "--eval-examples", "8",
+                           "--out-dir", str(tmp_path)])
+    assert "| MON | 0.01 |" in md
+    rows = json.loads((tmp_path / "miras_mqar.json").read_text())["rows"]
+    assert len(rows) == 1 and 0.0 <= rows[0]["accuracy"] <= 1.0 and np.isfinite(rows[0]["eval_loss"])

@@ -8,11 +8,14 @@ Reference (per token): ``w = softmax(x W_r)`` (over the top_k logits when top_k 
 ``g = sigmoid(x W_g + b_g)`` per key/value head, ``v_h = x W_v,h + g_h sum_m w_m E_m,h``.
 Tolerances: float64 1e-12 relative; float32 decoding / packing 1e-5 relative.
 """
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import bench_move
 from memjax.config import ModelConfig
 from memjax.memory.attention import causal_attention
 from memjax.model.lm import LM
@@ -166,3 +169,14 @@ def test_bad_arguments_raise():
         make(**shared)
     with pytest.raises(ValueError, match="num_kv_heads"):
         make(num_kv_heads=3, num_heads=2)
+
+
+@pytest.mark.slow
+def test_bench_move_smoke(tmp_path):
+    """``python -m benchmarks.bench_move`` at toy size: the three models train and the JSON is written."""
+    md = bench_move.main(["--d-model", "16", "--seq-len", "16", "--slots", "64", "--steps", "2", "--batch", "2",
+                          "--eval-windows", "4", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "move_text.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["A", "MV", "M+shared"] and "| MV |" in md
+    assert all(np.isfinite(r["eval_loss"]) for r in rows)
+    assert rows[1]["params"] > rows[0]["params"]  # the bank and routers

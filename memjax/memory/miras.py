@@ -51,10 +51,10 @@ with depth 1 and ``theta = eta / 2``, ``alpha_titans = 1 - exp(g)``, ``eta_titan
 Forms (``mode``):
 
 - ``"recurrent"``: the per-token update above (``lax.scan``).
-- ``"chunked"``: the paper's parallel training form (as Titans, Section 3.2 there). Time is cut
-  into chunks of ``C`` tokens from position 0; inside a chunk every gradient is taken at the
-  memory of the chunk start ``W_{t'}`` instead of ``W_{t-1}``, so all ``u_j`` come from one
-  batched read, and the accumulator unrolls to
+- ``"chunked"``: the paper's parallel training form (as Titans, Section 3.2 there). Every document
+  is cut into chunks of ``C`` tokens from its own first token; inside a chunk every gradient is
+  taken at the memory of the chunk start ``W_{t'}`` instead of ``W_{t-1}``, so all ``u_j`` come
+  from one batched read, and the accumulator unrolls to
   ``A_t = (prod_{t'<i<=t} alpha_i) A_{t'} - sum_{j<=t} (prod_{j<i<=t} alpha_i) eta_j k_j u_j^T``
   (decay ratios as masked sums of ``g``, every exponent ``<= 0``). For ``"dot"``/``"l2"`` with
   ``"none"``/``"l2"`` retention the read is linear in ``A_t`` and costs a masked ``C x C`` product;
@@ -67,14 +67,28 @@ Forms (``mode``):
   exact chunked UT-transform algorithm of :func:`memjax.memory.delta_rule`; ``"momentum"`` runs
   :func:`memjax.memory.neural_memory.titans` (``mode="chunked"``, its own chunk semantics).
 
+  The computation runs over blocks of ``C`` tokens at absolute positions, which a document's own
+  chunks need not line up with. In a block, the document carried in from the previous block (the
+  only one that can have a chunk start ``r`` strictly inside the block: its chunks are ``C`` long,
+  and a document starting in the block has its next chunk start beyond it) takes its gradients
+  before ``r`` at the carried chunk-start memory; ``W_r`` is formed from those writes (one
+  ``[K, V]`` product per head) and the tokens from ``r`` on take their gradients at ``W_r``;
+  documents starting in the block take theirs at the reset memory. The carry between blocks is
+  ``(A, the chunk-start memory of the block's last token)``.
+
 Segments: where ``segment_ids`` changes the memory resets (to zero, uniform for ``"kl"``; the
 momentum to zero) before that token's write; ``initial_state`` reaches only the first document.
-``"recurrent"``: a packed row equals its documents run one by one. ``"chunked"``: chunks stay at
-absolute positions; a document starting inside a chunk takes that chunk's gradients at the reset
-memory, and the following chunks at their own start as usual, so a packed row equals its documents
-run separately whenever every document starts at a multiple of ``C`` (the first document always
-does). ``initial_state`` is taken to sit at a chunk boundary: two calls chained through the final
-state equal one call when the first call's length is a multiple of ``C``.
+In both generic forms a packed row equals its documents run one by one, wherever they start
+(chunks are counted from each document's first token; tested with starts at odd offsets).
+``initial_state`` is taken to sit at a chunk start: two calls chained through the final state
+equal one call when the carried document's length in the first call is a multiple of ``C``.
+
+Non-finite inputs (:mod:`memjax.memory.nonfinite`; the delegated presets guard themselves): a
+NaN / inf in ``k``, ``v``, ``eta``, ``g`` (NaN or ``+inf``; ``-inf`` is a full decay) or
+``delta`` at token ``t`` makes that head's outputs NaN from ``t`` to the end of its document, one
+in ``q`` only at ``t``; every other output and its gradient is bit-identical to that of the clean
+input (the memory runs on the inputs with non-finite entries set to zero). An infinite Huber
+threshold counts as non-finite: use a large finite ``delta`` for the pure l2 bias.
 
 Dtypes: the output keeps q's dtype; gates, decays and states are float32 (float64 for float64
 inputs); q, k, v enter the matmuls in their dtype with float32 accumulation.
@@ -86,12 +100,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from memjax.memory import nonfinite
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_qkv,
                                     check_scale, check_segment_ids, check_shape, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
 from memjax.memory.delta import delta_rule
 from memjax.memory.neural_memory import TitansState, titans
-from memjax.memory.segments import segment_resets
+from memjax.memory.segments import positions_in_segment, segment_resets
 
 __all__ = ["BIASES", "MODES", "OPTIMIZERS", "PRESETS", "RETENTIONS", "MirasSpec", "memory_of", "miras",
            "preset", "reset_memory"]
@@ -300,6 +315,12 @@ def miras(q: jax.Array, k: jax.Array, v: jax.Array, spec: MirasSpec, *, eta: jax
         return delta_rule(q, k, v, eta, g=None if spec.retention == "none" else g, scale=scale,
                           initial_state=s0, segment_ids=segment_ids, mode="chunked", chunk_size=chunk_size)
     delta = None if delta is None else delta.astype(cd)
+    # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite).
+    writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(eta, 3),
+                              nonfinite.bad(g, 3, gate=True), nonfinite.bad(delta, 3))
+    mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids))  # [B, T, H]
+    q, k, v, eta, delta = (nonfinite.finite_or_zero(x) for x in (q, k, v, eta, delta))
+    g = nonfinite.finite_gate(g)
     s0 = reset_memory(spec, (b, h, dk, dv), cd) if initial_state is None else initial_state.astype(cd)
     # "kl" runs on the log-memory (its softmax logits up to a per-column constant).
     acc0 = jnp.log(s0) if spec.retention == "kl" else s0
@@ -308,7 +329,7 @@ def miras(q: jax.Array, k: jax.Array, v: jax.Array, spec: MirasSpec, *, eta: jax
     else:
         o, acc = _chunked(spec, q, k, v, eta, g, delta, acc0, segment_ids, scale, chunk_size, cd)
     state = jnp.exp(acc) if spec.retention == "kl" else acc
-    return o.astype(out_dtype), state
+    return nonfinite.poison_outputs(o.astype(out_dtype), state, mask)
 
 
 def _titans(q, k, v, eta, g, mu, scale, initial_state, segment_ids, mode, chunk_size, cd, out_dtype):
@@ -372,32 +393,51 @@ def _chunked(spec, q, k, v, eta, g, delta, acc0, segment_ids, scale, c, cd):
     seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else jnp.pad(
         segment_ids, ((0, 0), (0, length - t)), mode="edge")
     resets = segment_resets(seg)
+    # A document's chunks start at its own multiples of C (not the absolute block grid).
+    starts = positions_in_segment(seg) % c == 0  # [B, L]
     nb = length // c
     blk4 = lambda x: jnp.moveaxis(x.reshape(b, nb, c, h, x.shape[-1]), (1, 3), (0, 2))  # [N, B, H, C, D]
     blk3 = lambda x: jnp.moveaxis(x.reshape(b, nb, c, h), (1, 3), (0, 2))  # [N, B, H, C]
     blk2 = lambda x: jnp.moveaxis(x.reshape(b, nb, c), 1, 0)  # [N, B, C]
-    xs = (blk4(q), blk4(k), blk4(v), blk3(eta), blk3(g), blk3(delta), blk2(seg), blk2(resets))
+    xs = (blk4(q), blk4(k), blk4(v), blk3(eta), blk3(g), blk3(delta), blk2(seg), blk2(resets), blk2(starts))
     w_reset = reset_memory(spec, (b, h, dk, dv), cd)
     idx = jnp.arange(c)
     causal = idx[:, None] >= idx[None, :]
     strict = idx[:, None] > idx[None, :]
     linear_read = spec.retention in ("none", "l2")
 
-    def body(acc, inp):
-        qc, kc, vc, ec, gc, dc, sc, rc = inp
-        # keep0[t]: no document starts in [chunk start, t], so token t continues the carried memory.
+    def chunk_mem(x):
+        """The memory of an in-chunk accumulator (``"kl"``: unnormalised logits)."""
+        return spec.c * jax.nn.softmax(x, axis=-2) if spec.retention == "kl" else _mem(x, spec)
+
+    def body(carry, inp):
+        acc, base = carry  # accumulator at the block start; chunk-start memory of the carried document
+        qc, kc, vc, ec, gc, dc, sc, rc, bc = inp
+        # keep0[t]: no document starts in [block start, t], so token t continues the carried memory.
         keep0 = jnp.cumsum(rc.astype(jnp.int32), axis=-1) == 0  # [B, C]
+        # r: the carried document's chunk start inside this block (C if it has none here).
+        at_r = keep0 & bc
+        r = jnp.where(jnp.any(at_r, axis=-1), jnp.argmax(at_r, axis=-1), c)  # [B]
+        old = keep0 & (idx[None] < r[:, None])  # gradients at the carried chunk-start memory
         same = (sc[:, :, None] == sc[:, None, :]) & causal  # [B, t, j]
         # Decay ratios prod_{j<i<=t} alpha_i as masked sums of g (all terms <= 0; where before exp).
         sums = jnp.cumsum(jnp.where(strict[None, None], gc[:, :, :, None], 0.0), axis=-2)  # [B, H, t, j]
         dmat = jnp.exp(jnp.where(same[:, None], sums, -jnp.inf))
         a0 = jnp.where(keep0[:, None], jnp.exp(jnp.cumsum(gc, axis=-1)), 0.0)  # [B, H, C]
-        # Every gradient of the chunk at its base: the carried memory, or the reset one.
         kf, vf, qf = (x.astype(cd) for x in (kc, vc, qc))
-        e0 = _dot("bhkv,bhck->bhcv", _mem(acc, spec), kc) - vf
-        er = _dot("bhkv,bhck->bhcv", w_reset, kc) - vf
-        e = jnp.where(keep0[:, None, :, None], e0, er)
-        u = _bias_u(spec, e, vf, dc) * ec[..., None]  # eta_j u_j
+        read = lambda w: _dot("bhkv,bhck->bhcv", w, kc) - vf  # e = W^T k - v for every token
+        # Stage 1: the writes before r (carried chunk-start memory) and of documents starting here.
+        e_old, e_reset = read(base), read(w_reset)
+        u1 = _bias_u(spec, jnp.where(old[:, None, :, None], e_old, e_reset), vf, dc) * ec[..., None]
+        # W_r: the accumulator before token r, A_{r-1} (row r - 1 of the unrolled sum; A itself if r = 0).
+        sel = (idx[None] == r[:, None] - 1).astype(cd)  # [B, C]
+        a_r = _dot("bt,bht->bh", sel, a0) + (r == 0).astype(cd)[:, None]
+        acc_r = a_r[..., None, None] * acc - _dot("bhj,bhjk,bhjv->bhkv", _dot("bt,bhtj->bhj", sel, dmat), kf, u1)
+        # (r = 0: the carried memory itself; for "kl" exp(A), which is the caller's initial W exactly)
+        w_r = jnp.where((r == 0)[:, None, None, None], _mem(acc, spec), chunk_mem(acc_r))
+        # Stage 2: the carried document's tokens from r on take their gradients at W_r.
+        new_chunk = (keep0 & ~old)[:, None, :, None]
+        u = jnp.where(new_chunk, _bias_u(spec, read(w_r), vf, dc) * ec[..., None], u1)  # eta_j u_j
         wts = dmat  # [B, H, t, j]
         if linear_read:
             scores = _dot("bhtk,bhjk->bhtj", qc, kc) * wts
@@ -407,14 +447,15 @@ def _chunked(spec, q, k, v, eta, g, delta, acc0, segment_ids, scale, c, cd):
             # Nonlinear read: the chunk's C accumulators, [B, H, C, K, V].
             acc_t = (a0[..., None, None] * acc[:, :, None]
                      - _dot("bhtj,bhjk,bhjv->bhtkv", wts, kf, u))
-            # "kl": in-chunk logits, W_t = c softmax over the key axis
-            w_t = spec.c * jax.nn.softmax(acc_t, axis=-2) if spec.retention == "kl" else _mem(acc_t, spec)
-            o = _dot("bhtkv,bhtk->bhtv", w_t, qf)
+            o = _dot("bhtkv,bhtk->bhtv", chunk_mem(acc_t), qf)
             acc_end = acc_t[:, :, -1]
         if spec.retention == "kl":
             acc_end = jnp.log(spec.c) + jax.nn.log_softmax(acc_end, axis=-2)
-        return acc_end, scale * o
+        # The last token's chunk-start memory: W_r if it continues the carried document (which then
+        # has its chunk start r in the block), else the reset memory (a document started here).
+        base_end = jnp.where(keep0[:, -1, None, None, None], w_r, w_reset)
+        return (acc_end, base_end), scale * o
 
-    acc, o = jax.lax.scan(body, acc0, xs)
+    (acc, _), o = jax.lax.scan(body, (acc0, _mem(acc0, spec)), xs)
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, length, h, dv)
     return o[:, :t], acc

@@ -77,7 +77,8 @@ class _MirasBlock(_AssociativeBlock):
                          norm_eps=norm_eps, dtype=dtype, rngs=rngs)
         if self.uses_delta:
             self.wd = Linear(d_model, self.h, ("embed", "heads"), rngs=rngs, dtype=self.dtype)
-            self.d_bias = param(rngs, nnx.initializers.zeros_init(), (self.h,), ("heads",))
+            init = nnx.initializers.constant(self.delta_bias_init)
+            self.d_bias = param(rngs, init, (self.h,), ("heads",))
         else:
             self.wd = self.d_bias = None
 
@@ -177,7 +178,12 @@ class Yaad(_MirasBlock):
     ``W_t = alpha_t W_{t-1} - eta_t k_t u_t^T``, ``u = e`` if ``||e|| <= delta_t`` else
     ``delta_t sign(e)``.
 
-    Options: the common ones and ``lr``.
+    Options: the common ones, ``lr`` and ``delta_bias_init``: the initial bias of the threshold,
+    ``delta_t = softplus(x W_d + b_d)`` (default 0: ``delta ~ 0.69``). Outside the threshold the
+    write ``delta_t sign(e)`` has no gradient with respect to ``k`` and ``v`` (only ``delta_t``
+    gets one), so a threshold far below the typical ``||e||`` (about ``||v||``) starts training in
+    a regime where the write projections learn nothing from the memory; a larger bias (e.g. 6)
+    starts in the l2 branch.
     """
 
     preset_name = "yaad"
@@ -185,7 +191,9 @@ class Yaad(_MirasBlock):
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 16,
                  conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
-                 lr: float = 1.0, norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+                 lr: float = 1.0, delta_bias_init: float = 0.0, norm_eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.delta_bias_init = float(delta_bias_init)
         self._setup(d_model, num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, conv_width=conv_width,
                     expand_v=expand_v, output_gate=output_gate, mode=mode, lr=lr, norm_eps=norm_eps, dtype=dtype,
                     rngs=rngs)
