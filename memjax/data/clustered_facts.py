@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from memjax.config import ConfigError
-from memjax.data.facts import FIRST_SUBJECT, PAD, REL_SLOT, SEP, SUBJ_SLOT, FactRecall
+from memjax.data.facts import FIRST_SUBJECT, REL_SLOT, SEP, SUBJ_SLOT, FactRecall
 from memjax.data.mqar import example_rng
 from memjax.data.registry import register_task
 
@@ -72,31 +72,7 @@ class ClusteredFactRecall(FactRecall):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:
             raise IndexError(index)
-        o, total = self.opts, self.seq_len + 1
         rng = example_rng(self.seed, self.split, int(index))
-        c = int(rng.integers(o.num_clusters))
-        n_pairs = o.num_subjects * o.num_relations
-        facts = rng.choice(n_pairs, min(n_pairs, (total - 1) // (2 + o.object_length + 1)), replace=False)
-        which = rng.integers(0, len(self.templates), len(facts))
-        pieces, labels, used = [np.array([self.marker_token(c)], np.int64)], [np.zeros(1, np.int64)], 1
-        for k, (f, t) in enumerate(zip(facts, which)):
-            sentence = self.render_in(c, self.templates[t], *divmod(int(f), o.num_relations))
-            if used + len(sentence) > total:
-                break
-            lab = np.zeros(len(sentence), np.int64)
-            lab[-1 - o.object_length:-1] = k + 1  # the object tokens, before SEP
-            pieces.append(sentence)
-            labels.append(lab)
-            used += len(sentence)
-        pieces.append(np.full(total - used, PAD, np.int64))
-        labels.append(np.zeros(total - used, np.int64))
-        seq, lab = np.concatenate(pieces), np.concatenate(labels)
-        fact_index = lab[1:].astype(np.int32)  # input position t predicts seq[t + 1]
-        return {
-            "inputs": seq[:-1].astype(np.int32),
-            "targets": seq[1:].astype(np.int32),
-            "mask": (fact_index > 0).astype(np.float32),
-            "segment_ids": np.ones(self.seq_len, np.int32),
-            "fact_index": fact_index,
-            "cluster": np.int32(c),
-        }
+        c = int(rng.integers(self.opts.num_clusters))
+        example = self.statements(rng, lambda t, s, r: self.render_in(c, t, s, r), prefix=[self.marker_token(c)])
+        return {**example, "cluster": np.int32(c)}

@@ -143,15 +143,22 @@ class FactRecall:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:
             raise IndexError(index)
-        o, total = self.opts, self.seq_len + 1
         rng = example_rng(self.seed, self.split, int(index))
+        return self.statements(rng, self.render)
+
+    def statements(self, rng: np.random.Generator, render, prefix=()) -> dict:
+        """An example of ``prefix`` tokens then as many distinct facts as fit, each a sentence
+        ``render(template, subject, relation)`` in a random template; the object tokens of each
+        are scored (``fact_index`` numbers the facts from 1) and the rest is padded."""
+        o, total = self.opts, self.seq_len + 1
+        prefix = np.asarray(prefix, np.int64)
         shortest = 2 + o.object_length + 1
         n_pairs = o.num_subjects * o.num_relations
-        facts = rng.choice(n_pairs, min(n_pairs, total // shortest), replace=False)
+        facts = rng.choice(n_pairs, min(n_pairs, (total - len(prefix)) // shortest), replace=False)
         which = rng.integers(0, len(self.templates), len(facts))
-        pieces, labels, used = [], [], 0
+        pieces, labels, used = [prefix], [np.zeros(len(prefix), np.int64)], len(prefix)
         for k, (f, t) in enumerate(zip(facts, which)):
-            sentence = self.render(self.templates[t], *divmod(int(f), o.num_relations))
+            sentence = render(self.templates[t], *divmod(int(f), o.num_relations))
             if used + len(sentence) > total:
                 break
             lab = np.zeros(len(sentence), np.int64)
