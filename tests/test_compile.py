@@ -186,6 +186,7 @@ def test_loop_correction_counts_every_scanned_group():
 
 
 @needs_libtpu
+@pytest.mark.slow  # CI installs libtpu: keep its default TPU compiles few
 def test_plan_that_does_not_fit_exits_1(capsys, tmp_path):
     path = tmp_path / "big.json"
     with pytest.raises(SystemExit) as e:  # 2^20 x 8192 tied embedding: 34 GiB of fp32 parameters per device
@@ -209,6 +210,7 @@ def test_mesh_that_does_not_match_the_slice_exits_2(capsys):
 
 
 @needs_libtpu
+@pytest.mark.slow  # CI installs libtpu: keep its default TPU compiles few
 def test_pallas_tpu_embedding_bag_compiles_for_a_tpu_mesh():
     """Under a mesh of (compile-only) TPU devices the kernels target TPU: ``impl="pallas_tpu"``,
     refused on this CPU host without the mesh, lowers to Mosaic and compiles for the TPU."""

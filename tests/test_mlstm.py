@@ -179,6 +179,7 @@ def test_custom_scale_scales_k(x64):
     assert rel_err(y, ref) < TOL64
 
 
+@pytest.mark.slow  # by default tests/test_causal_safety_sharded.py checks mlstm's NaN positions against one device
 def test_nan_in_a_future_token_changes_no_earlier_output():
     q, k, v, i, f = _inputs(29, 16, jnp.float32)
     for mode in ("recurrent", "chunked"):

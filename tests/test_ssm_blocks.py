@@ -141,7 +141,8 @@ def test_good_options_build():
     make(SlidingWindowSSM, window=8, combine="sum")
 
 
-@pytest.mark.parametrize("cls,kwargs", [CASES[i] for i in (0, 2, 3, 4)], ids=[IDS[i] for i in (0, 2, 3, 4)])
+@pytest.mark.parametrize("cls,kwargs", [CASES[i] if i != 4 else pytest.param(*CASES[i], marks=pytest.mark.slow)
+                                        for i in (0, 2, 3, 4)], ids=[IDS[i] for i in (0, 2, 3, 4)])
 def test_seq_axis_equals_single_device(cls, kwargs):
     """Built with seq_axis="seq" and run under a mesh that splits time over 4 devices, the block
     (packed input) gives the output of the same block without sequence parallelism."""
