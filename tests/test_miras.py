@@ -384,7 +384,7 @@ def test_block_decoding_equals_forward(cls, mode):
     """Prefill then one token at a time (across chunk boundaries) == the forward pass."""
     x = jnp.asarray(np.random.default_rng(12).normal(size=(2, 10, 16)), jnp.float32)
     blk = cls(16, num_heads=2, chunk_size=4, mode=mode, rngs=nnx.Rngs(0))
-    y = blk(x)
+    y = nnx.jit(lambda m, x: m(x))(blk, x)
     step = nnx.jit(lambda m, x, c: m(x, cache=c))  # one compile per input length (5, then 1)
     yt, cache = step(blk, x[:, :5], blk.init_cache(2, 10))
     outs = [yt]
