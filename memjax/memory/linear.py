@@ -148,8 +148,14 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     # across shards under seq_axis.
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(g, 3, gate=True))
     mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
-    q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))  # mask: [B, T, HV]
+    # mask: [B, T, HV]. The per-head chunked form zeroes the non-finite entries of q, k, v after
+    # its chunk reshape (_finite_chunks), where XLA fuses the select into the matmuls that read
+    # them; a sanitised [B, T, H, K] copy here is written and read again (~800 MB forward at B=8
+    # T=4096 H=16 K=V=128 bf16 on a TPU, by XLA's cost model: benchmarks/tpu_cost.py). (The
+    # per-channel form measured no better that way, its backward with impl="pallas_tpu" 3% worse.)
     g = nonfinite.finite_gate(g)
+    if mode == "recurrent" or vector or bonus is not None:
+        q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
     if mode == "recurrent":
         o, s = _recurrent(q, k, v, g, bonus, s0, segment_resets(segment_ids), scale, out_dtype)
     elif vector or bonus is not None:
@@ -203,7 +209,7 @@ def _recurrent(q, k, v, g, u, s0, resets, scale, out_dtype):
 def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret, seq_axis=None):
     b, t, h, _ = q.shape
     c = chunk_size
-    qc, kc, vc = (to_head_chunks(x, c) for x in (q, k, v))  # [B, H, N, C, .]
+    qc, kc, vc = _finite_chunks(c, q, k, v)  # [B, H, N, C, .]
     n = qc.shape[2]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
     resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
@@ -221,6 +227,13 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret,
     o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), vc, ke.astype(md), dec.chunk, s0,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
+
+
+def _finite_chunks(chunk_size: int, *xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``[B, T, H, D] -> [B, H, N, C, D]`` (:func:`to_head_chunks`) with every NaN / inf entry zeroed
+    (:func:`memjax.memory.nonfinite.finite_or_zero`), in that order: the select on the chunked
+    view fuses into each consumer's operand read instead of being written as a copy."""
+    return tuple(nonfinite.finite_or_zero(to_head_chunks(x, chunk_size)) for x in xs)
 
 
 def _sub_chunk(c: int, most: int = 16) -> int:
