@@ -38,6 +38,10 @@ BLOCKS = {
     "DN_neg": ("DN", {"deltanet": {"allow_neg_eigval": True}}),
     "D_neg": ("D", {"gated_deltanet": {"allow_neg_eigval": True}}),
     "DP2_neg": ("gated_deltaproduct", {"gated_deltaproduct": {"allow_neg_eigval": True, "num_householder": 2}}),
+    "M3": ("M3", {}),  # Mamba-3: data-dependent rotations (complex eigenvalues) on half the state
+    "R7": ("R7", {}),  # RWKV-7: DPLR transition
+    "R": ("R", {}),  # RG-LRU: real diagonal decay in (0, 1)
+    "PG": ("PG", {}),  # ParaRNN GRU: a nonlinear recurrence
 }
 
 
