@@ -42,6 +42,8 @@ BLOCKS = {
     "R7": ("R7", {}),  # RWKV-7: DPLR transition
     "R": ("R", {}),  # RG-LRU: real diagonal decay in (0, 1)
     "PG": ("PG", {}),  # ParaRNN GRU: a nonlinear recurrence
+    "KDA_neg": ("KDA", {"kda": {"allow_neg_eigval": True}}),  # delta rule with per-channel decay, beta in (0, 2)
+    "mL": ("mL", {}),  # mLSTM: sigmoid forget gate, exponential input gate
 }
 
 
