@@ -7,8 +7,13 @@ import os
 import sys
 
 from memjax.config import ConfigError, load_config
+from memjax.train import compile as plan_lib
+from memjax.train.checkpoint import CheckpointError, CheckpointMismatch
 from memjax.train.distributed import add_arguments as add_distributed_arguments
 from memjax.train.distributed import initialize_from_args as initialize_distributed
+from memjax.train.evaluate import evaluate_checkpoint
+from memjax.train.loop import NonFiniteLossError, train_and_evaluate
+from memjax.train.needle import needle_grid_with_step, save_needle_grid
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -45,9 +50,6 @@ def _load(args):
 def train_main(argv=None) -> None:
     args = _parser("memjax-train").parse_args(argv)
     cfg = _load(args)
-    from memjax.train.checkpoint import CheckpointError, CheckpointMismatch
-    from memjax.train.loop import NonFiniteLossError, train_and_evaluate
-
     try:
         final = train_and_evaluate(cfg, args.workdir, allow_changed=tuple(args.allow_changed))
     except ConfigError as e:
@@ -86,11 +88,7 @@ def eval_main(argv=None) -> None:
                    help="write the results here instead of into the workdir (which eval only reads)")
     args = p.parse_args(argv)
     cfg = _load(args)
-    from memjax.train.checkpoint import CheckpointError, CheckpointMismatch
-
     if args.needle_grid:
-        from memjax.train.needle import needle_grid_with_step, save_needle_grid
-
         try:
             results, step = needle_grid_with_step(cfg, args.workdir, args.lengths, args.depths)
         except ConfigError as e:
@@ -102,8 +100,6 @@ def eval_main(argv=None) -> None:
             print(f"length {n:>6} depth {d:<5g} key_accuracy {acc:.4f}")
         print(f"wrote {json_path} and {png_path}")
         return
-    from memjax.train.evaluate import evaluate_checkpoint
-
     try:
         metrics = evaluate_checkpoint(cfg, args.workdir, out_dir=args.out, allow_changed=tuple(args.allow_changed))
     except ConfigError as e:
@@ -135,8 +131,6 @@ def compile_main(argv=None) -> None:
     # Compile-only: this process runs nothing, so it uses the CPU backend (libtpu would otherwise
     # look for local TPU chips). Read when JAX creates its backends.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from memjax.train import compile as plan_lib
-
     try:
         topology = plan_lib.parse_topology(args.topology)
     except ValueError as e:

@@ -48,6 +48,15 @@ import os
 import re
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memjax.config import Config, ConfigError
+from memjax.model.sharding import MESH_AXES, axis_rules, mesh_shape
+from memjax.train.flops import flops_per_token, param_counts
+from memjax.train.loop import BATCH_KEYS, build
+
 MISSING_LIBTPU = "memjax-compile needs libtpu: pip install -e '.[tpu]'"
 
 GiB = 2 ** 30
@@ -207,7 +216,7 @@ def topology_devices(name: str | Topology) -> list:
     if not has_libtpu():
         raise MissingLibtpuError()
     prepare_libtpu_environment(topo)
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # noqa: PLC0415 - after the libtpu environment is set
 
     kwargs = {"chip_config_name": topo.chip_config}
     shape3 = tuple(topo.shape) + (1,) * (3 - len(topo.shape))
@@ -227,8 +236,6 @@ def fit_mesh_to_devices(cfg, num_devices: int, topology_name: str) -> None:
     """Make ``cfg.mesh`` fit ``num_devices``: a mesh of product 1 (a one-device config) becomes
     ``mesh.data = num_devices``; ``-1`` takes the remaining devices as usual; any other mesh must
     multiply to the device count (``ConfigError`` naming the topology's count otherwise)."""
-    from memjax.config import ConfigError
-    from memjax.model.sharding import MESH_AXES, mesh_shape
 
     sizes = {a: getattr(cfg.mesh, a) for a in MESH_AXES}
     if all(s == 1 for s in sizes.values()):
@@ -242,9 +249,6 @@ def fit_mesh_to_devices(cfg, num_devices: int, topology_name: str) -> None:
 
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (the largest shard)."""
-    import jax
-    import numpy as np
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = tuple(leaf.shape)
@@ -298,12 +302,6 @@ def _compile_step(cfg, devices) -> dict:
     Returns ``{"setup", "abs_state", "abs_batch", "compiled" (None if the compiler ran out of
     HBM), "error", "lower_s", "compile_s"}``.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from memjax.model.sharding import axis_rules
-    from memjax.train.loop import BATCH_KEYS, build
-
     setup = build(cfg, devices=devices)
     b, t = cfg.train.batch_size, cfg.data.seq_len
     with jax.set_mesh(setup.mesh), axis_rules(cfg.mesh.rules):
@@ -344,8 +342,6 @@ def _loop_free_cost(cfg, devices, cost: dict, scanned: bool) -> tuple[dict, str]
             return {k: cost[k] for k in keys}, "as compiled (no loops)"
         return ({k: None if cost[k] is None else micro * cost[k] for k in keys},
                 f"XLA's count x train.microbatches={micro} (XLA counts the micro-batch loop's body once)")
-    from memjax.config import Config
-
     variants = []
     for r in (1, 2):
         c = Config.from_dict(cfg.to_dict())
@@ -383,10 +379,6 @@ def compile_plan(cfg, topology: str, loop_correction: bool = True) -> dict:
     """
     topo = parse_topology(topology)
     devices = topology_devices(topo)
-
-    import jax
-
-    from memjax.train.flops import flops_per_token, param_counts
 
     fit_mesh_to_devices(cfg, len(devices), topology)
     n = len(devices)

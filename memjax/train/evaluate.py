@@ -10,7 +10,7 @@ import jax
 
 from memjax.config import Config, ConfigError
 from memjax.eval.plots import metrics_table_markdown
-from memjax.train.checkpoint import CheckpointError, Checkpointer, steps_on_disk
+from memjax.train.checkpoint import Checkpointer, CheckpointError, steps_on_disk
 from memjax.train.loop import build, evaluate
 from memjax.train.memory_bank import HostTables
 from memjax.train.run_record import check_same_run

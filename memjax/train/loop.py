@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from memjax.config import Config, ConfigError, validate
 from memjax.data.pipeline import make_dataset, make_task
