@@ -44,6 +44,16 @@ BLOCKS = {
     "PG": ("PG", {}),  # ParaRNN GRU: a nonlinear recurrence
     "KDA_neg": ("KDA", {"kda": {"allow_neg_eigval": True}}),  # delta rule with per-channel decay, beta in (0, 2)
     "mL": ("mL", {}),  # mLSTM: sigmoid forget gate, exponential input gate
+    "GDN2_neg": ("GDN2", {"gdn2": {"allow_neg_eigval": True}}),  # channel-wise erase gate in (0, 2)
+    "GV": ("GV", {}),  # GLA with per-key-channel decay
+    "LLD_neg": ("LLD", {"log_linear_gdn": {"allow_neg_eigval": True}}),  # log-linear gated delta rule, beta in (0, 2)
+    "LLM2": ("LLM2", {}),  # log-linear Mamba-2
+    "PL": ("PL", {}),  # ParaRNN LSTM: a nonlinear recurrence
+    "YAAD": ("YAAD", {}),  # Miras: Huber attentional bias, learned retention
+    "MoM": ("MoM", {}),  # mixture of memories (routed linear-attention memories)
+    "MAG": ("MAG", {}),  # Titans, memory as a gate (sliding-window attention + neural memory)
+    "L": ("L", {}),  # linear attention: no decay, no delta rule
+    "S": ("S", {}),  # S4D: linear time-invariant diagonal SSM
 }
 
 

@@ -112,11 +112,29 @@ class FactRecall:
             if t not in templates:
                 templates.append(t)
         n_train = o.num_templates - o.num_eval_templates
-        self.train_templates, self.eval_templates = templates[:n_train], templates[n_train:]
+        self.train_templates, self.eval_templates = templates[:n_train], self._heldout(templates, n_train, world)
         if split == "train" or o.eval_phrasings == "train":
             self.templates = self.train_templates
         else:
             self.templates = self.eval_templates
+
+    def _heldout(self, templates: list, n_train: int, rng: np.random.Generator) -> list:
+        """The held-out phrasings, each redrawn until every filler word in it also occurs in a
+        training phrasing: a word the model never saw would cap held-out recall by itself (its
+        embedding is untrained), which is not what the held-out split is for."""
+        seen = {x for t in templates[:n_train] for x in t if x >= self.first_word}
+        out = []
+        for t in templates[n_train:]:
+            for _ in range(1000):
+                if all(x < self.first_word or x in seen for x in t) and t not in out and t not in templates[:n_train]:
+                    break
+                t = self._draw_template(rng)
+            else:
+                raise ConfigError("data.options: could not draw held-out phrasings from the training phrasings' "
+                                  f"{len(seen)} filler words; raise num_templates or max_words, or lower num_words "
+                                  f"(got num_words={self.opts.num_words}, max_words={self.opts.max_words})")
+            out.append(t)
+        return out
 
     def _draw_template(self, rng: np.random.Generator) -> tuple[int, ...]:
         o = self.opts

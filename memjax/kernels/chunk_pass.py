@@ -90,6 +90,17 @@ def verified(backend: str, device_kind: str | None = None) -> bool:
     return on_verified_device(VERIFIED_DEVICES, backend, device_kind)
 
 
+def runs_xla(impl: str, shape, dtype, interpret: bool | None, *, vector_decay: bool = False) -> bool:
+    """Whether the chunk pass would run its XLA scan for these arguments, for callers that have
+    a faster XLA-only form of the whole chunked computation. Never raises: an explicit kernel
+    ``impl`` (valid or not) answers False and is left to :func:`chunk_recurrence` to run or refuse."""
+    if impl == "xla":
+        return not interpret
+    if impl != "auto" or interpret:
+        return False
+    return resolve_impl(impl, shape, dtype, interpret, vector_decay=vector_decay)[0] == "xla"
+
+
 def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str | None = None,
                  device_kind: str | None = None, *, vector_decay: bool = False) -> tuple[str, bool]:
     """``("xla" | "pallas" | "pallas_tpu", interpret flag)`` for a call; see the module docstring.

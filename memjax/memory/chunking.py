@@ -14,12 +14,24 @@ scalar per-head decay (e.g. Mamba-2 SSD).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from memjax.memory.segments import segment_cumsum
+
+# The chunk-start reference ("tame") fast paths factor a chunk's decays through its start:
+# exp(G_i - G_j) = exp(G_i) exp(-G_j). That is exact up to round-off while every |G| in the chunk
+# stays within this fraction of log(float max) (about 44 in float32, 354 in float64), so neither
+# factor overflows; past it the callers take their general form.
+TAME_SPAN = 0.5
+
+
+def tame_limit(dtype) -> float:
+    """The largest total ``sum |g|`` over a chunk that the tame fast paths accept in ``dtype``."""
+    return TAME_SPAN * math.log(float(jnp.finfo(dtype).max))
 
 
 def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant") -> jax.Array:

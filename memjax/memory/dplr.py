@@ -46,7 +46,12 @@ Forms:
     per-channel form: sub-chunks of ``s <= 16`` positions, pairs inside a sub-chunk by an explicit
     masked ``[s, s, K]`` exponential, pairs across sub-chunks factorised through the last position
     of the previous sub-chunk (both factors ``<= 1``). Masks are applied before each ``exp`` and
-    after it (no overflow, no NaN gradient). Segment starts (and ``exp(g) == 0``) restart the
+    after it (no overflow, no NaN gradient). For tame gates (per chunk and channel
+    ``sum |g| <= TAME_SPAN log(float max)``, ~44 in float32: the usual RWKV-7 decays at ``C = 64``)
+    a ``lax.cond`` takes instead one matmul per score matrix through the chunk start,
+    ``[x_i exp(gx_i)] . [y_j exp(-G_j)]`` (as :mod:`memjax.memory.linear`'s factored scores; both
+    factors are normal floats there), and the hierarchical form stays the fallback for strong,
+    ``-inf`` or non-finite decays. Segment starts (and ``exp(g) == 0``) restart the
     cumulative sums (:func:`memjax.memory.chunking.channel_decays`; the rank-one read at a segment
     start sees a zero state, like RWKV-6's bonus read).
 
@@ -56,9 +61,10 @@ with float32 accumulation; decays, the triangular inverse, the WY factors, the c
 factors are *not* rounded back to bf16: ``M = diag + B~^T W`` is a product of up to ``C``
 transitions, whose rounding would compound from chunk to chunk.
 
-Speed (CPU, jit, B = 1, H = 4, K = V = 64, T = 4096, float32, best of 5 on a 2-core machine shared
-with other jobs): forward + backward, chunked (C = 64) 1.29 s vs recurrent 3.96 s (3.1x); forward
-alone the token scan is faster (0.11 s vs 0.50 s), so the chunked form pays off in training.
+Speed (CPU, jit, B = 1, H = 4, K = V = 64, T = 4096, float32, forward + backward): the factored
+tame way made the chunked form ~2.3x faster than the hierarchical scores alone (same-minute
+measurement on a heavily loaded 2-core machine; ``benchmarks/bench_chunked_vs_recurrent.py``
+``--ops dplr_delta_rule``).
 
 Sequence parallelism (``seq_axis``, chunked mode): the update is affine in the state and its map
 ``prod_t (diag(exp g_t) + b_t a_t^T)`` acts alike on every value column, so each shard runs the
@@ -67,16 +73,34 @@ chunked pass with ``K`` extra zero value columns started from the identity, whic
 """
 from __future__ import annotations
 
+
 import jax
 import jax.numpy as jnp
 
 from memjax.memory import nonfinite
-from memjax.memory.chunking import channel_decays, from_head_chunks, masked_exp, pad_time, to_chunks, to_head_chunks
-from memjax.memory.contract import (check_floating, check_matrix_memory, check_shape, operand_dtype, output_dtype,
-                                    resolve_scale, state_dtype)
-from memjax.memory.ut_transform import unit_lower_inverse
+from memjax.memory.chunking import (
+    ChannelDecays,
+    channel_decays,
+    from_head_chunks,
+    masked_exp,
+    pad_time,
+    segment_cumsum_matrix,
+    to_chunks,
+    tame_limit,
+    to_head_chunks,
+)
+from memjax.memory.contract import (
+    check_floating,
+    check_matrix_memory,
+    check_shape,
+    operand_dtype,
+    output_dtype,
+    resolve_scale,
+    state_dtype,
+)
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import extend_columns, sharded_columns
+from memjax.memory.ut_transform import unit_lower_inverse
 
 MODES = ("chunked", "recurrent")
 
@@ -223,25 +247,108 @@ def _decayed_scores(x, gx, rx, ys, G, r, *, strict: bool, md):
     return out
 
 
+def _is_tame(gt: jax.Array, acc) -> jax.Array:
+    """Whether the chunked gates ``gt [B, N, C, H, K]`` take the factored way: per chunk and
+    channel ``sum |g| <= TAME_SPAN * log(float max)``. That bounds every cumulative sum ``|G|``,
+    ``|Ga|`` in the chunk (restarts included), so ``exp(+-G)`` and the product of two of them are
+    normal floats; it also rules out full decays (``exp(g) == 0``) and ``-inf`` / NaN gates (an
+    infinite or NaN sum), so the only resets are segment starts. A bool scalar."""
+    limit = tame_limit(acc)
+    return jnp.all(jnp.sum(jnp.abs(gt), axis=2) <= limit)
+
+
+def _tame_decays(gt: jax.Array, seg: jax.Array | None) -> ChannelDecays:
+    """:func:`memjax.memory.chunking.uniform_channel_decays` (read before the update) of chunked
+    gates ``gt [B, N, C, H, K]`` with no full decay, returned heads-major (``G, Ga [B, H, N, C, K]``,
+    reset counts ``r, ra [B, 1, N, C, 1]``). The cumulative sums are one batched
+    ``[C, C] x [C, H K]`` product per chunk in the time-major layout (leading batch axes, no
+    transposed operand; measured ~10% of the whole backward pass when taken heads-major), and
+    only ``G`` is moved heads-major."""
+    b, n, c, h, dk = gt.shape
+    m = jnp.broadcast_to(segment_cumsum_matrix(seg, c, gt.dtype), (b, n, c, c))
+    G = jnp.einsum("bnij,bnjx->bnix", m, gt.reshape(b, n, c, h * dk)).reshape(b, n, c, h, dk)
+    G = jnp.moveaxis(G, 3, 1)  # [B, H, N, C, K]
+    shift = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(1, 0), (0, 0)])[..., :-1, :]
+    if seg is None:
+        r = jnp.zeros((1, 1, 1, c, 1), jnp.int32)
+        return ChannelDecays(G, r, shift(G), r)
+    sg = seg[:, None, :, :, None]  # [B, 1, N, C, 1]
+    r = jnp.cumsum(sg.astype(jnp.int32), axis=3)
+    return ChannelDecays(G, r, shift(G), shift(r) + sg.astype(jnp.int32))
+
+
+def _factored_scores(qc, kc, ac, bc, dec, md):
+    """``(P_qb, P_qk, L_ab, L_ak)`` of :func:`_decayed_scores` for tame gates (:func:`_is_tame`),
+    each one matmul per chunk through the chunk start as the reference point::
+
+        sum_c x_ic y_jc exp(gx_ic - G_jc) = sum_c [x_ic exp(gx_ic)] [y_jc exp(-G_jc)]
+
+    (``gx = G`` for q, ``Ga`` for a). Every ``|G|, |Ga| <= ~44`` (float32), so both factors are
+    normal floats and every product is finite. The reference is causal (a row's factor depends on
+    no later gate). Pairs ``j > i`` (``j >= i`` for the strict ``L``) and pairs in different
+    segments (``dec``'s reset counts, shared by all channels here) are selected away after the
+    product; their finite values never reach a kept entry or a gradient."""
+    G, r, Ga, ra = dec
+    acc = G.dtype
+    c = qc.shape[3]
+    en = jnp.exp(-G)
+    qf, af = ((x * jnp.exp(e)).astype(md) for x, e in ((qc, G), (ac, Ga)))
+    bf, kf = ((y * en).astype(md) for y in (bc, kc))
+    mm = lambda x, y: jnp.einsum("...ik,...jk->...ij", x, y, preferred_element_type=acc)
+    same = lambda rx: rx[..., :, None, 0] == r[..., None, :, 0]  # [B, 1, N, C, C]
+    keep = jnp.tril(jnp.ones((c, c), bool)) & same(r)
+    keep_strict = jnp.tril(jnp.ones((c, c), bool), -1) & same(ra)
+    zero = jnp.zeros((), acc)
+    return (jnp.where(keep, mm(qf, bf), zero), jnp.where(keep, mm(qf, kf), zero),
+            jnp.where(keep_strict, mm(af, bf), zero), jnp.where(keep_strict, mm(af, kf), zero))
+
+
+def _carried(qc, ac, bc, kc, dec):
+    """The decays that link a chunk to its neighbours: ``q_i`` and ``a_i`` times the decay since
+    the chunk start (how they see the carried-in state), ``b_j``, ``k_j`` times the decay to the
+    chunk end (their weight in the chunk's final state) and the whole chunk's decay
+    ``[B, H, N, K]``."""
+    G, r, Ga, ra = dec
+    last = lambda z: z[..., -1:, :]
+    q_dec = qc * masked_exp(G, r == 0)  # the carried-in state as seen by q_i ...
+    a_dec = ac * masked_exp(Ga, ra == 0)  # ... and by the rank-one read a_i
+    to_end = masked_exp(last(G) - G, r == last(r))  # write j's weight in the chunk's final state
+    decay = masked_exp(G[..., -1, :], r[..., -1, :] == 0)
+    return q_dec, a_dec, bc * to_end, kc * to_end, jnp.broadcast_to(decay, G.shape[:3] + G.shape[-1:])
+
+
 def _chunked(q, k, v, a, b, g, s0, segment_ids, scale, c):
     """The chunked WY form (module docstring); ``g: [B, T, H, K or 1]``."""
     t, dk = q.shape[1], q.shape[-1]
     acc, md = s0.dtype, q.dtype
     qc, kc, vc, ac, bc = (to_head_chunks(x, c) for x in (q, k, v, a, b))  # [B, H, N, C, .]
-    gc = to_head_chunks(jnp.broadcast_to(g, (*g.shape[:3], dk)), c)  # the padded tail has g = 0
+    gt = to_chunks(pad_time(jnp.broadcast_to(g, (*g.shape[:3], dk)), c), c)  # [B, N, C, H, K]; the tail has g = 0
     seg = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
-    # G, r: inclusive cumulative log decay and reset count (the q side and every write);
-    # Ga, ra: those the rank-one read of S_{i-1} sees (shifted by one, a segment start included).
-    G, r, Ga, ra = channel_decays(gc, seg, acc, read_before_update=True)
+    # Two ways to the intra-chunk factors, one result up to round-off (as in
+    # memjax.memory.linear's per-channel form). The tame way covers the usual gates: no full
+    # decay, so the only resets are segment starts, shared by all channels (the cumulative sums
+    # are one [C, C] matmul per chunk), and a total decay per chunk and channel of at most
+    # TAME_SPAN log(float max) (~44 in float32), so every score matrix is one matmul of factors
+    # through the chunk start (_factored_scores). Otherwise (strong or -inf decays) the general
+    # way: per-channel resets and the hierarchical _decayed_scores, safe for any decay. The tame
+    # way runs outside the lax.cond on gates zeroed when not tame (XLA:CPU runs ops inside a
+    # conditional markedly slower, and zeroed gates keep it and its gradients finite); the
+    # general way is rematerialised so that the cond's residuals stay its inputs.
+    tame = _is_tame(gt, acc)
+    dec = _tame_decays(jnp.where(tame, gt, jnp.zeros((), acc)), seg)
+    fast = _factored_scores(qc, kc, ac, bc, dec, md) + _carried(qc, ac, bc, kc, dec)
 
-    p_qb, p_qk = _decayed_scores(qc, G, r, (bc, kc), G, r, strict=False, md=md)
-    l_ab, l_ak = _decayed_scores(ac, Ga, ra, (bc, kc), G, r, strict=True, md=md)
-    q_dec = qc * masked_exp(G, r == 0)  # the carried-in state as seen by q_i ...
-    a_dec = ac * masked_exp(Ga, ra == 0)  # ... and by the rank-one read a_i
-    last = lambda z: z[..., -1:, :]
-    to_end = masked_exp(last(G) - G, r == last(r))  # write j's weight in the chunk's final state
-    b_end, k_end = bc * to_end, kc * to_end
-    decay = masked_exp(G[..., -1, :], r[..., -1, :] == 0)  # [B, H, N, K]
+    def general():
+        # G, r: inclusive cumulative log decay and reset count (the q side and every write);
+        # Ga, ra: those the rank-one read of S_{i-1} sees (shifted by one, a segment start included).
+        dec = channel_decays(jnp.moveaxis(gt, 3, 1), seg, acc, read_before_update=True)
+        G, r, Ga, ra = dec
+        p_qb, p_qk = _decayed_scores(qc, G, r, (bc, kc), G, r, strict=False, md=md)
+        l_ab, l_ak = _decayed_scores(ac, Ga, ra, (bc, kc), G, r, strict=True, md=md)
+        return (p_qb, p_qk, l_ab, l_ak) + _carried(qc, ac, bc, kc, dec)
+
+    p_qb, p_qk, l_ab, l_ak, q_dec, a_dec, b_end, k_end, decay = jax.lax.cond(tame, lambda: fast,
+                                                                             jax.checkpoint(general))
 
     # WY factors: x = W S + U, (I - L_ab) [W, U] = [A~, L_ak V]
     vf = vc.astype(acc)

@@ -53,6 +53,11 @@ Three forms, one result:
     with decay ``exp(G_i - G_j)``, between chunks one state update per chunk
     (:func:`memjax.kernels.chunk_pass`: a ``lax.scan``, or one Pallas kernel with
     ``impl="pallas"``). O(T C) work for the intra part, O(T/C) sequential steps, no per-token state.
+    With a per-head (or no) decay and the XLA pass on one device, the chunked form is
+    :func:`memjax.memory.linear_vjp.chunked_scalar_decay`: a hand-written VJP that saves only the
+    inputs and the chunk-start states and runs the backward as a reverse chunked pass (fewer HBM
+    bytes than JAX's autodiff of the chunk scan); with ``seq_axis``, a Pallas pass or a traced
+    ``scale`` the per-head form goes through :func:`memjax.kernels.chunk_pass` under autodiff.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - ``"parallel"``: the quadratic ``T x T`` form (one chunk covering the whole sequence); its
     decays use the cumulative ``g`` over the whole sequence, so for very long, strongly decaying
@@ -60,15 +65,16 @@ Three forms, one result:
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_pass import chunk_recurrence
+from memjax.kernels.chunk_pass import chunk_recurrence, runs_xla
 from memjax.memory.chunking import (ChannelDecays, channel_decays, chunk_decays, from_head_chunks, masked_exp,
-                                    pad_time, to_chunks, to_head_chunks, uniform_channel_decays)
+                                    pad_time, tame_limit, to_chunks, to_head_chunks,
+                                    uniform_channel_decays)
 from memjax.memory import nonfinite
+from memjax.memory.linear_vjp import chunked_scalar_decay
 from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
                                     resolve_scale, shape_of, state_dtype)
 from memjax.memory.segments import segment_resets
@@ -76,9 +82,6 @@ from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sh
                                              sharded_columns)
 
 MODES = ("chunked", "recurrent", "parallel")
-# Largest total decay sum |g| within a chunk (per channel) for the factored intra-chunk product,
-# as a fraction of log(float max): about 44 in float32, 354 in float64.
-TAME_SPAN = 0.5
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array | None = None,
@@ -207,8 +210,15 @@ def _recurrent(q, k, v, g, u, s0, resets, scale, out_dtype):
 
 
 def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret, seq_axis=None):
-    b, t, h, _ = q.shape
+    b, t, h, dk = q.shape
     c = chunk_size
+    shape = (b, h, -(-t // c), c, dk, v.shape[-1])
+    fixed_scale = not isinstance(scale, jax.Array)
+    if seq_axis is None and fixed_scale and runs_xla(impl, shape, v.dtype, interpret):
+        # The XLA pass on one device with a fixed scale: the custom VJP of memjax.memory.linear_vjp
+        # (fewer HBM bytes). A traced scale (differentiated) and sequence parallelism keep the
+        # autodiff path below.
+        return _chunked_xla(q, k, v, g, s0, segment_ids, scale, c)
     qc, kc, vc = _finite_chunks(c, q, k, v)  # [B, H, N, C, .]
     n = qc.shape[2]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
@@ -227,6 +237,19 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret,
     o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), vc, ke.astype(md), dec.chunk, s0,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
+
+
+def _chunked_xla(q, k, v, g, s0, segment_ids, scale, chunk_size):
+    """The per-head chunked form by :func:`memjax.memory.linear_vjp.chunked_scalar_decay` (which reads
+    non-finite entries of q, k, v as 0, where it reads them, so no sanitised copy is written), a
+    full decay (``exp(g) == 0``, e.g. ``-inf``) turned into a reset of that head with ``g = 0``,
+    exactly the recurrent form's ``exp(g) S = 0`` without an ``-inf`` in any sum."""
+    resets = segment_resets(segment_ids)  # [B, T] or None
+    if g is not None:
+        full = jnp.exp(g) == 0
+        g = jnp.where(full, jnp.zeros((), g.dtype), g)
+        resets = full if resets is None else full | resets[..., None]
+    return chunked_scalar_decay(q, k, v, g, resets, s0, scale, chunk_size)
 
 
 def _finite_chunks(chunk_size: int, *xs: jax.Array) -> tuple[jax.Array, ...]:
@@ -290,7 +313,7 @@ def _is_tame(gc: jax.Array, acc) -> jax.Array:
     is at most that in magnitude, and ``exp(+-G)`` and products of two of them stay far inside
     the float range, with no subnormal factor).
     A bool scalar; False for non-finite sums."""
-    limit = TAME_SPAN * math.log(float(jnp.finfo(acc).max))
+    limit = tame_limit(acc)
     # sum |g| over the chunk bounds every |G| and |Gq| in it, restarts included; it also rules out
     # full decays (each |g| <= limit, so exp(g) > 0) and -inf (an infinite sum)
     return jnp.all(jnp.sum(jnp.abs(gc.astype(acc)), axis=3) <= limit)

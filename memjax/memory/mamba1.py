@@ -17,25 +17,37 @@ element-wise recurrence over a ``[D, N]`` state per row.
 Forms (all give the same result; :func:`mamba1_scan`'s ``mode``):
 
 - ``"auto"`` (default): ``"recurrent"`` on CPU, ``"chunked"`` elsewhere. Measured on CPU (XLA, T = 4096,
-  B = 1, D = 256, N = 16, forward + backward, a 2-core machine shared with other jobs): recurrent
-  0.62 s, scan 1.9 s, chunked 3.4 s at ``C = 8``, 8.0 s at 16, ~66 s at 32 (the default was 64,
-  ~100 s): the chunked form does ``C`` times the scan's element-wise work (no matmul to win it
-  back), so on CPU the token loop wins. Accelerators (not measured here) keep the chunked form,
-  which needs ``T / C`` sequential steps instead of ``T``.
-- ``"chunked"`` (training on accelerators): ``lax.scan`` over chunks of ``C`` tokens, passing the
-  ``[batch, D, N]`` state. Within a chunk, with ``G_t = sum_{s <= t} delta_s A`` the in-chunk
-  cumulative log decay (float32)::
+  B = 1, D = 256, N = 16, chunk 16, forward + backward, a 2-core machine shared with other jobs):
+  the general chunked form (below) took ~3.2 s against the recurrent form's ~0.4 s; the tame route
+  (below) brings the chunked form to about the recurrent form's time (1.25x faster in CPU seconds,
+  measured under load), not beyond: it still forms ``[batch, T, D, N]`` tensors, as many numbers
+  as the recurrent form's states, with no matmul to win the element-wise work back. Accelerators
+  (not measured here) keep the chunked form, which needs ``T / C`` sequential steps instead of ``T``.
+- ``"chunked"`` (training on accelerators): chunks of ``C`` tokens, passing the ``[batch, D, N]``
+  state, by one of two routes chosen for the whole call (``lax.cond``; one result up to round-off):
+
+  - *tame* decays (the usual case): every chunk's total log decay ``|sum_t delta_t A[d, n]|``
+    within ``TAME_SPAN * log(float max)`` (about 44 in float32). With ``K_t = A sum_{s <= t}
+    delta_s`` (in chunk, restarted at a segment start) the chunk start is the reference point::
+
+        h_t = exp(K_t) (sum_{s <= t} exp(-K_s) delta_s u_s B_s + [no reset in [0, t]] h_in)
+
+    every factor a normal float, the in-chunk sum one ``[C, C]`` matmul per chunk, ``O(C D N)``
+    work per chunk (the scan's), a hand-written backward (:func:`_tame_core`). Each term
+    ``exp(K_t) exp(-K_s)`` carries about ``|K| eps`` of relative round-off (<= 44 eps).
+  - otherwise (strong decays; a decay whose ``exp`` underflows): the general form. With
+    ``G_t = sum_{s <= t} delta_s A`` the in-chunk cumulative log decay (float32)::
 
       h_t = exp(G_t) h_in + sum_{s <= t} exp(G_t - G_s) delta_s u_s B_s
 
-  The exponent ``G_t - G_s`` is selected (``where``) for the kept pairs ``s <= t`` of one
-  segment *before* the ``exp`` (0 elsewhere) and the ``exp`` is masked again after it, so no
-  positive exponent is ever exponentiated and masked pairs get an exactly zero gradient. The
-  chunk body is rematerialised (``jax.checkpoint``): the backward pass keeps one ``[batch, D, N]``
-  state per chunk and recomputes the chunk's ``[batch, C, C, D, N]`` decay tensor, so memory is
-  ``C^2 D N`` per row for the chunk in flight plus ``T D N / C`` saved states; the work is
-  ``C`` times that of the scan. Small chunks suit large ``D * N``: the default ``C = 8`` was the
-  fastest of 8, 16, 32, 64 on CPU (above).
+    The exponent ``G_t - G_s`` is selected (``where``) for the kept pairs ``s <= t`` of one
+    segment *before* the ``exp`` (0 elsewhere) and the ``exp`` is masked again after it, so no
+    positive exponent is ever exponentiated and masked pairs get an exactly zero gradient. The
+    chunk body is rematerialised (``jax.checkpoint``): the backward pass keeps one ``[batch, D, N]``
+    state per chunk and recomputes the chunk's ``[batch, C, C, D, N]`` decay tensor, so memory is
+    ``C^2 D N`` per row for the chunk in flight plus ``T D N / C`` saved states; the work is
+    ``C`` times that of the scan. Small chunks suit large ``D * N``: the default ``C = 8`` was the
+    fastest of 8, 16, 32, 64 on CPU for this form.
 - ``"scan"``: :func:`memjax.memory.linear_scan.linear_scan` (``jax.lax.associative_scan``,
   O(log T) depth) over per-token ``[batch, T, D, N]`` decays and writes.
 - ``"recurrent"``: ``lax.scan`` token by token (the decoding form).
@@ -52,11 +64,12 @@ those of the clean input, as are their gradients.
 """
 from __future__ import annotations
 
+
 import jax
 import jax.numpy as jnp
 
 from memjax.memory import nonfinite
-from memjax.memory.chunking import pad_time, to_chunks
+from memjax.memory.chunking import pad_time, segment_cumsum_matrix, to_chunks, tame_limit
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_mode, check_segment_ids,
                                     check_sequence, check_shape, check_state, output_dtype, state_dtype)
 from memjax.memory.linear_scan import linear_scan
@@ -188,7 +201,135 @@ def _scan(u, dt, A, B, C, s0, resets):
 
 
 def _chunked(u, dt, A, B, C, s0, segment_ids, chunk_size):
+    """The chunked form: the chunk-start reference form (:func:`_chunked_tame`) where every chunk's
+    total log decay stays within ``TAME_SPAN`` of the float range, else the general pairwise form
+    (:func:`_chunked_general`); one ``lax.cond`` for the whole call (one result up to round-off)."""
     b, t = u.shape[:2]
+    c = min(chunk_size, t)
+    chunked = lambda v: to_chunks(pad_time(v, c), c)  # [batch, Z, c, ...]; padding dt = u = 0: no decay, no write
+    seg, keep, lam, tame = _route(dt, A, segment_ids, c)
+    tame_fn = lambda: _chunked_tame(lam, chunked(dt * u), A, chunked(B), chunked(C), keep, seg, s0)
+    general_fn = lambda: _chunked_general(u, dt, A, B, C, s0, segment_ids, c)
+    y, s = jax.lax.cond(tame, tame_fn, general_fn)
+    return y.reshape((b, -1) + y.shape[3:])[:, :t], s
+
+
+def _route(dt, A, segment_ids, c):
+    """``(seg, keep, lam, tame)`` for chunks of ``c``: the chunked segment starts ``[batch, Z, c]``
+    (or None), the in-chunk causal same-segment 0/1 matrix ``[batch, Z, c, c]``, the in-chunk sums
+    of ``dt`` ``[batch, Z, c, G, R]`` (restarted at resets) and whether the tame route applies:
+    every chunk's ``|log decay| = lam max_n |A|`` within ``TAME_SPAN * log(float max)`` and
+    ``A <= 0`` (False for a NaN / inf as well)."""
+    dtc = to_chunks(pad_time(dt, c), c)
+    seg = None if segment_ids is None else to_chunks(segment_resets(pad_time(segment_ids, c, mode="edge")), c)
+    # (broadcast without resets: a batched matmul needs no transpose)
+    keep = jnp.broadcast_to(segment_cumsum_matrix(seg, c, dt.dtype), dtc.shape[:3] + (c,))
+    lam = _in_chunk_sums(keep, dtc)
+    span = jnp.max(lam, axis=(0, 1, 2)) * jnp.max(-A, axis=-1)  # [G, R]
+    limit = tame_limit(dt.dtype)
+    return seg, keep, lam, jnp.all((span <= limit) & (jnp.max(A, axis=-1) <= 0))
+
+
+def _in_chunk_sums(keep, v):
+    """``sum_{s <= t, same segment} v_s`` within each chunk (``v [batch, Z, c, ...]``, ``keep
+    [batch, Z, c, c]``) as one ``[c, c]`` matmul per chunk (cheaper than ``cumsum`` forward and
+    backward on XLA:CPU), batched over (batch, chunk) so that ``v`` needs no transpose."""
+    return jnp.einsum("bzts,bzs...->bzt...", keep, v)
+
+
+def _chunked_tame(lam, w, A, B, C, keep, seg, s0):
+    """Chunk-start reference form (tame decays): with ``K_t = A lam_t`` the in-chunk cumulative log
+    decay per ``(d, n)`` (restarted at a segment start; ``-44 <= K_t <= 0`` in float32)::
+
+        h_t = exp(K_t) (sum_{s <= t, same segment} exp(-K_s) w_s B_s + [no reset in [0, t]] h_in)
+
+    ``w = dt u``. Every factor is a normal float (``exp(-K) <= exp(44)``), the cumulative sum is
+    a ``[c, c]`` matmul per chunk and the state pass a ``lax.scan`` over chunks; ``O(c D N)`` per
+    chunk instead of the general form's ``O(c^2 D N)``. Each term ``exp(K_t) exp(-K_s)`` carries
+    a relative rounding error of about ``|K| eps`` (``<= 44 eps``). Returns ``y [batch, Z, c, G, R]``
+    and the final state ``[batch, G, R, N]``."""
+    b, z, c = lam.shape[:3]
+    first = jnp.ones((b, z, c), lam.dtype) if seg is None else (jnp.cumsum(seg, axis=2) == 0).astype(lam.dtype)
+    whole = None if seg is None else ~jnp.any(seg, axis=2)  # [batch, Z]: no reset in the chunk
+    return _tame_core(lam, w, A, B, C, keep, first, whole, s0)
+
+
+def _tame_forward(lam, w, A, B, C, keep, first, whole, s0):
+    K = lam[..., None] * A  # [batch, Z, c, G, R, N], <= 0
+    F, E = jnp.exp(K), jnp.exp(-K)
+    S = _in_chunk_sums(keep, E * w[..., None] * B[:, :, :, :, None, :])  # sum_{s <= t, same segment} exp(-K_s) w_s B_s
+    last = F[:, :, -1] * S[:, :, -1]  # [batch, Z, G, R, N]: the chunk's own contribution to its end state
+    decay = F[:, :, -1] if whole is None else jnp.where(whole[..., None, None, None], F[:, :, -1], 0)
+
+    def step(h, inp):
+        a, l = inp
+        return a * h + l, h
+
+    tm = lambda v: jnp.moveaxis(v, 1, 0)
+    s, h_in = jax.lax.scan(step, s0, (tm(decay), tm(last)))
+    h_in = tm(h_in)  # [batch, Z, G, R, N]: the state entering each chunk
+    P = S + first[..., None, None, None] * h_in[:, :, None]
+    # (operands ordered so that every einsum here is a batched matmul in the arrays' own layout)
+    y = jnp.einsum("bztgrn,bztgn->bztgr", F * P, C)
+    return y, s, (F, E, S, P, decay, h_in)
+
+
+@jax.custom_vjp
+def _tame_core(lam, w, A, B, C, keep, first, whole, s0):
+    y, s, _ = _tame_forward(lam, w, A, B, C, keep, first, whole, s0)
+    return y, s
+
+
+def _tame_core_fwd(lam, w, A, B, C, keep, first, whole, s0):
+    y, s, (F, E, S, _, decay, h_in) = _tame_forward(lam, w, A, B, C, keep, first, whole, s0)
+    # Saved: exp(K), exp(-K) and the in-chunk sums ([batch, T, D, N] each, as many numbers as the
+    # recurrent form's per-token states); P is rebuilt from S and the chunk states.
+    return (y, s), (lam, w, A, B, C, keep, first, whole, F, E, S, decay, h_in)
+
+
+def _tame_core_bwd(res, cts):
+    """Hand-written transpose. Every reduction is a matmul in the arrays' own layout (a
+    contraction with the data or with a vector of ones): autodiff's transposes and fused
+    multiply-then-reduce ran several times slower on XLA:CPU at these sizes."""
+    lam, w, A, B, C, keep, first, whole, F, E, S, decay, h_in = res
+    dy, ds = cts
+    P = S + first[..., None, None, None] * h_in[:, :, None]
+    b, z, c, n = *F.shape[:3], F.shape[-1]
+    dC = jnp.einsum("bztgr,bztgrn->bztgn", dy, F * P)
+    dP = (dy[..., None] * C[:, :, :, :, None, :]) * F
+    dh_y = jnp.einsum("bzt,bztm->bzm", first, dP.reshape(b, z, c, -1)).reshape(h_in.shape)
+
+    def back(gs, inp):  # gs: the gradient of the state after the chunk
+        a, dh = inp
+        return a * gs + dh, gs
+
+    tm = lambda v: jnp.moveaxis(v, 1, 0)
+    ds0, dlast = jax.lax.scan(back, ds, (tm(decay), tm(dh_y)), reverse=True)
+    dlast = tm(dlast)  # [batch, Z, G, R, N]: the gradient of the state leaving each chunk
+    ddecay = dlast * h_in
+    if whole is not None:
+        ddecay = jnp.where(whole[..., None, None, None], ddecay, 0)
+    at_end = (jnp.arange(c) == c - 1)[:, None, None, None]  # the chunk's last position
+    dS = dP + jnp.where(at_end, (dlast * F[:, :, -1])[:, :, None], 0)
+    dF_end = jnp.where(at_end, (ddecay + dlast * S[:, :, -1])[:, :, None], 0)
+    dXE = jnp.einsum("bzts,bztm->bzsm", keep, dS.reshape(b, z, c, -1)).reshape(F.shape) * E
+    dwB = dXE * B[:, :, :, :, None, :]  # d/dw of the write, before the sum over n
+    ones = lambda m: jnp.ones((m,), F.dtype)
+    dw = jnp.einsum("bzsgrn,n->bzsgr", dwB, ones(n))
+    dB = jnp.einsum("bzsgr,bzsgrn->bzsgn", w, dXE)
+    # d exp(K) = exp(K) dK and d exp(-K) = -exp(-K) dK: dK = dF F - dX exp(-K) w B
+    dK = (dy[..., None] * C[:, :, :, :, None, :] * P + dF_end) * F - dwB * w[..., None]
+    dlam = jnp.einsum("bztgrn,n->bztgr", dK * A, ones(n))
+    dA = jnp.einsum("m,mk->k", ones(b * z * c), (dK * lam[..., None]).reshape(b * z * c, -1)).reshape(A.shape)
+    return dlam, dw, dA, dB, dC, None, None, None, ds0
+
+
+_tame_core.defvjp(_tame_core_fwd, _tame_core_bwd)
+
+
+def _chunked_general(u, dt, A, B, C, s0, segment_ids, chunk_size):
+    """The general chunked form (any decay): the pairwise ``[c, c, D, N]`` decays (module docstring)."""
+    t = u.shape[1]
     c = min(chunk_size, t)
     # Padding: dt = u = 0 (decay exp(0) = 1, no write) keeps the state of position T - 1.
     chunks = lambda v: jnp.moveaxis(to_chunks(pad_time(v, c), c), 1, 0)  # [Z, batch, c, ...]
@@ -218,5 +359,4 @@ def _chunked(u, dt, A, B, C, s0, segment_ids, chunk_size):
         return h[:, -1], jnp.einsum("btgrn,btgn->btgr", h, Cc)
 
     s, y = jax.lax.scan(body, s0, (chunks(u), chunks(dt), chunks(B), chunks(C), rs))
-    y = jnp.moveaxis(y, 0, 1)  # [batch, Z, c, G, R]
-    return y.reshape((b, -1) + y.shape[3:])[:, :t], s
+    return jnp.moveaxis(y, 0, 1), s  # [batch, Z, c, G, R]

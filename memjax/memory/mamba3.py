@@ -60,12 +60,13 @@ import jax
 import jax.numpy as jnp
 
 from memjax.memory import nonfinite
-from memjax.memory.chunking import chunk_decays, pad_time, to_chunks, to_head_chunks
+from memjax.memory.chunking import pad_time, to_chunks, to_head_chunks
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_impl, check_mode,
                                     check_scale, check_segment_ids, check_seq_axis, check_sequence, check_shape,
                                     check_state,
                                     operand_dtype, output_dtype, shape_of, state_dtype)
 from memjax.memory.segments import segment_cumsum
+from memjax.memory.chunk_products import head_chunk_decays, repeat_groups, times_cols, times_rows
 from memjax.memory.sequence_parallel import (from_first_shard, from_last_shard, next_shard_first, sequence_resets,
                                              sharded_chunk_recurrence, sharded_linear_scan)
 
@@ -196,6 +197,8 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
 
     # A non-finite token poisons itself (C: a read) or the rest of its document (everything else).
     heads = lambda v: jnp.repeat(v, h // g, axis=2)  # [batch, T, G, ...] -> [batch, T, H, ...]
+    # (for B and C, whose gradient sums the copies: repeat_groups, a sum of slices on the way back)
+    heads_bc = lambda v: repeat_groups(v, h // g, axis=2)
     per_token_a = shape_of(A) != (h,)
     # (across shards under seq_axis: memjax.memory.nonfinite.running)
     writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), nonfinite.bad(lam, 3),
@@ -224,8 +227,8 @@ def mamba3(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array
         phi = _segment_cumsum(dt[..., None] * theta, resets)
         first = None if resets is None else jnp.cumsum(resets, axis=1) == 0  # [batch, T]
         phi = phi + (s0.angle[:, None] if first is None else jnp.where(first[..., None, None], s0.angle[:, None], 0))
-    k = _rotate(heads(B), phi)  # [batch, T, H, R, N]: Rot(Phi)^T B, rounded back to the operand dtype
-    q = _rotate(heads(C), phi)
+    k = _rotate(heads_bc(B), phi)  # [batch, T, H, R, N]: Rot(Phi)^T B, rounded back to the operand dtype
+    q = _rotate(heads_bc(C), phi)
 
     if mode == "recurrent":
         y, ssm = _recurrent(x, gate, dt, lam, k, q, s0, resets, scale)
@@ -335,18 +338,19 @@ def _chunked(x, gate, dt, lam, k, q, s0, resets, scale, c, impl, interpret, seq_
     qc, kc, xc = rows(q), rows(k), rows(x)
     nz = qc.shape[2]
     seg = None if resets is None else to_chunks(pad_time(resets, c), c)  # the padded tail starts nothing
-    dec = chunk_decays(to_chunks(pad_time(gate, c), c), seg, (b, nz, c, h), acc).heads_major()
+    # (memjax.memory.ssm's helpers: decays, column and row scalings with dot-product transposes)
+    dec = head_chunk_decays(to_head_chunks(gate, c), seg, acc)
     gc, dc = (to_head_chunks(v, c) for v in (gamma, delta))  # [b, H, Z, c]; padded tail: 0 (no write)
     # Token j's weight in the read at i: gamma_j at i = j, gamma_j + delta_j below (the banded mask).
     # (Selected, not gamma + delta - delta: a token's own read must not see its successor's gates,
     # not even as round-off, so a non-finite next token leaves it bit-identical.)
     w = gc + dc
-    band = dec.matrix * jnp.where(jnp.eye(c, dtype=bool), gc[..., None, :], w[..., None, :])  # [b, H, Z, c, c]
+    band = jnp.where(jnp.eye(c, dtype=bool), times_cols(dec.matrix, gc), times_cols(dec.matrix, w))  # [b, H, Z, c, c]
     expand = lambda v: jnp.repeat(v, r, axis=-1)  # token -> its R rows
     scores = jnp.einsum("bhzin,bhzjn->bhzij", qc, kc, preferred_element_type=acc)
-    scores = scores * expand(jnp.repeat(band, r, axis=-2)) * scale
-    qg = qc * (expand(dec.from_start) * scale)[..., None]
-    ke = kc * expand(dec.to_end * w)[..., None]
+    scores = scores * (expand(jnp.repeat(band, r, axis=-2)) * scale)
+    qg = times_rows(qc, expand(dec.from_start) * scale)
+    ke = times_rows(kc, expand(dec.to_end * w))
     pending = _pending(s0, dt, lam)
     if seq_axis is not None:  # the state before the whole sequence: shard 0's first token sees it
         pending = from_first_shard(pending, seq_axis)

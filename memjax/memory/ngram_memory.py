@@ -20,7 +20,16 @@ like a uniform random function, so the expected number of colliding pairs is
 an order with probability about ``prod_head 1/p_head``: the concatenated read is
 almost always unique even when single heads collide. ``one_bucket=True`` maps every
 n-gram to a single row per head (the control from the Engram discussion: it keeps the
-parameters and gate but removes the n-gram information).
+parameters and gate but removes the n-gram information). ``random_ids=True`` is the other
+control: the hashed ids are not the tokens but content-free position ids,
+``q_t = 1 + (position of t within its document)`` (``0`` before the start), hashed exactly as
+above with the layer's multipliers (so they depend on ``seed`` and ``layer``). Each position
+then reads its own pseudo-random rows of the same tables through the same gate, so the
+parameters and the sparsity of the read are kept but the lookup carries no information about
+the tokens (it can learn at most a position embedding). The two controls are exclusive
+(``one_bucket`` already ignores the ids; combining them raises ``ValueError``). In decoding the
+cache's ``context`` holds the last position ids instead of the last tokens
+(:func:`ngram_ids` gives the id stream either way).
 
 Retrieval ``e`` = the heads' rows concatenated. The read enters the residual stream
 through a context gate: ``g = sigmoid(sign(s) sqrt(|s|))``, ``s = <RMSNorm(W_k e),
@@ -70,6 +79,8 @@ class NgramHashParams:
 
     ``multipliers``: ``max_ngram`` odd uint32 constants; ``table_sizes``: one size per
     (order, head), order-major; all distinct primes (or all 1 with ``one_bucket``).
+    ``random_ids``: hash the position ids ``1 + position within the document`` (``0`` before
+    the start) instead of the token ids (see the module docstring).
     """
 
     max_ngram: int
@@ -77,6 +88,7 @@ class NgramHashParams:
     multipliers: tuple[int, ...]
     table_sizes: tuple[int, ...]
     pad_id: int = 0
+    random_ids: bool = False  # control: hash content-free position ids instead of the tokens
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -97,12 +109,16 @@ class NgramHashParams:
 
 
 def make_hash_params(*, max_ngram: int = 3, heads: int = 2, table_size: int = 4099, layer: int = 0,
-                     seed: int = 0, pad_id: int = 0, one_bucket: bool = False) -> NgramHashParams:
+                     seed: int = 0, pad_id: int = 0, one_bucket: bool = False,
+                     random_ids: bool = False) -> NgramHashParams:
     """Deterministic hash parameters for one layer.
 
     Multipliers come from ``numpy.random.default_rng([seed, layer])`` (odd, below 2^32);
     table sizes are the ``(max_ngram - 1) * heads`` smallest primes ``>= table_size`` (distinct).
+    ``one_bucket`` and ``random_ids`` are the two controls (exclusive).
     """
+    if one_bucket and random_ids:
+        raise ValueError("one_bucket and random_ids are exclusive controls (one_bucket already ignores the ids)")
     if max_ngram < 2:
         raise ValueError(f"max_ngram must be >= 2 (orders 2..max_ngram), got {max_ngram}")
     if heads < 1:
@@ -115,7 +131,7 @@ def make_hash_params(*, max_ngram: int = 3, heads: int = 2, table_size: int = 40
     mult = tuple(int(m) for m in rng.integers(0, 2 ** 31, size=max_ngram, dtype=np.uint64) * 2 + 1)
     count = (max_ngram - 1) * heads
     sizes = (1,) * count if one_bucket else next_primes(table_size, count)
-    return NgramHashParams(max_ngram, heads, mult, sizes, pad_id)
+    return NgramHashParams(max_ngram, heads, mult, sizes, pad_id, random_ids)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -166,6 +182,44 @@ def _hash(xp, tokens, segment_ids, context, params: NgramHashParams):
     return xp.stack(out, axis=-1).astype(xp.int32)
 
 
+def _position_ids(xp, tokens, segment_ids, context):
+    """``1 + position within the document`` (``int32 [B, T]``), the content-free ids of ``random_ids``.
+
+    Without ``context`` the document starts at position 0 or, with ``segment_ids``, where the
+    segment id changes; with ``context`` (decoding, one document) the positions continue from
+    the last id of the context (``0``: nothing seen yet).
+    """
+    b, t = tokens.shape
+    idx = xp.broadcast_to(xp.arange(t, dtype=xp.int32), (b, t))
+    if context is not None:
+        return (context[:, -1:].astype(xp.int32) + 1 + idx).astype(xp.int32)
+    if segment_ids is None:
+        return idx + 1
+    seg = segment_ids.astype(xp.int32)
+    starts = xp.concatenate([xp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    marked = xp.where(starts, idx, 0)
+    # The start of each position's document: the running maximum of the marked starts.
+    first = np.maximum.accumulate(marked, axis=1) if xp is np else jax.lax.cummax(marked, axis=1)
+    return (idx - first + 1).astype(xp.int32)
+
+
+def _ids(xp, tokens, segment_ids, context, params: NgramHashParams):
+    """The id stream that is hashed and the params to hash it with: the tokens, or (``random_ids``)
+    the position ids with ``0`` as the id before a document's start."""
+    if not params.random_ids:
+        return tokens, params
+    return _position_ids(xp, tokens, segment_ids, context), dataclasses.replace(params, pad_id=0)
+
+
+def ngram_ids(tokens, params: NgramHashParams, *, segment_ids=None, context=None):
+    """The ids :func:`ngram_hashes` mixes, ``[B, T]``: ``tokens`` itself, or with ``params.random_ids``
+    the position ids ``1 + position within the document`` (continuing from ``context``'s last id).
+    A decoding cache keeps the last ``max_ngram - 1`` of these (NumPy in, NumPy out; jnp otherwise)."""
+    _check_tokens(tokens, segment_ids, context, params)
+    xp = np if isinstance(tokens, np.ndarray) else jnp
+    return _ids(xp, tokens, segment_ids, context, params)[0]
+
+
 def ngram_hashes_np(tokens, params: NgramHashParams, *, segment_ids=None, context=None) -> np.ndarray:
     """NumPy hashes for the input pipeline; equal to :func:`ngram_hashes`.
 
@@ -173,23 +227,26 @@ def ngram_hashes_np(tokens, params: NgramHashParams, *, segment_ids=None, contex
       tokens: ``int [B, T]`` ids in ``[0, 2^32)``.
       segment_ids: ``int [B, T]`` or None (packed documents; n-grams stop at boundaries).
       context: ``int [B, max_ngram - 1]`` ids preceding position 0 (decoding), oldest first;
-        None means padding.
+        None means padding. With ``params.random_ids`` these are position ids (:func:`ngram_ids`).
 
     Returns:
-      ``int32 [B, T, num_heads]``: row of each (order, head) table, order-major.
+      ``int32 [B, T, num_heads]``: row of each (order, head) table, order-major. With
+      ``params.random_ids`` the rows depend on the positions only, never on ``tokens``' values.
     """
     tokens = np.asarray(tokens)
     segment_ids = None if segment_ids is None else np.asarray(segment_ids)
     context = None if context is None else np.asarray(context)
     _check_tokens(tokens, segment_ids, context, params)
+    ids, hp = _ids(np, tokens, segment_ids, context, params)
     with np.errstate(over="ignore"):
-        return _hash(np, tokens, segment_ids, context, params)
+        return _hash(np, ids, segment_ids, context, hp)
 
 
 def ngram_hashes(tokens: jax.Array, params: NgramHashParams, *, segment_ids=None, context=None) -> jax.Array:
     """jnp version of :func:`ngram_hashes_np` (same arguments and result)."""
     _check_tokens(tokens, segment_ids, context, params)
-    return _hash(jnp, tokens, segment_ids, context, params)
+    ids, hp = _ids(jnp, tokens, segment_ids, context, params)
+    return _hash(jnp, ids, segment_ids, context, hp)
 
 
 # ----------------------------------------------------------------------------- retrieval and gate

@@ -29,11 +29,12 @@ import jax.numpy as jnp
 
 from memjax.memory.linear_scan import linear_scan  # noqa: F401  (also part of this module's API)
 from memjax.kernels.chunk_pass import as_operand
-from memjax.memory.chunking import chunk_decays, from_chunks, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.chunking import from_chunks, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_chunk_size, check_floating, check_gate, check_impl, check_mode,
                                     check_segment_ids, check_seq_axis, check_sequence, check_shape, check_state,
                                     operand_dtype, output_dtype, state_dtype)
+from memjax.memory.chunk_products import head_chunk_decays, repeat_groups, times_rows
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
 
@@ -361,24 +362,23 @@ def _ssd_recurrent(x, dt, A, B, C, s0, resets):
 
 
 def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret, seq_axis=None):
-    b, t, h, p = x.shape
-    g, n = B.shape[2:]
-    r = h // g
+    t, h = x.shape[1:3]
+    r = h // B.shape[2]  # heads per group
     acc, md = s0.dtype, x.dtype
-    u = to_head_chunks((x * dt[..., None]).astype(md), c)  # [b, H, Z, C, P]: the write, dt_t x_t
-    nz = u.shape[2]
+    u = to_head_chunks(times_rows(x, dt), c)  # [b, H, Z, C, P]: the write, dt_t x_t (in x's dtype)
     Bc, Cc = to_head_chunks(B, c), to_head_chunks(C, c)  # [b, G, Z, C, N]
-    logdec = to_chunks(pad_time(dt * A, c), c)  # [b, Z, C, H]; padded entries are 0: no decay
-    resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
-    dec = chunk_decays(logdec, resets, (b, nz, c, h), acc).heads_major()
-    heads = lambda v: jnp.repeat(v, r, axis=1)  # group -> its heads (Mamba-2's "g n -> (g r) n")
+    # Padded entries of dt A are 0: no decay. Edge padding of the ids starts no segment.
+    seg = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
+    dec = head_chunk_decays(to_head_chunks(dt * A, c), seg, acc)
 
     # In linear-attention terms: q = C, k = B, v = dt x, state [N, P]. C B^T once per group, in
     # the inputs' dtype with `acc` accumulation; the decayed factors go back to that dtype as
-    # operands of the chunk pass (see memjax.memory.contract).
-    scores = heads(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc, preferred_element_type=acc)) * dec.matrix
-    qg = heads(Cc) * dec.from_start[..., None]
-    ke = heads(Bc) * dec.to_end[..., None]
-    y, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk,
+    # operands of the chunk pass (see memjax.memory.contract). The group -> heads repeats, the
+    # row scalings and the decay matrix have hand-written transposes (repeat_groups, times_rows,
+    # pair_decays): autodiff's multiply-then-reduce there was most of XLA:CPU's backward time.
+    scores = repeat_groups(jnp.einsum("bgzin,bgzjn->bgzij", Cc, Bc, preferred_element_type=acc), r) * dec.matrix
+    qg = times_rows(repeat_groups(Cc, r), dec.from_start)
+    ke = times_rows(repeat_groups(Bc, r), dec.to_end)
+    y, s = sharded_chunk_recurrence(qg, scores.astype(md), u, ke, dec.chunk,
                                     jnp.swapaxes(s0, -1, -2), axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(y, t), jnp.swapaxes(s, -1, -2)

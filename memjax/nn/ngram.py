@@ -8,7 +8,11 @@
     Needs ``tokens``; its decoding cache :class:`NgramCache` keeps the last ``max_ngram - 1``
     token ids. Takes ``layer`` (the hash multipliers differ per layer), so it is not
     scannable. The dilated short convolution of the Engram paper is not included (add a conv block in
-    the pattern if wanted). ``one_bucket=True`` is the 1-bucket control.
+    the pattern if wanted). Two controls for whether gains come from memorising n-grams:
+    ``one_bucket=True`` (every n-gram reads one row per table) and ``random_ids=True`` (the hash
+    of content-free position ids, ``1 + position within the document``, replaces the n-gram
+    hash: same tables, gate and sparsity, no token content; the cache then keeps position ids).
+    They are exclusive.
 ``stem_ffn`` (alias ``T``)
     STEM ("Scaling Transformers with Embedding Modules"): the gated FFN's up-projection
     ``x W_u`` is replaced by a per-layer embedding of the current token,
@@ -23,11 +27,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.memory.ngram_memory import context_gate, make_hash_params, ngram_hashes, ngram_lookup
+from memjax.memory.ngram_memory import (
+    context_gate,
+    make_hash_params,
+    ngram_hashes,
+    ngram_ids,
+    ngram_lookup,
+)
 from memjax.nn.block import Block, position_wise_result
 from memjax.nn.layers import Linear, RMSNorm, param
 from memjax.nn.registry import register_block
-from memjax.nn.validate import check_no_segments, check_nonnegative, check_positive, check_range
+from memjax.nn.validate import (
+    check_no_segments,
+    check_nonnegative,
+    check_positive,
+    check_range,
+)
 
 
 def _need_tokens(block, tokens, x):
@@ -39,7 +54,8 @@ def _need_tokens(block, tokens, x):
 
 class NgramCache(NamedTuple):
     """Decoding cache of :class:`NgramMemory`: ``context: int32 [B, max_ngram - 1]``, the last token
-    ids seen, oldest first (``pad_id`` before the start)."""
+    ids seen, oldest first (``pad_id`` before the start); with ``random_ids`` the last position
+    ids (``0`` before the start)."""
 
     context: jax.Array
 
@@ -59,6 +75,8 @@ class NgramMemory(Block):
       embed_dim: width of one table row; 0: ``d_model // (number of tables)``.
       seed: hash multipliers come from ``(seed, layer)``.
       one_bucket: control: every n-gram reads one row per table.
+      random_ids: control: hash content-free position ids (``1 + position within the document``)
+        instead of the tokens; exclusive with ``one_bucket``.
       pad_id: id used before the start of a sequence / document.
       layer: the block's index in the model (its hash multipliers).
       dtype: compute dtype (parameters stay float32).
@@ -68,16 +86,19 @@ class NgramMemory(Block):
     scannable = False  # the hash depends on ``layer``
 
     def __init__(self, d_model: int, *, max_ngram: int = 3, heads: int = 2, table_size: int = 4099,
-                 embed_dim: int = 0, seed: int = 0, one_bucket: bool = False, pad_id: int = 0, layer: int = 0,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 embed_dim: int = 0, seed: int = 0, one_bucket: bool = False, random_ids: bool = False,
+                 pad_id: int = 0, layer: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         name = "NgramMemory"
         check_positive(name, d_model=d_model, heads=heads, table_size=table_size)
         if max_ngram < 2:
             raise ValueError(f"{name}: max_ngram must be >= 2 (orders 2..max_ngram), got {max_ngram}")
         check_nonnegative(name, embed_dim=embed_dim)
         check_range(name, "pad_id", pad_id, 0, 2 ** 32, high_open=True)
+        if one_bucket and random_ids:
+            raise ValueError(f"{name}: one_bucket and random_ids are exclusive controls (one_bucket already "
+                             "ignores the ids)")
         self.hp = make_hash_params(max_ngram=max_ngram, heads=heads, table_size=max(table_size, 2), layer=layer,
-                                   seed=seed, pad_id=pad_id, one_bucket=one_bucket)
+                                   seed=seed, pad_id=pad_id, one_bucket=one_bucket, random_ids=random_ids)
         h = self.hp.num_heads
         e = embed_dim or max(d_model // h, 1)
         d = d_model
@@ -103,12 +124,14 @@ class NgramMemory(Block):
         check_no_segments("NgramMemory", segment_ids)
         ctx = cache.context
         y = self._apply(x, ngram_hashes(tokens, self.hp, context=ctx))
-        full = jnp.concatenate([ctx, tokens.astype(ctx.dtype)], axis=1)
+        ids = ngram_ids(tokens, self.hp, context=ctx)  # the tokens, or position ids (random_ids)
+        full = jnp.concatenate([ctx, ids.astype(ctx.dtype)], axis=1)
         return y, NgramCache(full[:, full.shape[1] - ctx.shape[1]:])
 
     def init_cache(self, batch_size: int, max_length: int) -> NgramCache:
-        """``pad_id`` context (``max_length`` unused)."""
-        return NgramCache(jnp.full((batch_size, self.hp.max_ngram - 1), self.hp.pad_id, jnp.int32))
+        """``pad_id`` context, ``0`` with ``random_ids`` (``max_length`` unused)."""
+        pad = 0 if self.hp.random_ids else self.hp.pad_id
+        return NgramCache(jnp.full((batch_size, self.hp.max_ngram - 1), pad, jnp.int32))
 
 
 @register_block("stem_ffn", aliases=("T",))
