@@ -14,17 +14,19 @@ from memjax.memory.ngram_memory import (context_gate, is_prime, make_hash_params
 M32 = 2 ** 32
 
 
+def fmix(h):
+    """MurmurHash3's 32-bit finaliser on a Python int (the reference the hashes are checked against)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) % M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) % M32
+    return h ^ (h >> 16)
+
+
 def python_hash(tokens, segment_ids, params):
     """Pure-Python big-int reference written from the docstring equation (masking to 32 bits)."""
     b, t = len(tokens), len(tokens[0])
     out = np.zeros((b, t, params.num_heads), np.int64)
-
-    def fmix(h):
-        h ^= h >> 16
-        h = (h * 0x85EBCA6B) % M32
-        h ^= h >> 13
-        h = (h * 0xC2B2AE35) % M32
-        return h ^ (h >> 16)
 
     for bi in range(b):
         for ti in range(t):

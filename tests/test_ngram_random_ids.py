@@ -20,16 +20,7 @@ from memjax.memory.ngram_memory import (
 )
 from memjax.nn.ngram import NgramMemory
 from tests.helpers import rel_err
-
-M32 = 2 ** 32
-
-
-def fmix(h):
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) % M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) % M32
-    return h ^ (h >> 16)
+from tests.test_ngram_memory import M32, fmix
 
 
 def reference(segment_ids, params, b, t):
