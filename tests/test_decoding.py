@@ -17,13 +17,13 @@ from memjax.nn.registry import known_names
 # AssociativeCache path; hgrn2: gla_vec's; titans_mal: titans_mag's), keep no state across tokens
 # (pkm, memory_plus, stem_ffn, mlp), or are decoded by a default test in their own file
 # (test_mixture_block, test_ssm_blocks, test_mamba1, test_fox, test_episodic, test_miras, test_move,
-# test_pararnn), or share their cache kind with one listed (kda, gdn2, gated_deltaproduct, rwkv6,
+# test_pararnn, and test_dplr for rwkv7: DPLR with token shift, a third of the time through the model), or share their cache kind with one listed (kda, gdn2, gated_deltaproduct, rwkv6,
 # mlstm, hopfield: a matrix state; log_linear_gdn: the Fenwick stack; s4d, ngram_mem, titans_mac).
 # A new block gets its default decode test in its own file; `-m slow` decodes every block here.
 # One block per kind of cache: KV (attention), matrix state (gated_deltanet; gla_vec's vector decay
 # uses the same cache and is slow), SSM with rotations and a trapezoid carry (mamba3), a Fenwick stack of states
-# (log_linear_mamba2), DPLR with token shift (rwkv7), neural memory with a window (titans_mag).
-DEFAULT = {"attention", "gated_deltanet", "log_linear_mamba2", "mamba3", "rwkv7", "titans_mag"}
+# (log_linear_mamba2), neural memory with a window (titans_mag).
+DEFAULT = {"attention", "gated_deltanet", "log_linear_mamba2", "mamba3", "titans_mag"}
 
 
 def _blocks():

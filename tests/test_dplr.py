@@ -277,8 +277,7 @@ def test_block_memory_inputs_follow_rwkv7():
     assert float(g.max()) < 0 and float(g.min()) > -np.exp(-0.5)
 
 
-@pytest.mark.slow
-def test_block_prefill_then_steps_equal_forward():
+def test_block_prefill_then_steps_equal_forward():  # rwkv7's default decode test (tests/test_decoding.py: slow)
     blk = RWKV7(d_model=32, num_heads=2, chunk_size=4, rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(1), (2, 11, 32))
     y = call(blk, x)

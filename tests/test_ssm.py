@@ -86,7 +86,10 @@ def test_diagonal_forms_match_reference(x64, T, complex_):
         check_all(got, ref, mode)
 
 
-@pytest.mark.parametrize("T,packed,complex_", [(1, False, False), (63, False, False), (63, True, True),
+# by default: T = 1 (real) and T = 100 (packed, complex, a padded tail at both chunk sizes); the two
+# T = 63 cases repeat that coverage and run with -m slow
+@pytest.mark.parametrize("T,packed,complex_", [(1, False, False), pytest.param(63, False, False, marks=pytest.mark.slow),
+                                               pytest.param(63, True, True, marks=pytest.mark.slow),
                                                (100, True, True)])
 def test_diagonal_chunked_matches_reference(x64, T, packed, complex_):
     """Chunk sizes 16 and 64: T = 63 and 100 are multiples of neither (padded tail); T = 1 caps the chunk."""
