@@ -125,6 +125,37 @@ def write_table(results, out: str, size_key: str = "num_kv_pairs") -> str:
     return md
 
 
+def lr_sensitivity(results, within: float = 0.05) -> dict:
+    """Per ``(block, d_model, seq_len, size)``: ``{"accuracy": {lr: acc}, "best": acc, "good": n}``,
+    ``n`` the learning rates whose accuracy is within ``within`` of the best (Zoology's point that
+    recurrent models solve MQAR only in a narrow window shows as a small ``n``)."""
+    out = {}
+    for r in results:
+        key = (r["block"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
+        out.setdefault(key, {"accuracy": {}})["accuracy"][r["lr"]] = r["accuracy"]
+    for v in out.values():
+        v["best"] = max(v["accuracy"].values())
+        v["good"] = sum(a >= v["best"] - within for a in v["accuracy"].values())
+    return out
+
+
+def write_lr_table(results, out: str, size_key: str = "num_kv_pairs") -> str:
+    """``lr_sensitivity.md``: one row per block and point, the accuracy at every learning rate run,
+    and how many rates come within 0.05 of the best."""
+    sens = lr_sensitivity(results)
+    lrs = sorted({r["lr"] for r in results})
+    short = {"num_kv_pairs": "kv", "num_tokens": "copy"}.get(size_key, size_key)
+    lines = ["| block | d | T | " + short + " | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | within 0.05 of best |",
+             "|---|---|---|---|" + "---|" * (len(lrs) + 1)]
+    for (b, d, t, kv), v in sorted(sens.items(), key=lambda kv_: (kv_[0][1:], kv_[0][0])):
+        cells = [f"{v['accuracy'][lr]:.3f}" if lr in v["accuracy"] else "" for lr in lrs]
+        lines.append(f"| {b} | {d} | {t} | {kv} | " + " | ".join(cells) + f" | {v['good']}/{len(v['accuracy'])} |")
+    md = "\n".join(lines)
+    with open(os.path.join(out, "lr_sensitivity.md"), "w") as f:
+        f.write(md + "\n")
+    return md
+
+
 def plot(results, out: str, size_key: str = "num_kv_pairs", metric: str = "MQAR accuracy") -> str:
     import matplotlib
 
@@ -174,6 +205,7 @@ def main(argv=None):
     size_key = getattr(mod, "SIZE_KEY", "num_kv_pairs")
     results = load_results(args.out) if args.report_only else run_sweep(entries, args.out, size_key)
     print(write_table(results, args.out, size_key))
+    print(write_lr_table(results, args.out, size_key))
     print("figure:", plot(results, args.out, size_key, getattr(mod, "METRIC", "MQAR accuracy")))
     print(f"sweep wall time: {time.perf_counter() - t0:.0f} s on {jax.devices()[0].device_kind}")
 

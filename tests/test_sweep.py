@@ -4,13 +4,13 @@ import os
 
 import pytest
 
-from benchmarks.sweep import load_results, write_table
+from benchmarks.sweep import load_results, lr_sensitivity, write_lr_table, write_table
 from memjax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("sweep", ["mqar_blocks.py", "selective_copying.py"])
+@pytest.mark.parametrize("sweep", ["mqar_blocks.py", "mqar_lengths.py", "selective_copying.py"])
 def test_sweep_entries_are_valid_configs_with_unique_names(sweep):
     spec = importlib.util.spec_from_file_location("sweep_cfg", os.path.join(ROOT, "configs", "sweeps", sweep))
     mod = importlib.util.module_from_spec(spec)
@@ -41,3 +41,9 @@ def test_table_keeps_best_learning_rate_and_only_run_points(tmp_path):
     assert lines[0].count("kv=") == 2  # (64, 64, 4) and (128, 64, 8) only, not their cross product
     assert "| A | 0.900 (0.003) |  |" in md
     assert "| D |  | 0.500 (0.01) |" in md
+    sens = lr_sensitivity(load_results(str(tmp_path)))
+    assert sens["A", 64, 64, 4] == {"accuracy": {0.01: 0.2, 0.003: 0.9}, "best": 0.9, "good": 1}
+    lr_md = write_lr_table(load_results(str(tmp_path)), str(tmp_path))
+    assert "| A | 64 | 64 | 4 | 0.900 | 0.200 | 1/2 |" in lr_md  # columns in increasing lr: 0.003, 0.01
+    assert "| D | 128 | 64 | 8 |  | 0.500 | 1/1 |" in lr_md
+    assert (tmp_path / "lr_sensitivity.md").read_text().strip() == lr_md
