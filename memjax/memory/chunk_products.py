@@ -121,10 +121,14 @@ def head_chunk_decays(g: jax.Array, seg: jax.Array | None, dtype) -> ChunkDecays
     full = jnp.exp(g) == 0
     g = jnp.where(full, jnp.zeros((), dtype), g)
     resets = full if seg is None else full | seg[:, None]
-    rc = jnp.cumsum(resets.astype(jnp.int32), axis=-1)  # [b, H, Z, C]: resets in [0, i] of the chunk
     c = g.shape[-1]
-    keep = jnp.tril(jnp.ones((c, c), bool)) & (rc[..., :, None] == rc[..., None, :])  # j <= i, one segment
-    G = jnp.einsum("...ij,...j->...i", keep.astype(dtype), g)  # inclusive sums, restarted at resets
+    tril = jnp.tril(jnp.ones((c, c), bool))
+    # [b, H, Z, C]: resets in [0, i] of the chunk, as a 0/1 matmul (counts <= C, exact at HIGHEST
+    # precision); XLA:CPU lowers cumsum to a reduce_window.
+    rc = jnp.einsum("...j,ij->...i", resets.astype(dtype), tril.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    keep = tril & (rc[..., :, None] == rc[..., None, :])  # j <= i, one segment
+    G = jnp.einsum("...ij,...j->...i", keep.astype(dtype), g, precision=jax.lax.Precision.HIGHEST)  # inclusive
+    # sums, restarted at resets (HIGHEST: a TPU's default would round the decays to bfloat16)
     last = rc[..., -1:]
     return ChunkDecays(pair_decays(G, keep), masked_exp(G, rc == 0), masked_exp(G[..., -1:] - G, rc == last),
                        masked_exp(G[..., -1], last[..., 0] == 0))
