@@ -56,7 +56,9 @@ Three forms, one result:
     With a per-head (or no) decay and the XLA pass on one device, the chunked form is
     :func:`memjax.memory.linear_vjp.chunked_scalar_decay`: a hand-written VJP that saves only the
     inputs and the chunk-start states and runs the backward as a reverse chunked pass (fewer HBM
-    bytes than JAX's autodiff of the chunk scan); with ``seq_axis``, a Pallas pass or a traced
+    bytes than JAX's autodiff of the chunk scan), where the chunk-start states are one matmul over
+    the chunk index instead of a scan (except for a gated call on a TPU, which runs the fused
+    per-chunk scan: fewer bytes there); with ``seq_axis``, a Pallas pass or a traced
     ``scale`` the per-head form goes through :func:`memjax.kernels.chunk_pass` under autodiff.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - ``"parallel"``: the quadratic ``T x T`` form (one chunk covering the whole sequence); its
