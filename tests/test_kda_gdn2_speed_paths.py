@@ -1,10 +1,8 @@
-"""The session-30 speed paths of the chunked delta rules, each against a token loop written from
-the equation (float64), forward and gradients:
+"""The route of the chunked GDN-2 / KDA and the gated delta rule's chunked form against a token
+loop written from the equation (float64), forward and gradients:
 
-- the gated delta rule (scalar ``g``): its own pair-decay matrix with a hand-written gradient
-  (``memjax.memory.delta._masked_pair_exp``) and the lean chunk pass
-  (``memjax.memory.gdn2_fast.lean_chunk_recurrence``, scalar chunk decays), with packed segments,
-  full decays (``g = -inf``) and strong decays;
+- the gated delta rule (scalar ``g``) with packed segments, full decays (``g = -inf``) and strong
+  decays (slow by default: tests/test_delta_rule.py covers the chunked form against its reference);
 - GDN-2 / KDA: the route between the tame and the general way as a ``custom_vjp``
   (``memjax.memory.gdn2._routed``), both branches, and a traced read scale (a differentiable
   argument of the route).
@@ -21,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.memory.chunking import masked_exp, to_head_chunks
-from memjax.memory.delta import _masked_pair_exp, delta_rule
+from memjax.memory.chunking import to_head_chunks
+from memjax.memory.delta import delta_rule
 from memjax.memory.gdn2 import _is_tame, gdn2
 from tests.helpers import TOL64, rel_err
 
@@ -101,6 +99,7 @@ def _gdn2_ref(q, k, v, g, b, w, s0, scale):
     return reference(q, k, w * v, b * k, g, s0, SEG, scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g_scale", [1.0, 60.0])
 def test_gated_delta_rule_chunked_matches_token_loop(x64, g_scale):
     """Scalar g (mild, then strong with some full decays g = -inf), packed segments, an initial
@@ -110,19 +109,6 @@ def test_gated_delta_rule_chunked_matches_token_loop(x64, g_scale):
         d["g"] = d["g"].at[0, 5, 1].set(-jnp.inf).at[1, 20, 0].set(-jnp.inf)
     names = ("q", "k", "v", "beta", "g", "s0")
     assert_close(grads(_delta_ours, d, names), grads(_delta_ref, d, names))
-
-
-def test_pair_decay_gradient_equals_autodiff_of_the_masked_exp(x64):
-    """The hand-written gradient of ``exp(G_i - G_j)`` (masked) against autodiff of the plain form."""
-    r = np.random.default_rng(1)
-    G = jnp.asarray(np.cumsum(-r.uniform(0, 2, size=(2, 3, 6)), -1))
-    mask = jnp.asarray(np.tril(np.ones((6, 6), bool)) & (r.uniform(size=(2, 3, 6, 6)) > 0.2))
-    ct = jnp.asarray(r.normal(size=(2, 3, 6, 6)))
-    plain = lambda G: masked_exp(G[..., :, None] - G[..., None, :], mask)
-    d_ours, vjp_ours = jax.vjp(lambda G: _masked_pair_exp(G, mask), G)
-    d_plain, vjp_plain = jax.vjp(plain, G)
-    assert_close((d_ours, vjp_ours(ct)), (d_plain, vjp_plain(ct)))
-    assert float(jnp.max(jnp.abs(vjp_ours(ct)[0]))) > 0.1  # a gradient that can be wrong
 
 
 @pytest.mark.parametrize("g_scale", [1.0, 400.0])

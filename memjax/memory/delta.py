@@ -51,8 +51,7 @@ Forms:
 
     Everything except ``delta = U - W S``, the ``Q S`` read and the state update is computed for
     all chunks at once; :func:`memjax.kernels.chunk_pass` carries only the ``[B, H, K, V]``
-    state from chunk to chunk (one Pallas kernel with ``impl="pallas"``; on XLA the same loop
-    with its own reverse pass, :func:`memjax.memory.gdn2_fast.lean_chunk_recurrence`), and
+    state from chunk to chunk (a ``lax.scan``, or one Pallas kernel with ``impl="pallas"``), and
     no per-token state is ever formed.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - There is no ``"parallel"`` form: the quadratic form of the delta rule *is* the chunked form
@@ -63,15 +62,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_pass import runs_xla
-from memjax.memory.chunking import (chunk_decays, from_head_chunks, masked_exp, pad_time, to_chunks,
-                                    to_head_chunks)
+from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
 from memjax.memory.gdn2 import channel_delta, check_channel_options
-from memjax.memory.gdn2_fast import lean_chunk_recurrence
-from memjax.memory.segments import segment_cumsum, segment_resets
+from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sharded_chunk_recurrence,
                                              sharded_columns)
 from memjax.memory.ut_transform import unit_lower_inverse
@@ -147,10 +143,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     q, k, v, beta = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta))  # mask: [B, T, HV]
     g = nonfinite.finite_gate(g)
     if vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
-        # (einsums, not broadcast products: beta's gradient is then a batched dot, not the reduction
-        # of a fused product that autodiff of a broadcast gives; XLA:CPU, measured alone at
-        # [4096 x 4, 64]: 0.7 ms instead of 4.3 ms)
-        u, erase = (jnp.einsum("bth,bthx->bthx", beta, x.astype(acc)) for x in (v, k))
+        bt = beta[..., None]
+        u, erase = bt * v.astype(acc), bt * k.astype(acc)
         run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, scale, mode=mode,
                                           chunk_size=chunk_size, impl=impl, interpret=interpret)
         if seq_axis is None:
@@ -196,69 +190,22 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
     resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
     acc, md = s0.dtype, q.dtype
     dec = chunk_decays(gc, resets, (b, n, c, h), acc).heads_major()
-    pairs = dec.matrix if gc is None else _pair_decays(gc, resets, acc)  # (= dec.matrix, a cheaper backward)
+    gamma = dec.from_start[..., None]  # [B, H, N, C, 1]
 
     # UT transform: [U, W] = (I + L)^{-1} diag(beta) [V, diag(gamma) K]. L and its inverse in
     # `acc`; the inverse and the right-hand side go back to the input dtype for the matmul, and so
     # do U and W, the chunk pass's operands (flash-linear-attention's practice).
     # (unit_lower_inverse reads only the strictly lower part, so no mask is needed here.)
-    # Every per-position factor (beta, gamma, the decay to the chunk end) multiplies through an
-    # einsum, not a broadcast product: its gradient is then a batched dot, which XLA:CPU runs
-    # several times faster than the reduction of a fused product that a broadcast's gradient is.
-    rows = lambda f, x: jnp.einsum("bhni,bhnix->bhnix", f, x.astype(acc))  # diag(f) x, per chunk
     kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc, preferred_element_type=acc)
-    inv = unit_lower_inverse(rows(bc, kk * pairs))
-    rhs = jnp.concatenate([rows(bc, vc), rows(bc * dec.from_start, kc)], axis=-1)
+    inv = unit_lower_inverse(bc[..., :, None] * kk * dec.matrix)
+    rhs = bc[..., None] * jnp.concatenate([vc.astype(acc), gamma * kc], axis=-1)
     uw = jnp.einsum("bhnij,bhnjx->bhnix", inv.astype(md), rhs.astype(md), preferred_element_type=acc).astype(md)
     u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
 
     # The chunk pass: delta = U - W S, O = scale (diag(gamma) Q S + (Q K^T * D) delta).
-    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, preferred_element_type=acc) * pairs * scale
-    qg = rows(dec.from_start * scale, qc)
-    ke = rows(dec.to_end, kc)
-    if seq_axis is None and runs_xla(impl, (b, h, n, c, kc.shape[-1], vc.shape[-1]), md, interpret):
-        # (the XLA chunk pass with its own reverse pass: memjax.memory.gdn2_fast.lean_chunk_recurrence)
-        o, s = lean_chunk_recurrence(qg.astype(md), scores.astype(md), u, w, ke.astype(md), dec.chunk, s0)
-    else:
-        o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
-                                        axis_name=seq_axis, impl=impl, interpret=interpret)
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, preferred_element_type=acc) * dec.matrix * scale
+    qg = qc * gamma * scale
+    ke = kc * dec.to_end[..., None]
+    o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
+                                    axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
-
-
-def _pair_decays(g, resets, acc):
-    """``chunk_decays(g, resets, ...).heads_major().matrix`` for chunked scalar log decays
-    ``g: [B, N, C, H]`` and resets ``[B, N, C]`` or None: ``[B, H, N, C, C]``, ``exp(G_i - G_j)``
-    where ``j <= i`` and no reset (segment start or full decay) in ``(j, i]``, else 0; the same
-    operations as :func:`memjax.memory.chunking.chunk_decays`, so the same values. Its gradient
-    (:func:`_masked_pair_exp`) is two batched dots instead of autodiff's two reductions of a
-    fused product over the pair matrix (rows and columns), which XLA:CPU runs several times slower."""
-    g = g.astype(acc)
-    full = jnp.exp(g) == 0  # a full decay is a reset of that head, with g = 0 there (as chunk_decays)
-    g = jnp.where(full, jnp.zeros((), acc), g)
-    if resets is not None:
-        full = full | resets[..., None]
-    G = segment_cumsum(g, full, axis=2)
-    r = jnp.cumsum(full.astype(jnp.int32), axis=2)
-    Gh, rh = jnp.moveaxis(G, 3, 1), jnp.moveaxis(r, 3, 1)  # [B, H, N, C]
-    c = g.shape[2]
-    mask = jnp.tril(jnp.ones((c, c), bool)) & (rh[..., :, None] == rh[..., None, :])
-    return _masked_pair_exp(Gh, mask)
-
-
-@jax.custom_vjp
-def _masked_pair_exp(G, mask):
-    """``D_ij = exp(G_i - G_j)`` where ``mask`` (the exponent masked before the ``exp``), else 0."""
-    return masked_exp(G[..., :, None] - G[..., None, :], mask)
-
-
-def _masked_pair_exp_fwd(G, mask):
-    d = _masked_pair_exp(G, mask)
-    return d, d
-
-
-def _masked_pair_exp_bwd(d, ct):
-    # dG_i = sum_j ct_ij D_ij - sum_j ct_ji D_ji (masked entries have D = 0: no gradient)
-    return (jnp.einsum("...ij,...ij->...i", ct, d) - jnp.einsum("...ji,...ji->...i", ct, d), None)
-
-
-_masked_pair_exp.defvjp(_masked_pair_exp_fwd, _masked_pair_exp_bwd)

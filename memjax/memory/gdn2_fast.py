@@ -22,8 +22,7 @@ erase factor itself, and ``exp(G_{C-1} - G_j) k_j = exp(G_{C-1}) [k_j exp(-G_j)]
 times the chunk's decay.
 
 :func:`lean_chunk_recurrence`: the same recurrence as :func:`memjax.kernels.chunk_pass.chunk_recurrence` with the UT transform's
-``w`` and per-key-channel (or scalar) chunk decays ``a`` (also the XLA chunk pass of the scalar-decay
-delta rule, :mod:`memjax.memory.delta`); per batch and head, ``S_0 = s0``::
+``w`` and per-key-channel (or scalar) chunk decays ``a``; per batch and head, ``S_0 = s0``::
 
     delta_n = u_n - w_n S_n
     o_n     = qg_n S_n + p_n delta_n
@@ -120,35 +119,22 @@ def _decay(a_n, acc):
     return (a_n[..., None, None] if a_n.ndim == 2 else a_n[..., :, None]).astype(acc)
 
 
-def _at(x, n):
-    """Chunk ``n`` of a heads-major stack ``[B, H, N, ...]``: ``[B, H, ...]``."""
-    return jax.lax.dynamic_index_in_dim(x, n, axis=2, keepdims=False)
-
-
-def _put(x, y, n):
-    return jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), n, axis=2)
-
-
-# Both passes loop over the heads-major stacks in place (a fori_loop reading chunk n with a dynamic
-# slice and writing its per-chunk results into a carried stack): a scan over the chunk axis would
-# move every input and output stack to chunk-major and back, a full transpose each.
+def _chunk_major(x):
+    return jnp.moveaxis(x, 2, 0)
 
 
 def _forward(qg, p, u, w, ke, a, s0):
     acc = s0.dtype
-    b, h, n = u.shape[:3]
 
-    def step(i, carry):
-        s, s_in, delta = carry
-        w_n, k_n = _at(w, i), _at(ke, i)
-        d = _at(u, i).astype(acc) - jnp.einsum("bhck,bhkv->bhcv", w_n, as_operand(s, w_n), preferred_element_type=acc)
-        s_next = _decay(_at(a, i), acc) * s + jnp.einsum("bhck,bhcv->bhkv", k_n, as_operand(d, k_n),
-                                                         preferred_element_type=acc)
-        return s_next, _put(s_in, s, i), _put(delta, d, i)
+    def step(s, inp):
+        u_n, w_n, k_n, a_n = inp
+        delta = u_n.astype(acc) - jnp.einsum("bhck,bhkv->bhcv", w_n, as_operand(s, w_n), preferred_element_type=acc)
+        s_next = _decay(a_n, acc) * s + jnp.einsum("bhck,bhcv->bhkv", k_n, as_operand(delta, k_n),
+                                                   preferred_element_type=acc)
+        return s_next, (s, delta)
 
-    # (inside shard_map the zero stacks must vary like the chunk tensors to be loop carries)
-    init, _ = common_varying(s0, jnp.zeros((b, h, n, *s0.shape[2:]), acc), jnp.zeros(u.shape, acc), u, w, ke, a)
-    s, s_in, delta = jax.lax.fori_loop(0, n, step, tuple(init[:3]))  # s_in [B, H, N, K, V], delta [B, H, N, C, V]
+    s, (s_in, delta) = jax.lax.scan(step, s0, tuple(_chunk_major(x) for x in (u, w, ke, a)))
+    s_in, delta = jnp.moveaxis(s_in, 0, 2), jnp.moveaxis(delta, 0, 2)  # [B, H, N, K, V], [B, H, N, C, V]
     o = (jnp.einsum("bhnck,bhnkv->bhncv", qg, as_operand(s_in, qg), preferred_element_type=acc)
          + jnp.einsum("bhnij,bhnjv->bhniv", p, as_operand(delta, p), preferred_element_type=acc))
     return (o.astype(u.dtype), s), (s_in, delta)
@@ -173,20 +159,16 @@ def _lean_bwd(res, cts):
     dd_out = jnp.einsum("bhnij,bhniv->bhnjv", p, as_operand(do, p), preferred_element_type=acc)
     ds_out = jnp.einsum("bhnck,bhncv->bhnkv", qg, as_operand(do, qg), preferred_element_type=acc)
 
-    n = u.shape[2]
-
-    def step(j, carry):  # ds: the cotangent of S_{i+1}, i = n - 1 - j
-        ds, dd_all, dsn = carry
-        i = n - 1 - j
-        w_n, k_n = _at(w, i), _at(ke, i)
-        dd = _at(dd_out, i) + jnp.einsum("bhck,bhkv->bhcv", k_n, as_operand(ds, k_n), preferred_element_type=acc)
-        ds_prev = (_decay(_at(a, i), acc) * ds + _at(ds_out, i)
+    def step(ds, inp):  # ds: the cotangent of S_{n+1}
+        dd_n, dso_n, w_n, k_n, a_n = inp
+        dd = dd_n + jnp.einsum("bhck,bhkv->bhcv", k_n, as_operand(ds, k_n), preferred_element_type=acc)
+        ds_prev = (_decay(a_n, acc) * ds + dso_n
                    - jnp.einsum("bhck,bhcv->bhkv", w_n, as_operand(dd, w_n), preferred_element_type=acc))
-        return ds_prev, _put(dd_all, dd, i), _put(dsn, ds, i)
+        return ds_prev, (dd, ds)
 
-    init, _ = common_varying(dsf.astype(acc), jnp.zeros(dd_out.shape, acc), jnp.zeros(ds_out.shape, acc), dd_out,
-                             ds_out, w, ke, a)
-    ds0, dd, dsn = jax.lax.fori_loop(0, n, step, tuple(init[:3]))  # dd [B, H, N, C, V], dsn [B, H, N, K, V]
+    ds0, (dd, dsn) = jax.lax.scan(step, dsf.astype(acc), tuple(_chunk_major(x) for x in (dd_out, ds_out, w, ke, a)),
+                                  reverse=True)
+    dd, dsn = jnp.moveaxis(dd, 0, 2), jnp.moveaxis(dsn, 0, 2)  # [B, H, N, C, V], [B, H, N, K, V]
     d_qg = jnp.einsum("bhncv,bhnkv->bhnck", do, s_in)
     d_p = jnp.einsum("bhniv,bhnjv->bhnij", do, delta)
     d_ke = jnp.einsum("bhncv,bhnkv->bhnck", delta, dsn)
