@@ -206,6 +206,27 @@ def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return _masked_exp(x, mask)
 
 
+def chunk_span_sums(log_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log weights between chunks for a loop-free chunk-to-chunk pass, from per-chunk log decays
+    ``log_a [..., N]`` (``-inf`` for a chunk holding a reset).
+
+    Returns ``(span [..., N + 1, N + 1], lower [N + 1, N + 1])`` over the extended chunk index
+    (position 0: the state before the first chunk; position ``p``: chunk ``p - 1``), with
+    ``span[e, m] = sum_{m < l <= e} log_a_l`` where ``lower`` (``m <= e``), else 0. Each entry is
+    its own sum over only the chunks between ``m`` and ``e`` (a reverse cumulative sum along each
+    row, every term ``<= 0``), not a difference of prefix sums over the whole sequence, so a weight
+    near 1 stays exact after a long stretch of strong decays; ``-inf`` terms make the span ``-inf``
+    (callers mask before the ``exp``)."""
+    n = log_a.shape[-1]
+    idx = jnp.arange(n + 1)
+    lower = idx[None, :] <= idx[:, None]  # [e, m]
+    la = jnp.concatenate([jnp.zeros((*log_a.shape[:-1], 1), log_a.dtype), log_a], axis=-1)  # [..., N + 1]
+    rows = jnp.where(lower, la[..., None, :], jnp.zeros((), log_a.dtype))  # [..., e, l]: log a_l for l <= e
+    incl = jax.lax.cumsum(rows, axis=rows.ndim - 1, reverse=True)  # sum over m <= l <= e at column m
+    span = jnp.concatenate([incl[..., 1:], jnp.zeros((*incl.shape[:-1], 1), log_a.dtype)], axis=-1)
+    return span, lower
+
+
 def segment_cumsum_matrix(segment_resets: jax.Array | None, chunk_size: int, dtype) -> jax.Array:
     """``M [B, N, C, C]`` (or ``[1, 1, C, C]`` without resets) with ``M_ij = 1`` where ``j <= i``
     and no reset in ``(j, i]``, else 0, for chunked segment resets ``[B, N, C]`` bool (or None):

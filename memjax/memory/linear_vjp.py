@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from memjax.kernels.chunk_pass import as_operand
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
-from memjax.memory.chunking import from_chunks, masked_exp, pad_time, to_chunks
+from memjax.memory.chunking import chunk_span_sums, from_chunks, masked_exp, pad_time, to_chunks
 from memjax.memory.segments import segment_cumsum
 
 __all__ = ["chunked_scalar_decay", "fused_default"]
@@ -331,16 +331,9 @@ def _chunk_mixing(dec, shape, acc):
     exponent is its own sum of the chunks' log decays between ``m`` and ``e`` (a reverse cumulative
     sum along each row, every term ``<= 0``), not a difference of two prefix sums over the whole
     sequence, so a weight near 1 stays exact after a long stretch of strong decays."""
-    b, h, n = shape
-    la = jnp.zeros((b, h, n), acc) if dec.log_a is None else jnp.broadcast_to(dec.log_a.astype(acc), (b, h, n))
-    idx = jnp.arange(n + 1)  # extended chunk index: position i stands for chunk i - 1 (0: S_0)
-    la = jnp.concatenate([jnp.zeros((b, h, 1), acc), la], axis=-1)  # [B, H, N + 1]
-    # row e (extended), column l: log a_l where l <= e; the exclusive reverse cumulative sum over l
-    # then holds sum_{m < l <= e} log a_l at column m
-    rows = jnp.where(idx[None, :] <= idx[:, None], la[..., None, :], jnp.zeros((), acc))  # [B, H, e, l]
-    incl = jax.lax.cumsum(rows, axis=rows.ndim - 1, reverse=True)
-    excl = jnp.concatenate([incl[..., 1:], jnp.zeros((b, h, n + 1, 1), acc)], axis=-1)
-    return masked_exp(excl, idx[None, :] <= idx[:, None])
+    la = jnp.zeros(shape, acc) if dec.log_a is None else jnp.broadcast_to(dec.log_a.astype(acc), shape)
+    span, lower = chunk_span_sums(la)
+    return masked_exp(span, lower)
 
 
 def _mix_states(keys, vals, w, s0, *, reverse, round_terms=True):

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 from memjax.kernels.chunk_pass import as_operand
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
+from memjax.memory.chunking import chunk_span_sums
 from memjax.memory.contract import (check_chunk_size, check_gate, check_mode, check_qkv, check_scale,
                                     check_segment_ids, check_seq_axis, check_state, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
@@ -340,14 +341,9 @@ def _mix_chunks(state: MLSTMState, carries, total, c_loc, n_loc, m_loc, opd):
     Returns ``((C [B, H, NC, K, V]`` in ``opd``, ``n [B, H, NC, K], m [B, H, NC])`` before each
     chunk, the final :class:`MLSTMState`)``."""
     cd = total.dtype
-    b, h, nc = total.shape
-    idx = jnp.arange(nc + 1)  # extended index: position p stands for chunk p - 1 (0: the incoming state)
-    lower = idx[None, :] <= idx[:, None]  # [e, j]: j <= e
-    la = jnp.where(carries[:, None], total, -jnp.inf)
-    la = jnp.concatenate([jnp.zeros((b, h, 1), cd), la], axis=-1)  # [B, H, NC + 1]
-    rows = jnp.where(lower, la[..., None, :], jnp.zeros((), cd))  # [B, H, e, l]: log phi_l for l <= e
-    incl = jax.lax.cumsum(rows, axis=rows.ndim - 1, reverse=True)
-    span = jnp.concatenate([incl[..., 1:], jnp.zeros((b, h, nc + 1, 1), cd)], axis=-1)  # sum over j < l <= e
+    nc = total.shape[-1]
+    # extended index: position p stands for chunk p - 1 (0: the incoming state); span: sum over j < l <= e
+    span, lower = chunk_span_sums(jnp.where(carries[:, None], total, -jnp.inf))
     scales = jnp.concatenate([state.m[..., None], m_loc], axis=-1)  # [B, H, NC + 1]
     live = lower & (span > -jnp.inf) & (scales[..., None, :] > -jnp.inf)
     e = jnp.where(live, span + scales[..., None, :], -jnp.inf)
