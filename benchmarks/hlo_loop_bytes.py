@@ -10,7 +10,10 @@ missing from the optimised HLO text (``compiled.as_text()``):
   (a fusion reads its operands and writes its result once: the unit XLA's model counts too);
 * an operand or result whose leading dimension is the trip count (the stacked ``xs`` / ``ys``
   of a scan) counts one slice per iteration;
-* a ``dynamic-update-slice`` is in place: it moves the update, read and written, not the buffer;
+* an operand that is only read through a ``dynamic-slice`` (on its own or inside a fusion, on any
+  axis) moves the slice, not the buffer;
+* a ``dynamic-update-slice`` (on its own, or the root of a fusion, e.g. a row written into a
+  matrix one substitution step at a time) is in place: it moves the update, not the buffer;
 * tuple plumbing (``parameter``, ``get-tuple-element``, ``tuple``, ``bitcast``, ``constant``)
   moves nothing, and on a TPU buffers placed in VMEM (layout memory space ``S(1)``) stay on chip.
 
@@ -80,7 +83,61 @@ def _counted_trips(cond_text: str) -> int | None:
     return int(limit.group(1)) if limit else None
 
 
-def per_iteration_bytes(body_text: str, trips: int) -> int:
+def _fusion_traffic(comps: dict[str, str], fused: str, trips: int):
+    """How a fusion's operands and result move, read from its fused computation ``fused``:
+    ``(charge, out)`` with ``charge[i]`` the bytes operand ``i`` moves when it is only sliced or
+    updated in place (also through a nested fusion; operands not in ``charge`` move whole, by
+    :func:`_bytes`) and ``out`` the correction to the result's bytes (an in-place update that is
+    the result, or an element of it, writes its update, not the buffer)."""
+    instrs, params, source, uses, root = {}, {}, {}, {}, None
+    for line in comps.get(fused, "").split("\n")[1:]:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, op, operands = m.groups()
+        ops = re.findall(r"%([\w.\-]+)", operands)
+        calls = re.search(r"calls=%?([\w.\-]+)", line) if op == "fusion" else None
+        instrs[name] = (shape, op, ops, calls.group(1) if calls else None)
+        root = name if line.lstrip().startswith("ROOT") else root
+        if op == "parameter":
+            params[name], source[name] = int(operands), name
+        elif op == "bitcast" and ops and ops[0] in source:
+            source[name] = source[ops[0]]  # a bitcast of a parameter is that parameter
+        else:
+            for pos, o in enumerate(ops):
+                if o in source:
+                    uses.setdefault(source[o], []).append((op, pos, name))
+    charge, in_place = {}, set()
+    for p, idx in params.items():
+        total, whole = 0, not uses.get(p)
+        for op, pos, n in uses.get(p, []):
+            if op == "dynamic-slice" and pos == 0:
+                total += _bytes(instrs[n][0], 0)
+            elif op == "dynamic-update-slice" and pos == 0:
+                in_place.add(n)
+            elif op == "fusion" and instrs[n][3]:
+                inner, _ = _fusion_traffic(comps, instrs[n][3], trips)
+                whole = whole or pos not in inner
+                total += inner.get(pos, 0)
+            else:
+                whole = True
+        if not whole:
+            charge[idx] = 0 if "S(1)" in instrs[p][0] else total
+    results = [root]  # the fusion's result: its root, or the elements of a root tuple
+    if root is not None and instrs[root][1] == "tuple":
+        results = instrs[root][2]
+    out = 0
+    for r in results:
+        while r in instrs and instrs[r][1] == "bitcast" and r not in in_place:
+            r = instrs[r][2][0]
+        if r in in_place:
+            shape, _, ops, _ = instrs[r]
+            out += _bytes(instrs.get(ops[1], ("",))[0], 0) - _bytes(shape, trips)
+    return charge, out
+
+
+def per_iteration_bytes(body_text: str, trips: int, comps: dict[str, str] | None = None) -> int:
+    comps = comps or {}
     sizes, total = {}, 0
     for line in body_text.split("\n")[1:]:
         m = _INSTR.match(line)
@@ -90,12 +147,21 @@ def per_iteration_bytes(body_text: str, trips: int) -> int:
         sizes[name] = shape
         if op in FREE or op == "while":
             continue
-        moved = [_bytes(sizes.get(o, ""), trips) for o in re.findall(r"%([\w.\-]+)", operands)]
-        if "dynamic-update-slice" in name and moved:
-            moved.remove(max(moved))  # the aliased buffer stays where it is
-            total += 2 * sum(moved)
-        else:
-            total += _bytes(shape, trips) + sum(moved)
+        names = re.findall(r"%([\w.\-]+)", operands)
+        moved = [_bytes(sizes.get(o, ""), trips) for o in names]
+        if op == "dynamic-update-slice" and moved:  # in place: the update is read and written
+            total += 2 * moved[1]
+            continue
+        if op == "dynamic-slice" and moved:  # reads the slice it returns
+            total += 2 * _bytes(shape, 0)
+            continue
+        fused = re.search(r"calls=%?([\w.\-]+)", line) if op == "fusion" else None
+        out = _bytes(shape, trips)
+        if fused and fused.group(1) in comps:
+            charge, correction = _fusion_traffic(comps, fused.group(1), trips)
+            moved = [charge.get(i, b) for i, b in enumerate(moved)]
+            out += correction
+        total += out + sum(moved)
     return total
 
 
@@ -108,7 +174,7 @@ def loop_bytes(hlo: str) -> list[dict]:
     while stack:
         name, outer = stack.pop()
         for body, trips in _loops(comps, name):
-            per = per_iteration_bytes(comps.get(body, ""), trips)
+            per = per_iteration_bytes(comps.get(body, ""), trips, comps)
             rows.append({"body": body, "trips": trips, "per_iteration": per,
                          "missing": (outer * trips - 1) * per})
             stack.append((body, outer * trips))
