@@ -34,7 +34,8 @@ def test_registered_names_and_defaults():
     for alias, cls in (("L", LinearAttention), ("G", GatedLinearAttention), ("DN", DeltaNet), ("D", GatedDeltaNet)):
         assert get_block(alias) is cls
     blk = GatedDeltaNet(64, rngs=nnx.Rngs(0))  # d_model and rngs suffice
-    assert (blk.h, blk.dk, blk.dv, blk.chunk_size) == (4, 16, 16, 64)
+    # chunk_size None: delta_rule's platform default (memjax.memory.chunking.delta_chunk_size)
+    assert (blk.h, blk.dk, blk.dv, blk.chunk_size) == (4, 16, 16, None)
     assert LinearAttention(64, rngs=nnx.Rngs(0)).feature_map == "elu"
     assert GatedLinearAttention(64, rngs=nnx.Rngs(0)).feature_map == "identity"
 

@@ -265,7 +265,7 @@ def test_block_registration_defaults_and_gates():
     assert get_block("kda") is KimiDeltaAttention and get_block("KDA") is KimiDeltaAttention
     assert get_block("gdn2") is GatedDeltaNet2 and get_block("GDN2") is GatedDeltaNet2
     blk = KimiDeltaAttention(64, rngs=nnx.Rngs(0))  # d_model and rngs suffice
-    assert (blk.h, blk.hv, blk.dk, blk.dv, blk.chunk_size) == (4, 4, 16, 16, 64)
+    assert (blk.h, blk.hv, blk.dk, blk.dv, blk.chunk_size) == (4, 4, 16, 16, None)  # None: the platform default
     assert blk.wf1.kernel.shape == (64, 16) and blk.wf2.kernel.shape == (16, 64)  # rank = value head dim
     x = 3.0 * jax.random.normal(jax.random.key(3), (1, 5, 64))
     gates = nnx.jit(lambda m, x: m._gates(x))  # (one compile instead of op-by-op dispatch)

@@ -62,7 +62,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memjax.memory.chunking import chunk_decays, from_head_chunks, pad_time, to_chunks, to_head_chunks
+from memjax.memory.chunking import chunk_decays, delta_chunk_size, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
@@ -80,7 +80,7 @@ MODES = ("chunked", "recurrent")
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: jax.Array | None = None,
                scale: float | None = None, initial_state: jax.Array | None = None,
                segment_ids: jax.Array | None = None, mode: str = "chunked",
-               chunk_size: int = 64, impl: str = "auto",
+               chunk_size: int | None = None, impl: str = "auto",
                interpret: bool | None = None, seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(Gated) delta rule; see the module docstring for the equations.
 
@@ -99,6 +99,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C``; ``T`` need not be a multiple: the tail is padded with
         ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
+        None: 32 on CPU, 64 on GPU and TPU (the platform compiled for;
+        :func:`memjax.memory.chunking.delta_chunk_size`).
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
         (:mod:`memjax.kernels.chunk_pass`); per-key-channel ``g`` refuses ``"pallas"`` (the GPU
         kernel carries scalar chunk decays).
@@ -118,6 +120,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       are float32 / float64.
     """
     vector = getattr(g, "ndim", None) == 4
+    chunk_size = delta_chunk_size(chunk_size)
     if vector:  # (first: impl="pallas" exists only for per-head decays)
         check_channel_options("delta_rule", impl)
     b, t, h, dk, dv = check_matrix_memory("delta_rule", q, k, v, gates={"beta": beta, "g": g}, required=("beta",),

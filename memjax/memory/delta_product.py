@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from memjax.kernels.chunk_pass import as_operand, runs_xla
 from memjax.memory import nonfinite
-from memjax.memory.chunking import chunk_decays, pad_time, to_chunks
+from memjax.memory.chunking import chunk_decays, delta_chunk_size, pad_time, to_chunks
 from memjax.memory.contract import (
     check_chunk_size,
     check_floating,
@@ -78,11 +78,6 @@ from memjax.memory.contract import (
 from memjax.memory.delta import MODES, delta_rule
 from memjax.memory.segments import segment_resets
 from memjax.memory.ut_transform import unit_lower_inverse
-
-# Sub-steps per chunk when chunk_size is None. Measured (CPU, T = 4096, n_h = 2, forward +
-# backward, CPU seconds): 32 sub-steps 0.26 s, 64 0.32 s, 128 (64 tokens) 0.49 s.
-DEFAULT_SUB_STEPS = 32
-
 
 def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None = None, *,
                   scale: float | None = None, initial_state: jax.Array | None = None,
@@ -105,7 +100,10 @@ def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: 
         first token of every new segment (``initial_state`` reaches only the first one).
       mode: ``"chunked"`` (training, prefill) or ``"recurrent"`` (token loop; decoding).
       chunk_size: tokens per chunk (a chunk holds ``chunk_size * n_h`` sub-steps); None:
-        ``max(1, 32 // n_h)`` tokens (see the module docstring); ``T`` need not be a multiple.
+        ``max(1, C // n_h)`` tokens with ``C`` the delta-rule family's default chunk, 32 sub-steps
+        on CPU and 64 on GPU and TPU (:func:`memjax.memory.chunking.delta_chunk_size`; on CPU,
+        T = 4096, n_h = 2, forward + backward: 32 sub-steps 0.26 s, 64 0.32 s, 128 0.49 s);
+        ``T`` need not be a multiple.
       impl: chunk-to-chunk state pass of the chunked form, ``"auto" | "xla" | "pallas"``.
       seq_axis: sequence parallelism as in :func:`memjax.memory.delta.delta_rule` (a token's
         sub-steps never straddle two devices). Chunked mode only.
@@ -135,7 +133,7 @@ def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: 
     check_seq_axis(fn, seq_axis, mode, ("chunked",))
 
     scale = dk ** -0.5 if scale is None else scale
-    chunk_size = max(1, DEFAULT_SUB_STEPS // nh) if chunk_size is None else chunk_size
+    chunk_size = max(1, delta_chunk_size(None) // nh) if chunk_size is None else chunk_size
     n_chunks = -(-t // chunk_size)
     # n_h >= 2, one device, the XLA chunk pass: the token-chunked form (module docstring). n_h = 1
     # *is* the delta rule, and the kernels and seq_axis take its interleaved sub-step sequence.

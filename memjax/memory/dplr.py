@@ -85,6 +85,7 @@ from memjax.memory import nonfinite
 from memjax.memory.chunking import (
     ChannelDecays,
     channel_decays,
+    delta_chunk_size,
     from_head_chunks,
     masked_exp,
     pad_time,
@@ -111,7 +112,7 @@ MODES = ("chunked", "recurrent")
 
 def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array, g: jax.Array | None,
                     *, scale: float | None = None, initial_state: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, mode: str = "chunked", chunk_size: int = 64,
+                    segment_ids: jax.Array | None = None, mode: str = "chunked", chunk_size: int | None = None,
                     seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Diagonal-plus-low-rank delta rule ``S_t = (diag(exp g_t) + b_t a_t^T) S_{t-1} + k_t v_t^T``,
     ``o_t = scale * S_t^T q_t`` (see the module docstring).
@@ -129,7 +130,8 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
         (``initial_state`` reaches only the first one).
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C`` for ``"chunked"``; ``T`` need not be a multiple (the tail is padded with
-        zeros, which leave the state unchanged, and the output sliced back).
+        zeros, which leave the state unchanged, and the output sliced back). None: 32 on CPU, 64
+        on GPU and TPU (:func:`memjax.memory.chunking.delta_chunk_size`).
       seq_axis: sequence parallelism (chunked mode; :mod:`memjax.memory.sequence_parallel`): call
         inside ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence; returns this slice's outputs
@@ -140,6 +142,7 @@ def dplr_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: j
       float64 inputs).
     """
     fn = "dplr_delta_rule"
+    chunk_size = delta_chunk_size(chunk_size)
     bsz, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates={"g": g}, initial_state=initial_state,
                                             segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,
                                             chunk_size=chunk_size, seq_axis=seq_axis, vector_gates=("g",))

@@ -75,8 +75,8 @@ import jax.numpy as jnp
 
 from memjax.kernels.chunk_pass import chunk_recurrence
 from memjax.memory import nonfinite
-from memjax.memory.chunking import (channel_decays, from_head_chunks, masked_exp, pad_time, tame_limit, to_chunks,
-                                    to_head_chunks)
+from memjax.memory.chunking import (channel_decays, delta_chunk_size, from_head_chunks, masked_exp, pad_time,
+                                    tame_limit, to_chunks, to_head_chunks)
 from memjax.memory.contract import (check_gate, check_matrix_memory, check_vector_gate, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
 from memjax.memory.gdn2_fast import tame_chunked
@@ -89,7 +89,7 @@ MODES = ("chunked", "recurrent")
 
 def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w: jax.Array, *,
          scale: float | None = None, initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-         mode: str = "chunked", chunk_size: int = 64, impl: str = "auto", interpret: bool | None = None,
+         mode: str = "chunked", chunk_size: int | None = None, impl: str = "auto", interpret: bool | None = None,
          seq_axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """GDN-2 (channel-wise erase and write gates); see the module docstring for the equations.
 
@@ -109,7 +109,8 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
         segment (``initial_state`` reaches only the first one).
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C``; ``T`` need not be a multiple (the tail is padded with zeros, which leave
-        the state unchanged, and the output sliced back).
+        the state unchanged, and the output sliced back). None: 32 on CPU, 64 on GPU and TPU
+        (:func:`memjax.memory.chunking.delta_chunk_size`).
       impl: the chunk-to-chunk pass (:mod:`memjax.kernels.chunk_pass`); ``"pallas"`` (the GPU
         kernel) is refused: it carries scalar chunk decays.
       interpret: passed to the chunk pass (a Pallas kernel in interpret mode, CPU tests).
@@ -123,6 +124,7 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
       float64 inputs). Dtypes follow :mod:`memjax.memory.contract`.
     """
     fn = "gdn2"
+    chunk_size = delta_chunk_size(chunk_size)
     check_channel_options(fn, impl)
     bsz, t, h, dk, dv = check_matrix_memory(fn, q, k, v, gates={}, initial_state=initial_state,
                                             segment_ids=segment_ids, scale=scale, mode=mode, modes=MODES,

@@ -117,7 +117,8 @@ class _AssociativeBlock(Block):
     Args (common to the four blocks):
       d_model: model width; ``x, y: [B, T, d_model]``.
       num_heads, head_dim: heads and q/k head dim (``None``: ``d_model // num_heads``).
-      chunk_size: chunk length of the chunked (training / prefill) form.
+      chunk_size: chunk length of the chunked (training / prefill) form; None: the memory
+        function's default (the delta rules: 32 on CPU, 64 on GPU / TPU; linear attention: 64).
       conv_width: causal depthwise short conv on q, k, v; 0: none.
       expand_v: value head dim = ``int(head_dim * expand_v)``.
       output_gate: ``RMSNorm(o) * SiLU(x W_gate)``; False: ``RMSNorm(o)`` only.
@@ -139,14 +140,16 @@ class _AssociativeBlock(Block):
     feature_map = "identity"
     qk_dim = 0
 
-    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 64,
-                 conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
-                 kernel: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
-                 allow_neg_eigval: bool = False, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 chunk_size: int | None = None, conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True,
+                 mode: str = "chunked", kernel: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32,
+                 seq_axis: str | None = None, allow_neg_eigval: bool = False, rngs: nnx.Rngs):
         name = type(self).__name__
         self.allow_neg_eigval = bool(allow_neg_eigval)
         self.h, head = check_heads(name, d_model, num_heads, head_dim)
-        check_positive(name, chunk_size=chunk_size, expand_v=expand_v)
+        check_positive(name, expand_v=expand_v)
+        if chunk_size is not None:
+            check_positive(name, chunk_size=chunk_size)
         check_nonnegative(name, conv_width=conv_width)
         if int(head * expand_v) < 1:
             raise ValueError(f"{name}: expand_v must give a value head dim >= 1, got {expand_v} (head_dim {head})")
@@ -214,7 +217,9 @@ class _AssociativeBlock(Block):
 
     def _memory(self, q, k, v, beta, g, *, initial_state=None, segment_ids=None, mode=None, seq_axis=None):
         kw = dict(g=g, initial_state=initial_state, segment_ids=segment_ids,
-                  mode=mode or self.mode, chunk_size=self.chunk_size, impl=self.kernel, seq_axis=seq_axis)
+                  mode=mode or self.mode, impl=self.kernel, seq_axis=seq_axis)
+        if self.chunk_size is not None:  # (None: the memory function's own default)
+            kw["chunk_size"] = self.chunk_size
         if self.uses_beta:
             return delta_rule(q, k, v, beta, **kw)
         return linear_attention(q, k, v, **kw)

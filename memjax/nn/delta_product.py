@@ -37,16 +37,18 @@ class GatedDeltaProduct(_AssociativeBlock):
     """Gated DeltaProduct: per token, decay ``exp(g_t)`` then ``num_householder`` delta-rule writes.
 
     Options: the common ones of :class:`memjax.nn.associative._AssociativeBlock` (``chunk_size``
-    counts tokens, default 16: with ``n_h = 2`` the 32 sub-steps a chunk that
-    :func:`memjax.memory.delta_product.delta_product` measured fastest; ``allow_neg_eigval`` doubles every beta) and ``num_householder`` (``n_h >= 1``
-    keys, values and betas per token).
+    counts tokens; None: :func:`memjax.memory.delta_product.delta_product`'s default, 32 sub-steps
+    a chunk on CPU (16 tokens with ``n_h = 2``, measured fastest there) and 64 on GPU / TPU;
+    ``allow_neg_eigval`` doubles every beta) and ``num_householder`` (``n_h >= 1`` keys, values
+    and betas per token).
     """
 
     uses_beta = True
     uses_decay = True
     l2_qk = True
 
-    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, chunk_size: int = 16,
+    def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 chunk_size: int | None = None,
                  conv_width: int = 4, expand_v: float = 1.0, output_gate: bool = True, mode: str = "chunked",
                  kernel: str = "auto", norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
                  allow_neg_eigval: bool = False, num_householder: int = 2, rngs: nnx.Rngs):

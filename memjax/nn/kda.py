@@ -60,7 +60,8 @@ class _ChannelDeltaBlock(_AssociativeBlock):
     channel_gates = False  # gdn2: per-key-channel erase gate and per-value-channel write gate
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
-                 num_v_heads: int | None = None, chunk_size: int = 64, conv_width: int = 4, expand_v: float = 1.0,
+                 num_v_heads: int | None = None, chunk_size: int | None = None, conv_width: int = 4,
+                 expand_v: float = 1.0,
                  gate_rank: int | None = None, output_gate: bool = True, mode: str = "chunked", kernel: str = "auto",
                  norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None,
                  allow_neg_eigval: bool = False, rngs: nnx.Rngs):

@@ -67,7 +67,8 @@ class RWKV7(Block):
       d_model: model width (= ``num_heads * head_dim``; keys and values both ``head_dim``).
       decay_rank, a_rank, gate_rank: LoRA widths of the decay, the in-context learning rate and the
         output gate (None: RWKV-LM's formulas, 32 or more).
-      chunk_size, mode: the memory's form (:func:`memjax.memory.dplr.dplr_delta_rule`).
+      chunk_size, mode: the memory's form (:func:`memjax.memory.dplr.dplr_delta_rule`; chunk_size
+        None: its default, 32 on CPU and 64 on GPU / TPU).
       norm_eps: GroupNorm epsilon (RWKV-7: ``64e-5``). dtype: compute dtype (the state is float32).
       seq_axis: mesh axis that time is split over in training (``None``: no sequence parallelism).
     """
@@ -76,7 +77,7 @@ class RWKV7(Block):
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None,
                  decay_rank: int | None = None, a_rank: int | None = None, gate_rank: int | None = None,
-                 chunk_size: int = 64, mode: str = "chunked", norm_eps: float = 64e-5, dtype=jnp.float32,
+                 chunk_size: int | None = None, mode: str = "chunked", norm_eps: float = 64e-5, dtype=jnp.float32,
                  seq_axis: str | None = None, rngs: nnx.Rngs):
         name = type(self).__name__
         self.h, self.dk = check_heads(name, d_model, num_heads, head_dim)
@@ -85,10 +86,11 @@ class RWKV7(Block):
         decay_rank = _lora_rank(d_model, 1.8, 0.5) if decay_rank is None else decay_rank
         a_rank = _lora_rank(d_model, 1.8, 0.5) if a_rank is None else a_rank
         gate_rank = _lora_rank(d_model, 0.6, 0.8) if gate_rank is None else gate_rank
-        check_positive(name, chunk_size=chunk_size, decay_rank=decay_rank, a_rank=a_rank, gate_rank=gate_rank,
+        check_positive(name, decay_rank=decay_rank, a_rank=a_rank, gate_rank=gate_rank,
                        norm_eps=norm_eps)
         check_choice(name, "mode", mode, MODES)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
             raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
         self.chunk_size, self.mode, self.eps, self.seq_axis = chunk_size, mode, float(norm_eps), seq_axis
         self.dtype = jnp.dtype(dtype)

@@ -387,7 +387,7 @@ def compile_plan(cfg, topology: str, loop_correction: bool = True) -> dict:
     step = _compile_step(cfg, devices)
     setup, abs_state, compiled = step["setup"], step["abs_state"], step["compiled"]
     params = param_counts(cfg.model)
-    model_flops = flops_per_token(cfg.model, t, params["matmul"])
+    model_flops = flops_per_token(cfg.model, t, params["matmul"], backend="tpu")
     model_flops_per_step = model_flops["total"] * b * t
     scanned = "stack" in abs_state["params"]  # memjax.model.lm.LM: scanned layer groups live in `stack`
 

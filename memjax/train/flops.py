@@ -38,6 +38,7 @@ import types
 from flax import nnx
 
 from memjax.config import ModelConfig
+from memjax.memory.chunking import delta_chunk_size
 from memjax.model.lm import LM, block_names
 from memjax.nn.registry import block_kwargs, get_block
 
@@ -83,14 +84,16 @@ def _block_options(cfg: ModelConfig, name: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(**({k: p.default for k, p in options.items()} | cfg.blocks.get(cls.name, {})))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int) -> dict:
+def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int, backend: str | None = None) -> dict:
     """Model training FLOPs per token (forward + backward) of ``cfg`` at sequence length ``seq_len``.
 
     ``matmul_params`` is the count of parameters used in a matmul per token (see
     :func:`param_counts`). Returns ``{"total", "terms": {name: flops}, "per_layer": [...],
     "uncounted_blocks": [...], "formulas": {...}}``; see the module docstring for the formulas.
     Blocks of other families contribute only their projections (in ``dense``) and are listed in
-    ``uncounted_blocks``.
+    ``uncounted_blocks``. ``backend``: the platform the model runs on, which sets a delta-rule
+    block's chunk when its ``chunk_size`` is None (:func:`memjax.memory.chunking.delta_chunk_size`;
+    None: the platform of the current mesh, else the default backend).
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -113,8 +116,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, matmul_params: int) -> dict:
             if o.mode == "recurrent":
                 f = 3.0 * h * 6.0 * dh * dv
             else:
-                n_chunks = -(-t // o.chunk_size)
-                per_chunk = sum(delta_chunk_flops(o.chunk_size, dh, dv).values())
+                c = delta_chunk_size(o.chunk_size, backend)
+                n_chunks = -(-t // c)
+                per_chunk = sum(delta_chunk_flops(c, dh, dv).values())
                 f = 3.0 * h * n_chunks * per_chunk / t
             terms["delta_rule"] += f
         elif name in _PRODUCT_KEYS:
