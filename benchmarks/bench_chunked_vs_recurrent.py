@@ -10,8 +10,8 @@ For each mechanism and length: the best wall time of one jitted ``value_and_grad
 ``mode="chunked"`` and ``mode="recurrent"``, and their ratio (recurrent / chunked: how many
 times faster the chunked form is). Issue 18 asks for >= 10x at T = 4096 on CPU.
 
-Shapes: the matrix memories use B = 1, H = 4, K = V = 64, float32, chunk 64 (the library
-default); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) and ``mamba3`` B = 1, H = 4,
+Shapes: the matrix memories use B = 1, H = 4, K = V = 64, float32, the library's default chunk
+(64; the delta-rule family's is per platform, :func:`memjax.memory.chunking.delta_chunk_size`: 32 on CPU); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) and ``mamba3`` B = 1, H = 4,
 P = 64, N = 64. The log-linear recurrent forms keep an ``[L, K, V]`` stack per token for the
 backward (~3.5 GB at T = 4096): they are decoding forms. Writes ``benchmarks/results/chunked_vs_recurrent.json`` (or ``--json``).
 """
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.runner import Table, loss_and_grad, time_fn
+from memjax.memory.chunking import delta_chunk_size
 from memjax.memory.delta import delta_rule
 from memjax.memory.delta_product import delta_product
 from memjax.memory.dplr import dplr_delta_rule
@@ -225,7 +226,8 @@ def main(argv=None):
             table.add({"mechanism": op, "T": T, "chunked_s": c, "recurrent_s": r, "ratio": r / c})
     table.finish({"what": "forward + backward (jit value_and_grad), best of --repeats after one warm-up; "
                           "ratio = recurrent / chunked",
-                  "shapes": {"matrix_memories": dict(B=B, H=H, K=K, V=V, chunk=64),
+                  "shapes": {"matrix_memories": dict(B=B, H=H, K=K, V=V, chunk=64,
+                                                         delta_rule_family_chunk=delta_chunk_size(None)),
                              "mamba1_scan": dict(B=B, D=256, N=16, chunk=16),
                              "selective_scan": dict(B=B, H=H, P=64, N=64),
                              "mamba3": dict(B=B, H=H, P=64, N=64, rotated_pairs=16)},

@@ -39,6 +39,10 @@ BLOCKS = {
     "D_neg": ("D", {"gated_deltanet": {"allow_neg_eigval": True}}),
     "DP2_neg": ("gated_deltaproduct", {"gated_deltaproduct": {"allow_neg_eigval": True, "num_householder": 2}}),
     "M3": ("M3", {}),  # Mamba-3: data-dependent rotations (complex eigenvalues) on half the state
+    # Mamba-3 whose step sizes start in [0.5, 2] instead of [1e-3, 0.1]: the rotation per token is
+    # dt * theta with |theta| <= pi, so parity's rotation by pi needs dt >= 1 (a probe of why M3 fails)
+    "M3_dt": ("M3", {"mamba3": {"dt_min": 0.5, "dt_max": 2.0}}),
+    "M3_dt_full": ("M3", {"mamba3": {"dt_min": 0.5, "dt_max": 2.0, "rope_fraction": 1.0}}),
     "R7": ("R7", {}),  # RWKV-7: DPLR transition
     "R": ("R", {}),  # RG-LRU: real diagonal decay in (0, 1)
     "PG": ("PG", {}),  # ParaRNN GRU: a nonlinear recurrence
