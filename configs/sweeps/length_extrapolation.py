@@ -1,9 +1,11 @@
 """Length extrapolation: every mixer trained at length ``L``, evaluated at ``L``, ``2L`` and ``4L``.
 
     python -m benchmarks.length_extrapolation --out runs/length_extrapolation              # MQAR, every block
-    python -m benchmarks.length_extrapolation --blocks A,D,L,M2 --grid 64,32,4 --lrs 0.01,0.003 --steps 800 \
-        --out runs/length_extrapolation_mqar_T32            # the CPU run (README; there only A got lr 0.003)
-    python -m benchmarks.length_extrapolation --study text --blocks A,D --steps 300        # the text corpus
+    python -m benchmarks.length_extrapolation --grid 64,32,4 --lrs 0.01 --steps 800 \
+        --out runs/length_extrapolation_mqar_T32            # the CPU run (README): every block at lr 0.01,
+    # then the same command with --lrs 0.003 (and 0.001) --blocks <those below 0.99> into the same --out
+    python -m benchmarks.length_extrapolation --study text --blocks A,L,G,D,M2,DN,GV,FoX,KDA,mL,GDN2,R7 \
+        --steps 1000 --lrs 0.003 --out runs/length_extrapolation_text_T128                 # the text corpus
 
 Each entry: ``(name, base config, overrides, label)`` as in ``benchmarks.sweep``; 2 layers of one
 block, no MLP, as in Zoology. The evaluation at ``m L`` keeps the trained parameters and changes only
@@ -38,7 +40,7 @@ STUDIES = {
 # Every sequence mixer of the registry (memory layers and MLPs are not mixers and are left out).
 BLOCKS = ["A", "L", "G", "GV", "DN", "D", "DP", "GDN2", "KDA", "H2", "FoX", "mL", "LLD", "LLM2",
           "S", "M1", "M2", "M3", "R", "R6", "R7", "MoM", "E", "titans_mag"]
-SMALL_BLOCKS = ["A", "D", "L", "M2"]  # the set the loaded 2-core CPU ran (README)
+SMALL_BLOCKS = ["A", "D", "L", "M2"]  # a quick subset (the first CPU run)
 MULTIPLES = (1, 2, 4)
 LEARNING_RATES = [1e-2, 3e-3]  # MQAR (a study may set its own)
 STEPS = 2000
