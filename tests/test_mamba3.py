@@ -165,6 +165,16 @@ def test_forms_match_reference_with_gradients(x64, r, g, packed, per_token_a, t,
         assert_close(got, ref, TOL64, (r, g, mode, c))
 
 
+@pytest.mark.parametrize("mode", ["recurrent", "chunked"])
+def test_every_state_pair_rotating_matches_reference(x64, mode):
+    """``M = N / 2`` angles (the block's ``rope_fraction=1.0``: no pair left unturned), packed, with
+    an initial state: outputs, final state and gradients against the float64 reference."""
+    args, cot = inputs(t=13, r=1, g=1, h=2, n=6, m=3, seed=7)
+    seg = jnp.asarray(SEG13)
+    ref = value_and_grads(_ref_fn(seg), args, cot)
+    assert_close(value_and_grads(_fn(mode, 4, seg, True), args, cot), ref, TOL64, mode)
+
+
 @pytest.mark.parametrize("mode,ones", [("chunked", False), pytest.param("chunked", True, marks=pytest.mark.slow),
                                        pytest.param("recurrent", False, marks=pytest.mark.slow),
                                        pytest.param("recurrent", True, marks=pytest.mark.slow)])
