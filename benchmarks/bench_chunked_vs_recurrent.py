@@ -11,8 +11,9 @@ For each mechanism and length: the best wall time of one jitted ``value_and_grad
 times faster the chunked form is). Issue 18 asks for >= 10x at T = 4096 on CPU.
 
 Shapes: the matrix memories use B = 1, H = 4, K = V = 64, float32, the library's default chunk
-(64; the delta-rule family's is per platform, :func:`memjax.memory.chunking.delta_chunk_size`: 32 on CPU); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) and ``mamba3`` B = 1, H = 4,
-P = 64, N = 64. The log-linear recurrent forms keep an ``[L, K, V]`` stack per token for the
+(64; the delta-rule family's is per platform, :func:`memjax.memory.chunking.delta_chunk_size`:
+32 on CPU); ``mamba1_scan`` B = 1, D = 256, N = 16, chunk 16; ``selective_scan`` (Mamba-2 SSD) and
+``mamba3`` B = 1, H = 4, P = 64, N = 64. The log-linear recurrent forms keep an ``[L, K, V]`` stack per token for the
 backward (~3.5 GB at T = 4096): they are decoding forms. Writes ``benchmarks/results/chunked_vs_recurrent.json`` (or ``--json``).
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@
     python -m benchmarks.length_extrapolation --grid 64,32,4 --lrs 0.01 --steps 800 \
         --out runs/length_extrapolation_mqar_T32            # the CPU run (README): every block at lr 0.01,
     # then the same command with --lrs 0.003 (and 0.001) --blocks <those below 0.99> into the same --out
-    python -m benchmarks.length_extrapolation --study text --blocks A,L,G,D,M2,DN,GV,FoX,KDA,mL,GDN2,R7 \
-        --steps 1000 --lrs 0.003 --out runs/length_extrapolation_text_T128                 # the text corpus
+    python -m benchmarks.length_extrapolation --study text --steps 1000 --lrs 0.003 \
+        --out runs/length_extrapolation_text_T128           # the text corpus, every block (README)
 
 Each entry: ``(name, base config, overrides, label)`` as in ``benchmarks.sweep``; 2 layers of one
 block, no MLP, as in Zoology. The evaluation at ``m L`` keeps the trained parameters and changes only
