@@ -21,9 +21,12 @@ adds the missing iterations, estimated from the optimised HLO by :mod:`benchmark
 and ``corrected ratio`` is the figure to hold against the target (``ratio`` alone rewards moving
 work into a scan). Inputs are bfloat16 (the
 activations a model feeds in); log gates stay float32 as the library computes decays in log
-space. For ``impl="pallas_tpu"`` XLA counts a Pallas call by its operands only: the kernel's own
-traffic inside VMEM is not in the figure, so that row is a lower bound on its HBM bytes (read it
-as "the XLA glue around the kernel plus the kernel's operands").
+space. For ``impl="pallas_tpu"`` XLA counts a Pallas call by the bytes of its ``CostEstimate``
+(every kernel here states its operands plus its outputs). For the fused kernels (linear
+attention, scalar and vector GLA, SSD, DeltaNet, gated delta rule: the whole chunked pass in one
+kernel, each operand block read once and each output written once by its block specs,
+everything else in VMEM) that is their HBM traffic; for the state-pass kernel (KDA, GDN-2) the
+row is the XLA glue around it plus its operands. mLSTM has no kernel.
 
 XLA's cost model charges a ``lax.cond`` with its most expensive branch, not the one a run takes:
 the ``gla_vector`` row is the strong-decay (sub-chunk) branch of

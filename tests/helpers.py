@@ -5,6 +5,8 @@ path). Test files never import each other; what two of them share lives here.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,31 @@ def compile_for_tpu(topology: str, f, args, inside=None):
         if inside is not None:
             inside()
         return jax.jit(f).lower(*args).compile()
+
+
+def assert_bf16_error_like(run, impl: str = "pallas_tpu", reference: str = "xla", *, max_err: float = 3e-2,
+                           factor: float = 1.5, slack: float = 2e-3) -> None:
+    """``run(impl, dtype)`` -> a pytree (outputs and gradients) from inputs cast to ``dtype``.
+    Against the float64 ``"recurrent"`` run, every leaf of ``impl``'s bf16 run has a relative
+    RMS error below ``max_err`` and within ``factor`` times ``reference``'s (plus ``slack``)."""
+    with jax.enable_x64(True):
+        ref = jax.tree.leaves(run("recurrent", jnp.float64))
+    errs = {i: [rel_rmse(x, r) for x, r in zip(jax.tree.leaves(run(i, jnp.bfloat16)), ref)] for i in (impl, reference)}
+    assert max(errs[impl]) < max_err, errs
+    for e, w in zip(errs[impl], errs[reference]):
+        assert e < factor * w + slack, errs
+
+
+def assert_non_finite_like(loss, args, n_poisoned: int, impl: str = "pallas_tpu", reference: str = "xla") -> None:
+    """``loss(impl, *args) -> (scalar, (o, s))`` with non-finite entries in ``args``: ``impl`` puts
+    NaN exactly where ``reference`` does (``n_poisoned`` output entries), agrees with it elsewhere
+    and on every gradient (w.r.t. all ``args``), which are finite."""
+    got, want = (jax.jit(jax.grad(functools.partial(loss, i), argnums=tuple(range(len(args))), has_aux=True))(*args)
+                 for i in (impl, reference))
+    (grads, (o, _)), (grads_ref, (o_ref, _)) = got, want
+    np.testing.assert_array_equal(np.isfinite(o), np.isfinite(o_ref))
+    assert np.isfinite(np.asarray(o)).sum() == o.size - n_poisoned
+    assert rel_rmse(jnp.where(jnp.isfinite(o), o, 0), jnp.where(jnp.isfinite(o_ref), o_ref, 0)) < 1e-12
+    for x, r in zip(grads, grads_ref):
+        assert np.isfinite(np.asarray(x)).all()
+        assert rel_rmse(x, r) < 1e-10

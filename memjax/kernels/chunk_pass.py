@@ -135,6 +135,27 @@ def resolve_impl(impl: str, shape, dtype, interpret: bool | None, backend: str |
     return "pallas", False
 
 
+def fused_choice(impl: str, q_shape, v_dim: int, dtype, chunk_size: int, interpret: bool | None,
+                 supports) -> tuple[str, bool] | None:
+    """For a memory with a fused TPU kernel (the whole chunked pass in one kernel each way): the
+    ``kernel`` argument its chunked form takes, ``("pallas_tpu", interpret)``, when ``impl``
+    resolves to ``"pallas_tpu"`` (explicitly, or ``"auto"`` on a verified TPU; :func:`resolve_impl`
+    refuses a kernel impl that cannot run) and ``supports((B, T_padded, H, K, V, C), dtype,
+    "tpu")`` holds (always in interpret mode), else None (the caller's other paths: an explicit
+    ``"pallas_tpu"`` outside the fused kernel's shapes runs the state-pass kernel).
+    ``q_shape = (B, T, H, K)``."""
+    if impl not in ("auto", "pallas_tpu"):  # (other impls are resolved, or refused, by the chunk pass)
+        return None
+    b, t, h, k = q_shape
+    n = -(-t // chunk_size)
+    name, interp = resolve_impl(impl, (b, h, n, chunk_size, k, v_dim), dtype, interpret)
+    if name != "pallas_tpu":
+        return None
+    if interp or supports((b, n * chunk_size, h, k, v_dim, chunk_size), dtype, "tpu"):
+        return ("pallas_tpu", interp)
+    return None
+
+
 def _resolve_tpu(shape, dtype, interpret, backend, vector_decay):
     if interpret:
         return "pallas_tpu", True

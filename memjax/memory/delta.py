@@ -64,6 +64,7 @@ import jax.numpy as jnp
 
 from memjax.memory.chunking import chunk_decays, delta_chunk_size, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
+from memjax.memory.delta_kernel import chunked_delta_kernel, delta_kernel
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
 from memjax.memory.gdn2 import channel_delta, check_channel_options
@@ -101,10 +102,13 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
         ``q = k = v = 0, beta = 0, g = 0`` (the state is unchanged) and the output sliced back.
         None: 32 on CPU, 64 on GPU and TPU (the platform compiled for;
         :func:`memjax.memory.chunking.delta_chunk_size`).
-      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_pass`); per-key-channel ``g`` refuses ``"pallas"`` (the GPU
-        kernel carries scalar chunk decays).
-      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas" |
+        "pallas_tpu"`` (:mod:`memjax.kernels.chunk_pass`); per-key-channel ``g`` refuses
+        ``"pallas"`` (the GPU kernel carries scalar chunk decays). With ``"pallas_tpu"``, a
+        per-head (or no) gate and one device, the whole chunked pass runs as one fused Mosaic
+        kernel each way (:mod:`memjax.memory.delta_kernel`).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``
+        or ``"pallas_tpu"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence; returns this slice's
@@ -143,9 +147,15 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(beta, 3),
                               nonfinite.bad(g, 3, gate=True))
     mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
-    q, k, v, beta = (nonfinite.finite_or_zero(x) for x in (q, k, v, beta))  # mask: [B, T, HV]
+    kernel = delta_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) \
+        if mode == "chunked" and not vector and seq_axis is None else None
+    beta = nonfinite.finite_or_zero(beta)
+    if kernel is None:  # (the fused kernels read a non-finite q, k, v as 0 themselves: no sanitised copy)
+        q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))  # mask: [B, T, HV]
     g = nonfinite.finite_gate(g)
-    if vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
+    if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
+        o, s = chunked_delta_kernel(q, k, v, beta, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
+    elif vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
         bt = beta[..., None]
         u, erase = bt * v.astype(acc), bt * k.astype(acc)
         run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, scale, mode=mode,

@@ -58,7 +58,12 @@ Three forms, one result:
     inputs and the chunk-start states and runs the backward as a reverse chunked pass (fewer HBM
     bytes than JAX's autodiff of the chunk scan), where the chunk-start states are one matmul over
     the chunk index instead of a scan (except for a gated call on a TPU, which runs the fused
-    per-chunk scan: fewer bytes there); with ``seq_axis``, a Pallas pass or a traced
+    per-chunk scan: fewer bytes there). With ``impl="pallas_tpu"`` the per-head form is the same
+    custom VJP run by the fused Mosaic kernels of :mod:`memjax.kernels.linear_fused_pallas_tpu`
+    (the intra-chunk work and the state pass in one kernel each way, the state in VMEM: XLA's
+    TPU cost model puts it at 2.6x its inputs + outputs forward, 3.1x forward + backward, against
+    5.7x / 9.2x for the XLA form, at B=8 T=4096 H=16 K=V=128 bf16); shapes that kernel does not
+    take run the state-pass kernel. With ``seq_axis``, the state-pass Pallas kernels or a traced
     ``scale`` the per-head form goes through :func:`memjax.kernels.chunk_pass` under autodiff.
   - ``"recurrent"``: token-by-token ``lax.scan`` (also the decoding form).
   - ``"parallel"``: the quadratic ``T x T`` form (one chunk covering the whole sequence); its
@@ -76,7 +81,8 @@ from memjax.memory.chunking import (ChannelDecays, channel_decays, chunk_decays,
                                     pad_time, tame_limit, to_chunks, to_head_chunks,
                                     uniform_channel_decays)
 from memjax.memory import nonfinite
-from memjax.memory.linear_vjp import chunked_scalar_decay
+from memjax.memory.gla_kernel import chunked_gla_kernel, gla_kernel
+from memjax.memory.linear_vjp import chunked_scalar_decay, fused_kernel
 from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
                                     resolve_scale, shape_of, state_dtype)
 from memjax.memory.segments import segment_resets
@@ -111,9 +117,13 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       mode: ``"chunked"``, ``"recurrent"`` or ``"parallel"`` (see the module docstring).
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``k = v = q = 0`` and ``g = 0`` (the state is unchanged) and the output sliced back.
-      impl: the chunk-to-chunk state pass: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_pass`).
-      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      impl: ``"auto" | "xla" | "pallas" | "pallas_tpu"`` (:mod:`memjax.kernels.chunk_pass`):
+        the chunk-to-chunk state pass, or with ``"pallas_tpu"`` (no bonus, one device) the whole
+        chunked pass in one fused Mosaic kernel each way (a per-head or no decay:
+        :mod:`memjax.kernels.linear_fused_pallas_tpu`; per key channel:
+        :mod:`memjax.kernels.gla_fused_pallas_tpu`).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``
+        or ``"pallas_tpu"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice of the sequence, ``initial_state`` the state before the whole sequence. Returns
@@ -159,9 +169,13 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     # T=4096 H=16 K=V=128 bf16 on a TPU, by XLA's cost model: benchmarks/tpu_cost.py). (The
     # per-channel form measured no better that way, its backward with impl="pallas_tpu" 3% worse.)
     g = nonfinite.finite_gate(g)
-    if mode == "recurrent" or vector or bonus is not None:
+    kernel = gla_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) \
+        if mode == "chunked" and vector and bonus is None and seq_axis is None else None
+    if kernel is None and (mode == "recurrent" or vector or bonus is not None):
         q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
-    if mode == "recurrent":
+    if kernel is not None:  # (the fused kernels read a non-finite q, k, v as 0 themselves: no sanitised copy)
+        o, s = chunked_gla_kernel(q, k, v, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
+    elif mode == "recurrent":
         o, s = _recurrent(q, k, v, g, bonus, s0, segment_resets(segment_ids), scale, out_dtype)
     elif vector or bonus is not None:
         c = t if mode == "parallel" else chunk_size
@@ -221,6 +235,10 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret,
         # (fewer HBM bytes). A traced scale (differentiated) and sequence parallelism keep the
         # autodiff path below.
         return _chunked_xla(q, k, v, g, s0, segment_ids, scale, c)
+    kernel = fused_kernel(impl, q.shape, v.shape[-1], v.dtype, c, interpret) if seq_axis is None and fixed_scale \
+        else None
+    if kernel is not None:  # the whole chunked pass in one Mosaic kernel (the state in VMEM)
+        return _chunked_xla(q, k, v, g, s0, segment_ids, scale, c, kernel=kernel)
     qc, kc, vc = _finite_chunks(c, q, k, v)  # [B, H, N, C, .]
     n = qc.shape[2]
     gc = None if g is None else to_chunks(pad_time(g, c), c)
@@ -241,7 +259,7 @@ def _chunked(q, k, v, g, s0, segment_ids, scale, chunk_size, *, impl, interpret,
     return from_head_chunks(o, t), s
 
 
-def _chunked_xla(q, k, v, g, s0, segment_ids, scale, chunk_size):
+def _chunked_xla(q, k, v, g, s0, segment_ids, scale, chunk_size, kernel=None):
     """The per-head chunked form by :func:`memjax.memory.linear_vjp.chunked_scalar_decay` (which reads
     non-finite entries of q, k, v as 0, where it reads them, so no sanitised copy is written), a
     full decay (``exp(g) == 0``, e.g. ``-inf``) turned into a reset of that head with ``g = 0``,
@@ -251,7 +269,7 @@ def _chunked_xla(q, k, v, g, s0, segment_ids, scale, chunk_size):
         full = jnp.exp(g) == 0
         g = jnp.where(full, jnp.zeros((), g.dtype), g)
         resets = full if resets is None else full | resets[..., None]
-    return chunked_scalar_decay(q, k, v, g, resets, s0, scale, chunk_size)
+    return chunked_scalar_decay(q, k, v, g, resets, s0, scale, chunk_size, kernel=kernel)
 
 
 def _finite_chunks(chunk_size: int, *xs: jax.Array) -> tuple[jax.Array, ...]:

@@ -39,7 +39,7 @@ flash-linear-attention uses for its scalar gates)::
     dL/dLambda_t = q_t . dq_t - k_t . dk_t  (+ <dS_T, S_T> at t = T)
     dg_s         = sum_{t >= s, same segment} dL/dLambda_t       (0 at a reset: g there multiplies a zeroed state)
 
-Two ways to run the chunks, one result up to round-off:
+Three ways to run the chunks, one result up to round-off:
 
   - ``fused=True`` (TPUs): one ``lax.scan`` step per chunk does all of that chunk's work,
     forward (scores, output, state update) and backward (the reverse pass above, with the
@@ -67,6 +67,12 @@ Two ways to run the chunks, one result up to round-off:
     rounding, as the stored states get anyway), the mixing accumulates in float32 and the
     initial state (or ``dS_final``) is added in float32.
 
+  - ``kernel=("pallas_tpu", interpret)``: the fused form as two Mosaic kernels
+    (:mod:`memjax.kernels.linear_fused_pallas_tpu`), the state (and the backward's ``H_n`` and the
+    decay gradient's running sum) in VMEM, the gate sums formed in the kernel: HBM sees each
+    input read once and each output written once, plus the chunk-start states in the operand
+    dtype (:func:`fused_kernel` decides when).
+
 :func:`fused_default` picks by platform (fused on TPUs only, and there only with a gate: without
 one the batched form with the mixing moves fewer bytes). A caveat on how the bytes were measured:
 XLA's cost model (``benchmarks/tpu_cost.py``) counts a while loop's body once, not once per
@@ -88,13 +94,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.kernels.chunk_pass import as_operand
+from memjax.kernels import linear_fused_pallas_tpu as fused_tpu
+from memjax.kernels.chunk_pass import as_operand, fused_choice
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
 from memjax.memory.chunking import chunk_span_sums, from_chunks, masked_exp, pad_time, to_chunks
 from memjax.memory.segments import segment_cumsum
 
-__all__ = ["chunked_scalar_decay", "fused_default"]
+__all__ = ["chunked_scalar_decay", "fused_default", "fused_kernel"]
+
+
+def fused_kernel(impl: str, q_shape, v_dim: int, dtype, chunk_size: int,
+                 interpret: bool | None) -> tuple[str, bool] | None:
+    """The ``kernel`` argument of :func:`chunked_scalar_decay` for a call with ``impl``
+    (:func:`memjax.kernels.chunk_pass.fused_choice` with the fused kernel's ``supports``)."""
+    return fused_choice(impl, q_shape, v_dim, dtype, chunk_size, interpret, fused_tpu.supports)
 
 
 def fused_default() -> bool:
@@ -109,7 +123,8 @@ def fused_default() -> bool:
 
 def chunked_scalar_decay(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, resets: jax.Array | None,
                          s0: jax.Array, scale: float, chunk_size: int, *,
-                         fused: bool | None = None, mix: bool = True) -> tuple[jax.Array, jax.Array]:
+                         fused: bool | None = None, mix: bool = True,
+                         kernel: tuple[str, bool] | None = None, w: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The chunked form of the module docstring, differentiated by its hand-written VJP.
 
     Args:
@@ -127,10 +142,23 @@ def chunked_scalar_decay(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
       mix: in the batched form, the chunk-start states (and the backward pass's state cotangents)
         as one matmul over the chunk index, no loop (True), or by a scan that carries the state
         (False). One result up to round-off.
+      kernel: ``("pallas_tpu", interpret)`` runs forward and backward as the fused Mosaic kernels
+        of :mod:`memjax.kernels.linear_fused_pallas_tpu` (the whole chunked pass in one kernel,
+        the state in VMEM; ``fused`` and ``mix`` are then unused), None the XLA forms.
+      w: ``[B, T, H]`` finite per-token factor of the values (the write is ``k_t (w_t v_t)^T``:
+        Mamba-2's ``dt_t x_t``), or None. With it q and k may have one head shared by all of v's
+        (``[B, T, 1, K]``: Mamba-2 with one group). The kernel applies both in VMEM; the XLA forms
+        take ``w v`` and the repeated heads as inputs.
 
     Returns ``(o [B, T, H, V]`` in q's dtype, ``S_T [B, H, K, V]`` in s0's dtype).
     """
-    b, t, h, _ = q.shape
+    b, t, _, _ = q.shape
+    h = v.shape[2]
+    if kernel is None and w is not None:  # the XLA forms: the product and the repeat by autodiff
+        v = (v * w[..., None].astype(v.dtype)).astype(v.dtype)
+        w = None
+    if kernel is None and q.shape[2] != h:
+        q, k = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (q, k))
     if fused is None:  # (XLA's TPU cost model at B=8 T=4096 H=16 K=V=128, bf16: without a gate the
         # batched form with the mixing moves 5.7x its io forward, 9.2x forward + backward, the fused
         # one 6.6x / 9.5x; with a scalar gate the fused one 7.6x / 12.0x, the batched 8.0x / 13.2x)
@@ -140,8 +168,8 @@ def chunked_scalar_decay(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     if resets is not None:  # padded with False: the tail starts no segment
         resets = resets if resets.ndim == 3 else jnp.broadcast_to(resets[..., None], (b, t, h))
     # g padded with 0 and q = k = v = 0: the tail leaves the state unchanged
-    o, s = _core(chunks(q), chunks(k), chunks(v), chunks(g), chunks(resets), s0, float(scale), bool(fused),
-                 bool(mix))
+    o, s = _core(chunks(q), chunks(k), chunks(v), chunks(g), chunks(resets), chunks(w), s0, float(scale),
+                 bool(fused), bool(mix), kernel)
     return from_chunks(o)[:, :t], s
 
 
@@ -420,30 +448,52 @@ def _time_major_chunks(x):
 # ----------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _core(qc, kc, vc, gc, rc, s0, scale, fused, mix):
-    return _core_fwd(qc, kc, vc, gc, rc, s0, scale, fused, mix, save_states=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _core(qc, kc, vc, gc, rc, wc, s0, scale, fused, mix, kernel):
+    return _core_fwd(qc, kc, vc, gc, rc, wc, s0, scale, fused, mix, kernel, save_states=False)[0]
 
 
-def _core_fwd(qc, kc, vc, gc, rc, s0, scale, fused, mix, save_states=True):
+def _unchunk(x):
+    """``[B, N, C, H, D] -> [B, T, H, D]`` (a reshape of leading dims: no copy on any backend)."""
+    b, n, c = x.shape[:3]
+    return x.reshape((b, n * c) + x.shape[3:])
+
+
+def _core_fwd(qc, kc, vc, gc, rc, wc, s0, scale, fused, mix, kernel, save_states=True):
+    if kernel is not None:  # (the kernel forms the within-chunk gate sums itself)
+        q, k, v, g, r, w = (None if x is None else _unchunk(x) for x in (qc, kc, vc, gc, rc, wc))
+        o, final, states = fused_tpu.forward(q, k, v, g, r, s0, scale, qc.shape[2], w=w, save_states=save_states,
+                                             interpret=kernel[1])
+        return (o.reshape(vc.shape), final), (qc, kc, vc, gc, rc, wc, states, final)
     G, r = _gate_sums(gc, rc, s0.dtype)
     if fused:
         o, final, states = _fused_forward(qc, kc, vc, G, r, s0, scale, save_states)
     else:
         o, final, states = _batched_forward(qc, kc, vc, G, r, s0, scale, mix, gc is not None)
-    return (o, final), (qc, kc, vc, gc, rc, states, final)
+    return (o, final), (qc, kc, vc, gc, rc, wc, states, final)
 
 
-def _core_bwd(scale, fused, mix, res, cts):
-    qc, kc, vc, gc, rc, states, final = res
+def _core_bwd(scale, fused, mix, kernel, res, cts):
+    qc, kc, vc, gc, rc, wc, states, final = res
     do, dsf = cts
     acc, md = final.dtype, qc.dtype
-    G, r = _gate_sums(gc, rc, acc)
     gated = gc is not None
+    last = jnp.sum(dsf.astype(acc) * final, axis=(-2, -1))  # <dS_T, S_T>
+    if kernel is not None:  # (the kernel sums the decay's gradient itself)
+        q, k, v, do_, g, r, w = (None if x is None else _unchunk(x) for x in (qc, kc, vc, do.astype(md), gc, rc, wc))
+        dq, dk, dv, dg, ds0, dw = fused_tpu.backward(q, k, v, do_, g, r, states, dsf.astype(acc), last, scale,
+                                                     qc.shape[2], w=w, interpret=kernel[1])
+        dg = dg.reshape(gc.shape).astype(gc.dtype) if gated else None
+        dw = None if wc is None else dw.reshape(wc.shape).astype(wc.dtype)
+        return dq.reshape(qc.shape), dk.reshape(kc.shape), dv.reshape(vc.shape), dg, None, dw, ds0
+    G, r = _gate_sums(gc, rc, acc)
     args = (qc, kc, vc, do.astype(md), G, r, states, dsf.astype(acc), scale, gated)
-    dq, dk, dv, dlam, ds0 = _fused_backward(*args) if fused else _batched_backward(*args, mix)
-    dg = None if not gated else _gate_gradient(dlam, rc, jnp.sum(dsf.astype(acc) * final, axis=(-2, -1)))
-    return dq, dk, dv, dg, None, ds0
+    if fused:
+        dq, dk, dv, dlam, ds0 = _fused_backward(*args)
+    else:
+        dq, dk, dv, dlam, ds0 = _batched_backward(*args, mix)
+    dg = None if not gated else _gate_gradient(dlam, rc, last)
+    return dq, dk, dv, dg, None, None, ds0
 
 
 def _dlam(q, k, dq, dk):

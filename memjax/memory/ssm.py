@@ -35,6 +35,7 @@ from memjax.memory.contract import (check_chunk_size, check_floating, check_gate
                                     check_segment_ids, check_seq_axis, check_sequence, check_shape, check_state,
                                     operand_dtype, output_dtype, state_dtype)
 from memjax.memory.chunk_products import head_chunk_decays, repeat_groups, times_rows
+from memjax.memory.linear_vjp import chunked_scalar_decay, fused_kernel
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import sequence_resets, sharded_chunk_recurrence, sharded_linear_scan
 
@@ -280,9 +281,13 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``x = dt = 0`` (decay ``exp(0) = 1``, no write: the state is unchanged) and the output sliced.
-      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas"``
-        (:mod:`memjax.kernels.chunk_pass`, with ``K = N`` and ``V = P``).
-      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``.
+      impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas" |
+        "pallas_tpu"`` (:mod:`memjax.kernels.chunk_pass`, with ``K = N`` and ``V = P``); with
+        ``"pallas_tpu"`` and one group or one per head, the whole chunked pass in one fused Mosaic
+        kernel (:mod:`memjax.kernels.linear_fused_pallas_tpu`: ``dt x`` formed in VMEM, one
+        group's B and C read once for all heads).
+      interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``
+        or ``"pallas_tpu"``.
       seq_axis: sequence parallelism (:mod:`memjax.memory.sequence_parallel`): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's
         slice, ``initial_state`` the state before the whole sequence; returns this slice's
@@ -330,14 +335,20 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     heads = lambda m: jnp.repeat(m, h // g, axis=2)  # [batch, T, G] -> [batch, T, H]
     writes = nonfinite.either(nonfinite.bad(x, 3), nonfinite.bad(dt, 3), heads(nonfinite.bad(B, 3)))
     mask = nonfinite.either(heads(nonfinite.bad(C, 3)), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
-    x, dt, B, C = (nonfinite.finite_or_zero(v) for v in (x, dt, B, C))
-    if mode == "recurrent":
-        y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
+    kernel = fused_kernel(impl, (b, t, h, n), p, md, chunk_size, interpret) \
+        if mode == "chunked" and seq_axis is None and g in (1, h) else None
+    dt = nonfinite.finite_or_zero(dt)
+    if kernel is not None:  # the fused Mosaic kernel reads a non-finite x, B, C as 0 itself (no sanitised copy)
+        y, s = _ssd_fused(x, dt, A, B, C, s0, segment_ids, chunk_size, kernel)
     else:
-        y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret,
-                            seq_axis=seq_axis)
+        x, B, C = (nonfinite.finite_or_zero(v) for v in (x, B, C))
+        if mode == "recurrent":
+            y, s = _ssd_recurrent(x, dt, A, B, C, s0, segment_resets(segment_ids))
+        else:
+            y, s = _ssd_chunked(x, dt, A, B, C, s0, segment_ids, chunk_size, impl=impl, interpret=interpret,
+                                seq_axis=seq_axis)
     if D is not None:
-        y = y.astype(acc) + D.astype(acc)[:, None] * x
+        y = y.astype(acc) + D.astype(acc)[:, None] * nonfinite.finite_or_zero(x)
     return nonfinite.poison_outputs(y.astype(out_dtype), s, mask, seq_axis)
 
 
@@ -359,6 +370,17 @@ def _ssd_recurrent(x, dt, A, B, C, s0, resets):
     tm = lambda v: None if v is None else jnp.swapaxes(v, 0, 1)
     s, y = jax.lax.scan(step, s0, (tm(x), tm(dt), tm(B), tm(C), tm(resets)))
     return jnp.swapaxes(y, 0, 1), s
+
+
+def _ssd_fused(x, dt, A, B, C, s0, segment_ids, c, kernel):
+    """SSD as linear attention with ``q = C``, ``k = B``, ``v = dt x``, ``g = dt A``, scale 1 and the
+    state transposed (``[N, P]``), run by the fused Mosaic kernels
+    (:func:`memjax.memory.linear_vjp.chunked_scalar_decay` with ``kernel``): ``dt x`` is formed in
+    VMEM and one group's B, C are read once for all heads, so nothing the size of x is written
+    besides y."""
+    y, s = chunked_scalar_decay(C, B, x, dt * A, segment_resets(segment_ids), jnp.swapaxes(s0, -1, -2), 1.0, c,
+                                kernel=kernel, w=dt)
+    return y, jnp.swapaxes(s, -1, -2)
 
 
 def _ssd_chunked(x, dt, A, B, C, s0, segment_ids, c, *, impl, interpret, seq_axis=None):

@@ -123,8 +123,9 @@ class _AssociativeBlock(Block):
       expand_v: value head dim = ``int(head_dim * expand_v)``.
       output_gate: ``RMSNorm(o) * SiLU(x W_gate)``; False: ``RMSNorm(o)`` only.
       mode: training form, ``"chunked"`` or ``"recurrent"`` (same result, slower).
-      kernel: chunk-to-chunk state pass, ``"auto"``, ``"xla"`` or ``"pallas"``
-        (:mod:`memjax.kernels.chunk_pass`).
+      kernel: chunk-to-chunk state pass, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"pallas_tpu"``
+        (:mod:`memjax.kernels.chunk_pass`; with ``"pallas_tpu"`` the linear-attention and delta-rule
+        cores with a per-head gate run their fused Mosaic kernels).
       norm_eps: epsilon of the output RMSNorm.
       dtype: compute dtype (parameters stay float32; the memory state is float32).
       seq_axis: mesh axis that time is split over (sequence parallelism); ``None``: never.
