@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from memjax.kernels import chunk_pass_pallas as crp
 from memjax.kernels import chunk_pass_pallas_tpu as crpt
 from memjax.kernels.pallas_common import on_verified_device
-from memjax.kernels.manual_axes import common_varying
+from memjax.kernels.manual_axes import common_varying, over_batch
 from memjax.kernels.platform import target_platform
 
 IMPLS = ("auto", "xla", "pallas", "pallas_tpu")
@@ -313,5 +313,7 @@ def chunk_recurrence(qg: jax.Array, p: jax.Array, u: jax.Array, ke: jax.Array, a
     # The kernels carry the state in the accumulation dtype; casting here (not inside the
     # custom_vjp) gives the initial state's gradient its own dtype through the cast.
     acc = jnp.promote_types(u.dtype, jnp.float32)
-    o, s = _pallas(qg, p, u, w, ke, a, s0.astype(acc), name, interp, tile)
+    # (under a mesh the kernel runs per device: XLA cannot partition a Pallas call)
+    run = over_batch(lambda *xs: _pallas(*xs, name, interp, tile), qg.shape[0], check_vma=not interp)
+    o, s = run(qg, p, u, w, ke, a, s0.astype(acc))
     return o, s.astype(s0.dtype)

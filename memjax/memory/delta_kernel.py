@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from memjax.kernels import delta_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import fused_choice
+from memjax.kernels.manual_axes import over_batch
 from memjax.memory.chunking import pad_time
 
 __all__ = ["chunked_delta_kernel", "delta_kernel"]
@@ -50,8 +51,8 @@ def chunked_delta_kernel(q, k, v, beta, g, resets, s0, scale: float, chunk_size:
         g = jnp.where(full, jnp.zeros((), g.dtype), g)
         resets = full if resets is None else full | resets
     pad = lambda x: None if x is None else pad_time(x, chunk_size)  # noqa: E731  (zeros: the state is unchanged)
-    o, s = _core(pad(q), pad(k), pad(v), pad(beta), pad(g), pad(resets), s0, float(scale), int(chunk_size),
-                 bool(kernel[1]))
+    core = lambda *xs: _core(*xs, float(scale), int(chunk_size), bool(kernel[1]))  # noqa: E731
+    o, s = over_batch(core, b, check_vma=not kernel[1])(pad(q), pad(k), pad(v), pad(beta), pad(g), pad(resets), s0)
     return o[:, :t], s
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from memjax.kernels import gla_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import fused_choice
+from memjax.kernels.manual_axes import over_batch
 from memjax.memory.chunking import pad_time
 
 __all__ = ["chunked_gla_kernel", "gla_kernel"]
@@ -45,7 +46,8 @@ def chunked_gla_kernel(q, k, v, g, seg_starts, s0, scale: float, chunk_size: int
     if seg_starts is not None:
         seg_starts = jnp.broadcast_to(seg_starts[..., None], (b, t, h))
     pad = lambda x: None if x is None else pad_time(x, chunk_size)  # noqa: E731  (zeros: the state is unchanged)
-    o, s = _core(pad(q), pad(k), pad(v), pad(g), pad(seg_starts), s0, float(scale), int(chunk_size), bool(kernel[1]))
+    core = lambda *xs: _core(*xs, float(scale), int(chunk_size), bool(kernel[1]))  # noqa: E731
+    o, s = over_batch(core, b, check_vma=not kernel[1])(pad(q), pad(k), pad(v), pad(g), pad(seg_starts), s0)
     return o[:, :t], s
 
 

@@ -96,6 +96,7 @@ import jax.numpy as jnp
 
 from memjax.kernels import linear_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import as_operand, fused_choice
+from memjax.kernels.manual_axes import over_batch
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
 from memjax.memory.chunking import chunk_span_sums, from_chunks, masked_exp, pad_time, to_chunks
@@ -124,7 +125,8 @@ def fused_default() -> bool:
 def chunked_scalar_decay(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, resets: jax.Array | None,
                          s0: jax.Array, scale: float, chunk_size: int, *,
                          fused: bool | None = None, mix: bool = True,
-                         kernel: tuple[str, bool] | None = None, w: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                         kernel: tuple[str, bool] | None = None,
+                         w: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The chunked form of the module docstring, differentiated by its hand-written VJP.
 
     Args:
@@ -168,8 +170,10 @@ def chunked_scalar_decay(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array 
     if resets is not None:  # padded with False: the tail starts no segment
         resets = resets if resets.ndim == 3 else jnp.broadcast_to(resets[..., None], (b, t, h))
     # g padded with 0 and q = k = v = 0: the tail leaves the state unchanged
-    o, s = _core(chunks(q), chunks(k), chunks(v), chunks(g), chunks(resets), chunks(w), s0, float(scale),
-                 bool(fused), bool(mix), kernel)
+    core = lambda *xs: _core(*xs, float(scale), bool(fused), bool(mix), kernel)  # noqa: E731
+    if kernel is not None:  # a Mosaic call in a sharded program runs per device (shard_map over the batch)
+        core = over_batch(core, b, check_vma=not kernel[1])
+    o, s = core(chunks(q), chunks(k), chunks(v), chunks(g), chunks(resets), chunks(w), s0)
     return from_chunks(o)[:, :t], s
 
 
