@@ -15,7 +15,9 @@ writes no kernel. It maps memjax's layout and mask vocabulary onto it:
   through the kernel's ``SegmentIds``: every contiguous run of a ``segment_ids`` value is one
   document (the rule of :func:`memjax.memory.segments.document_ids`, recomputed here because
   kernels do not import memory);
-* gradients: the kernel's own ``custom_vjp`` (its dq and dkv Pallas kernels).
+* gradients: the kernel's own ``custom_vjp`` (its dq and dkv Pallas kernels);
+* sharding: under a mesh the batch is split over the devices by a ``shard_map``
+  (:func:`memjax.kernels.manual_axes.over_batch`): XLA cannot partition a Mosaic call.
 
 Equation (per batch element, query head ``h`` reading key/value head ``h // (H / Hkv)``)::
 
@@ -51,6 +53,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+from memjax.kernels.manual_axes import over_batch
 
 _LANES = 128
 # Block sizes tried largest first: 512 is what MaxText uses on v5e / v5p; smaller blocks only when
@@ -183,9 +187,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     kernel = _kernel(t, s, h, int(window), bool(interpret))
     # [B, L, H, D] -> [B, H, L, D]: the kernel's head-major layout per batch element.
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in ((q * jnp.asarray(scale, q.dtype)), k, v))
+    # Under a mesh the kernel runs per device (XLA cannot partition a Pallas call); the splash
+    # library's own pallas_call does not declare manual-axis types, hence check_vma=False.
     if segment_ids is None:
-        o = jax.vmap(kernel)(qh, kh, vh)
+        o = over_batch(jax.vmap(kernel), b, check_vma=False)(qh, kh, vh)
     else:
         docs = _runs(segment_ids)
-        o = jax.vmap(lambda a, c, d, ids: kernel(a, c, d, segment_ids=sa.SegmentIds(q=ids, kv=ids)))(qh, kh, vh, docs)
+        per_row = lambda a, c, d, ids: kernel(a, c, d, segment_ids=sa.SegmentIds(q=ids, kv=ids))  # noqa: E731
+        o = over_batch(jax.vmap(per_row), b, check_vma=False)(qh, kh, vh, docs)
     return jnp.swapaxes(o, 1, 2).astype(q.dtype)
