@@ -366,11 +366,9 @@ def test_sharded_batch_equals_one_device(name):
         assert rel_rmse(x, r) < 1e-6
 
 
-@needs_libtpu
-def test_fused_kernels_compile_for_a_sharded_program():
-    """On a 4-chip v5p slice with the batch sharded over the mesh, forward + backward of every fused
-    kernel compiles (without the shard_map XLA refuses: "Mosaic kernels cannot be automatically
-    partitioned"), with no all-gather of the inputs and each kernel on the per-device batch."""
+def _v5p_sharded_inputs():
+    """A 4-chip v5p mesh over "data" and q, k, v ``[8, 256, 16, 128]`` bf16 and a gate ``[8, 256,
+    16]`` with the batch sharded over it (compile-only devices)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from memjax.train import compile as plan_lib
 
@@ -380,6 +378,15 @@ def test_fused_kernels_compile_for_a_sharded_program():
     sh = NamedSharding(mesh, P("data"))
     args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=sh) for _ in range(3)] + [
         jax.ShapeDtypeStruct((b, t, h), jnp.float32, sharding=sh)]
+    return mesh, args, (b, t, h)
+
+
+@needs_libtpu
+def test_fused_kernels_compile_for_a_sharded_program():
+    """On a 4-chip v5p slice with the batch sharded over the mesh, forward + backward of every fused
+    kernel compiles (without the shard_map XLA refuses: "Mosaic kernels cannot be automatically
+    partitioned"), with no all-gather of the inputs and each kernel on the per-device batch."""
+    mesh, args, (b, t, h) = _v5p_sharded_inputs()
     for name, fn in _fused_memories().items():
         def loss(q, k, v, g, fn=fn):
             o, s = fn(q, k, v, g, "pallas_tpu", None)
@@ -397,16 +404,9 @@ def test_fused_kernels_compile_for_a_sharded_program():
 def test_state_pass_kernel_compiles_for_a_sharded_program():
     """The state-pass kernel (KDA's chunk pass with impl="pallas_tpu") runs per device the same way
     on a 4-chip v5p slice with the batch sharded."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from memjax.memory.delta import delta_rule
-    from memjax.train import compile as plan_lib
 
-    mesh = jax.make_mesh((4,), ("data",), devices=plan_lib.topology_devices("v5p:2x2x1"),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    b, t, h, d = 8, 256, 16, 128
-    sh = NamedSharding(mesh, P("data"))
-    args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=sh) for _ in range(3)] + [
-        jax.ShapeDtypeStruct((b, t, h), jnp.float32, sharding=sh)]
+    mesh, args, (b, t, h) = _v5p_sharded_inputs()
 
     def kda_loss(q, k, v, g):
         kn = k.astype(jnp.float32) / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)
