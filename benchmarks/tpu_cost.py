@@ -139,7 +139,9 @@ def main(argv=None) -> list[dict]:
     unknown = sorted(set(args.ops or ()) - set(all_cases))
     if unknown:
         raise SystemExit(f"--ops: unknown memories {unknown}; known: {sorted(all_cases)}")
-    table = Table("tpu_cost", ["memory", "impl", "pass", "GB accessed", "io GB", "ratio", "corrected GB",
+    # (named after --json's file: the table's own copy goes beside it, never over results/tpu_cost.json)
+    name = os.path.splitext(os.path.basename(args.json))[0] if args.json else "tpu_cost"
+    table = Table(name, ["memory", "impl", "pass", "GB accessed", "io GB", "ratio", "corrected GB",
                                "corrected ratio", "target", "XLA est ms",
                                "floor ms", "temp GB"], out_dir=os.path.dirname(args.json) if args.json else None)
     rows = []
