@@ -122,13 +122,19 @@ def assert_bf16_error_like(run, impl: str = "pallas_tpu", reference: str = "xla"
         assert e < factor * w + slack, errs
 
 
-def assert_non_finite_like(loss, args, n_poisoned: int, impl: str = "pallas_tpu", reference: str = "xla") -> None:
-    """``loss(impl, *args) -> (scalar, (o, s))`` with non-finite entries in ``args``: ``impl`` puts
-    NaN exactly where ``reference`` does (``n_poisoned`` output entries), agrees with it elsewhere
-    and on every gradient (w.r.t. all ``args``), which are finite."""
-    got, want = (jax.jit(jax.grad(functools.partial(loss, i), argnums=tuple(range(len(args))), has_aux=True))(*args)
-                 for i in (impl, reference))
-    (grads, (o, _)), (grads_ref, (o_ref, _)) = got, want
+def assert_non_finite_like(loss, args, clean_args, first_bad: int, n_poisoned: int, impl: str = "pallas_tpu",
+                           reference: str = "xla") -> None:
+    """``loss(impl, *args) -> (scalar, (o, s))``; ``args`` hold non-finite entries, the first at time
+    ``first_bad``, ``clean_args`` the same inputs without them. ``impl`` puts NaN exactly where
+    ``reference`` does (``n_poisoned`` output entries), its outputs before ``first_bad`` are
+    bit-identical to its clean run's, it agrees with ``reference`` elsewhere and on every gradient
+    (w.r.t. all ``args``), and those are finite."""
+    def grad(i):
+        return jax.jit(jax.grad(functools.partial(loss, i), argnums=tuple(range(len(args))), has_aux=True))
+
+    (grads, (o, _)), (grads_ref, (o_ref, _)) = grad(impl)(*args), grad(reference)(*args)
+    _, (o_clean, _) = grad(impl)(*clean_args)
+    np.testing.assert_array_equal(np.asarray(o)[:, :first_bad], np.asarray(o_clean)[:, :first_bad])
     np.testing.assert_array_equal(np.isfinite(o), np.isfinite(o_ref))
     assert np.isfinite(np.asarray(o)).sum() == o.size - n_poisoned
     assert rel_rmse(jnp.where(jnp.isfinite(o), o, 0), jnp.where(jnp.isfinite(o_ref), o_ref, 0)) < 1e-12

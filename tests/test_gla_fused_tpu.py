@@ -93,6 +93,7 @@ def test_non_finite_inputs_match_the_xla_form(x64):
     """NaN / inf in k and q: NaN exactly where the XLA form has them, the same finite gradients."""
     rng = np.random.default_rng(5)
     q, k, v, g, _ = _problem(rng, 1, 40, 2, 8, 8, strength=0.5)
+    q0, k0 = q, k
     k = k.at[0, 30, 1, 2].set(jnp.nan)
     q = q.at[0, 5, 0, 1].set(jnp.inf)
     seg = jnp.asarray(np.repeat(np.array([[0, 1]]), [25, 15], axis=1))
@@ -101,7 +102,8 @@ def test_non_finite_inputs_match_the_xla_form(x64):
         o, s = _run(impl, q, k, v, g, None, seg, chunk=16)
         return jnp.sum(jnp.where(jnp.isfinite(o), o, 0.0) ** 2), (o, s)
 
-    assert_non_finite_like(loss, (q, k, v, g), 8 * (1 + 10))  # q at t = 5; k from t = 30 to its end
+    # the first bad token: q at t = 5 (poisons itself); k at t = 30 (poisons the rest of its document)
+    assert_non_finite_like(loss, (q, k, v, g), (q0, k0, v, g), 5, 8 * (1 + 10))
 
 
 def test_bfloat16_error_is_that_of_the_xla_form():

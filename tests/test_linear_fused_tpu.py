@@ -125,6 +125,7 @@ def test_full_decays_and_non_finite_inputs_match_the_xla_form(x64):
     q, k, v = _inputs(rng, b, t, h, 8, 8)
     g = -jnp.asarray(rng.uniform(0.01, 0.5, (b, t, h)))
     g = g.at[0, 9, 0].set(-jnp.inf)
+    q0, k0 = q, k
     k = k.at[0, 30, 1, 2].set(jnp.nan)
     q = q.at[0, 5, 0, 1].set(jnp.inf)
     seg = jnp.asarray(np.repeat(np.array([[0, 1]]), [25, 15], axis=1))
@@ -133,7 +134,8 @@ def test_full_decays_and_non_finite_inputs_match_the_xla_form(x64):
         o, s = _run(impl, q, k, v, g, None, seg)
         return jnp.sum(jnp.where(jnp.isfinite(o), o, 0.0) ** 2), (o, s)
 
-    assert_non_finite_like(loss, (q, k, v, g), 8 * (1 + 10))  # q at t = 5; k from t = 30 to its end
+    # the first bad token: q at t = 5 (poisons itself); k at t = 30 (poisons the rest of its document)
+    assert_non_finite_like(loss, (q, k, v, g), (q0, k0, v, g), 5, 8 * (1 + 10))
 
 
 def test_bfloat16_error_is_that_of_the_xla_form():
@@ -298,6 +300,29 @@ def test_selective_scan_with_the_fused_kernel_matches_float64(x64, groups):
     assert rel_rmse(got[1][0], want[1][0]) < 1e-12 and rel_rmse(got[1][1], want[1][1]) < 1e-12
     for name, x_, r in zip("x dt A B C D s0".split(), got[0], want[0]):
         assert rel_rmse(x_, r) < 1e-10, name
+
+
+def test_selective_scan_non_finite_inputs_match_the_xla_form(x64):
+    """SSD on the fused kernel reads a non-finite x, B, C as 0 itself (no sanitised copy): a NaN in
+    x at t = 20 and an inf in C at t = 7 give NaN exactly where the XLA form does, earlier outputs
+    bit-identical to the clean run's, and the same finite gradients."""
+    from memjax.memory.ssm import selective_scan
+
+    rng = np.random.default_rng(6)
+    b, t, h, p, n = 1, 40, 2, 8, 8
+    x0 = jnp.asarray(rng.standard_normal((b, t, h, p)))
+    dt = jnp.asarray(rng.uniform(0.1, 1, (b, t, h)))
+    B, C0 = (jnp.asarray(rng.standard_normal((b, t, 1, n))) for _ in range(2))
+    x, C = x0.at[0, 20, 1, 3].set(jnp.nan), C0.at[0, 7, 0, 2].set(jnp.inf)
+    seg = jnp.asarray(np.repeat(np.array([[0, 1]]), [30, 10], axis=1))
+
+    def loss(impl, x, dt, B, C):
+        y, s = selective_scan(x, dt, -jnp.asarray([0.5, 2.0]), B, C, segment_ids=seg, chunk_size=16, impl=impl,
+                              interpret=True if impl == "pallas_tpu" else None)
+        return jnp.sum(jnp.where(jnp.isfinite(y), y, 0.0) ** 2), (y, s)
+
+    # C at t = 7 poisons that token in both heads; x at t = 20 head 1 poisons it to the end of its document (t < 30)
+    assert_non_finite_like(loss, (x, dt, B, C), (x0, dt, B, C0), 7, p * (2 + 10))
 
 
 @needs_libtpu

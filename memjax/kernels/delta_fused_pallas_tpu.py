@@ -93,11 +93,10 @@ class _Chunk:
         self.rv = (self.b * v).astype(md)
         self.rk_acc = self.b * dec.alpha * k
         self.rk = self.rk_acc.astype(md)
-        self.u = dot(xm, self.rv, NN, acc).astype(md)
+        u = dot(xm, self.rv, NN, acc).astype(md)
         self.w = dot(xm, self.rk, NN, acc).astype(md)
         self.sm = s.astype(md)
-        self.delta = self.u.astype(acc) - dot(self.w, self.sm, NN, acc)
-        self.dm = self.delta.astype(md)
+        self.dm = (u.astype(acc) - dot(self.w, self.sm, NN, acc)).astype(md)  # Delta = U - W S
         self.p_acc = dec.intra(dot(q.astype(md), k.astype(md), NT, acc), scale)
         self.p = self.p_acc.astype(md)
         self.qg = (q * (dec.alpha * scale)).astype(md)

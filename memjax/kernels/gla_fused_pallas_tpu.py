@@ -111,21 +111,18 @@ class _Chunk:
         self.z = (z_col > 0) | full  # [hb, C, K]: the state row is zeroed before this position
         self.R = _scan(self.z.astype(acc), None)
         self.P = _scan(g0, None)
-        self.c, self.acc = c, acc
+        self.c = c
         self.p_last, self.r_last = self.P[:, c - 1:], self.R[:, c - 1:]  # [hb, 1, K]
         self.alpha = _masked_exp(self.P, self.R == 0)  # decay from the chunk start
         self.to_end = _masked_exp(self.p_last - self.P, self.R == self.r_last)
         self.a = _masked_exp(self.p_last, self.r_last == 0)  # [hb, 1, K]
-
-    def rows(self, x, lo, hi):
-        return x[:, lo:hi]
 
     def blocks(self, s):
         """For each query sub-chunk ``a``: ``(lo, hi, alpha_a, [(b, lo_b, hi_b, beta_b * m_ab), ...],
         E_aa)`` (module docstring): ``alpha_a [hb, s, K]`` the decay from the position before ``a``,
         ``beta_b * m_ab [hb, s, K]`` the key factor of block ``(a, b)``, ``E_aa [hb, s, s, K]`` the
         diagonal block's masked factor."""
-        P, R, acc = self.P, self.R, self.acc
+        P, R = self.P, self.R
         out = []
         for a in range(self.c // s):
             lo, hi = a * s, (a + 1) * s
@@ -146,7 +143,6 @@ class _Chunk:
                     m_ab = _masked_exp(p_r - p_e, r_r == r_e)
                     keys.append((lb, hb_, beta_b * m_ab))
             out.append((lo, hi, alpha_a, keys, e_aa))
-        del acc
         return out
 
 
@@ -227,7 +223,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
         dq = dot(do, sm, NT, acc) * ch.alpha * scale  # the read of the incoming state
         dk = dot(vm, hm, NT, acc) * ch.to_end  # the write into the outgoing state
         dv = dot(ke, hm, NN, acc)
-        dq_parts, dk_parts, dv_parts = [], [], []
+        dq_parts = []
         blocks = ch.blocks(s)
         # per query sub-chunk a: its own rows of dq; contributions to dk, dv of every b <= a
         dk_acc = [jnp.zeros_like(k[:, lo:hi]) for lo, hi, *_ in blocks]
@@ -260,7 +256,6 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
         dq = dq + cat(dq_parts)
         dk = dk + cat(dk_acc)
         dv = dv + cat(dv_acc)
-        del dk_parts, dv_parts
         # the decay's gradient: dL/dP = q dq - k dk per channel, summed to the end of each segment
         dlam = q * dq - k * dk
         r = ch.R

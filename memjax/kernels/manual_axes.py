@@ -26,8 +26,9 @@ def over_batch(fn, batch: int, *, check_vma: bool = True):
     mesh's free axes (those not already manual); the batch is split over those of size > 1,
     taken greedily in mesh order while their product divides ``batch``, and the call replicated
     over the rest (an input sharded otherwise, e.g. heads over a tensor axis, is resharded on
-    the way in). Without a mesh, or with every axis already manual, ``fn`` itself. ``check_vma=False`` for kernels run in interpret
-    mode (the Pallas interpreter does not track manual-axis types)."""
+    the way in). Without a mesh, or with every axis already manual, ``fn`` itself.
+    ``check_vma=False`` for kernels run in interpret mode (the Pallas interpreter does not track
+    manual-axis types)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or getattr(mesh, "empty", True):
         return fn

@@ -105,7 +105,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
       impl: the chunk-to-chunk state pass of ``"chunked"``: ``"auto" | "xla" | "pallas" |
         "pallas_tpu"`` (:mod:`memjax.kernels.chunk_pass`); per-key-channel ``g`` refuses
         ``"pallas"`` (the GPU kernel carries scalar chunk decays). With ``"pallas_tpu"``, a
-        per-head (or no) gate and one device, the whole chunked pass runs as one fused Mosaic
+        per-head (or no) gate and no ``seq_axis``, the whole chunked pass runs as one fused Mosaic
         kernel each way (:mod:`memjax.memory.delta_kernel`).
       interpret: run the Pallas kernel in interpret mode (CPU tests); only with ``impl="pallas"``
         or ``"pallas_tpu"``.

@@ -4,7 +4,8 @@ state pass in one kernel each way, the state in VMEM), with the custom VJP that 
 
 :func:`memjax.memory.delta.delta_rule` calls :func:`chunked_delta_kernel` for
 ``impl="pallas_tpu"`` (or ``"auto"`` on a TPU where the kernels have passed their hardware tests)
-with a per-head (or no) decay, one device and one head count for q, k, v; the forward saves the
+with a per-head (or no) decay, no ``seq_axis`` and one head count for q, k, v (under a mesh the
+kernels run per device: :func:`memjax.kernels.manual_axes.over_batch`); the forward saves the
 inputs and the chunk-start states in the operand dtype, the backward kernel recomputes each
 chunk's UT transform from them.
 """
@@ -19,6 +20,7 @@ from memjax.kernels import delta_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import fused_choice
 from memjax.kernels.manual_axes import over_batch
 from memjax.memory.chunking import pad_time
+from memjax.memory.segments import full_decays_as_resets
 
 __all__ = ["chunked_delta_kernel", "delta_kernel"]
 
@@ -44,12 +46,9 @@ def chunked_delta_kernel(q, k, v, beta, g, resets, s0, scale: float, chunk_size:
     Returns ``(o [B, T, H, V]`` in q's dtype, ``S_T [B, H, K, V]`` in s0's dtype).
     """
     b, t, h, _ = q.shape
-    if resets is not None:
+    g, resets = full_decays_as_resets(g, resets)
+    if resets is not None and resets.ndim == 2:
         resets = jnp.broadcast_to(resets[..., None], (b, t, h))
-    if g is not None:  # a full decay is a reset of that head, without an -inf in any sum
-        full = jnp.exp(g) == 0
-        g = jnp.where(full, jnp.zeros((), g.dtype), g)
-        resets = full if resets is None else full | resets
     pad = lambda x: None if x is None else pad_time(x, chunk_size)  # noqa: E731  (zeros: the state is unchanged)
     core = lambda *xs: _core(*xs, float(scale), int(chunk_size), bool(kernel[1]))  # noqa: E731
     o, s = over_batch(core, b, check_vma=not kernel[1])(pad(q), pad(k), pad(v), pad(beta), pad(g), pad(resets), s0)

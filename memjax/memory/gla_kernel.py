@@ -4,7 +4,8 @@ in one kernel each way, the state in VMEM), with the custom VJP that joins them.
 
 :func:`memjax.memory.linear.linear_attention` calls :func:`chunked_gla_kernel` for
 ``impl="pallas_tpu"`` (or ``"auto"`` on a TPU where the kernels have passed their hardware tests)
-with ``g [B, T, H, K]``, no bonus, one device; the forward saves the inputs and the chunk-start
+with ``g [B, T, H, K]``, no bonus, no ``seq_axis`` (under a mesh the kernels run per device:
+:func:`memjax.kernels.manual_axes.over_batch`); the forward saves the inputs and the chunk-start
 states in the operand dtype.
 """
 from __future__ import annotations

@@ -85,7 +85,7 @@ from memjax.memory.gla_kernel import chunked_gla_kernel, gla_kernel
 from memjax.memory.linear_vjp import chunked_scalar_decay, fused_kernel
 from memjax.memory.contract import (check_floating, check_matrix_memory, operand_dtype, output_dtype,
                                     resolve_scale, shape_of, state_dtype)
-from memjax.memory.segments import segment_resets
+from memjax.memory.segments import full_decays_as_resets, segment_resets
 from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sharded_chunk_recurrence,
                                              sharded_columns)
 
@@ -118,7 +118,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
       chunk_size: ``C`` for ``"chunked"``. ``T`` need not be a multiple: the tail is padded with
         ``k = v = q = 0`` and ``g = 0`` (the state is unchanged) and the output sliced back.
       impl: ``"auto" | "xla" | "pallas" | "pallas_tpu"`` (:mod:`memjax.kernels.chunk_pass`):
-        the chunk-to-chunk state pass, or with ``"pallas_tpu"`` (no bonus, one device) the whole
+        the chunk-to-chunk state pass, or with ``"pallas_tpu"`` (no bonus, no ``seq_axis``) the whole
         chunked pass in one fused Mosaic kernel each way (a per-head or no decay:
         :mod:`memjax.kernels.linear_fused_pallas_tpu`; per key channel:
         :mod:`memjax.kernels.gla_fused_pallas_tpu`).
@@ -264,11 +264,7 @@ def _chunked_xla(q, k, v, g, s0, segment_ids, scale, chunk_size, kernel=None):
     non-finite entries of q, k, v as 0, where it reads them, so no sanitised copy is written), a
     full decay (``exp(g) == 0``, e.g. ``-inf``) turned into a reset of that head with ``g = 0``,
     exactly the recurrent form's ``exp(g) S = 0`` without an ``-inf`` in any sum."""
-    resets = segment_resets(segment_ids)  # [B, T] or None
-    if g is not None:
-        full = jnp.exp(g) == 0
-        g = jnp.where(full, jnp.zeros((), g.dtype), g)
-        resets = full if resets is None else full | resets[..., None]
+    g, resets = full_decays_as_resets(g, segment_resets(segment_ids))
     return chunked_scalar_decay(q, k, v, g, resets, s0, scale, chunk_size, kernel=kernel)
 
 

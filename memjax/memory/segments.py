@@ -23,6 +23,18 @@ def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
     return segment_ids != previous
 
 
+def full_decays_as_resets(g: jax.Array | None, resets: jax.Array | None):
+    """``(g, resets)`` with every full per-head decay (``exp(g_t) == 0``, e.g. ``g = -inf``) turned
+    into a reset of that head with ``g_t = 0``: the same state (``exp(g) S = 0``) without an
+    ``-inf`` in any cumulative sum. ``g: [B, T, H]`` or None; ``resets: [B, T]`` (segment starts,
+    broadcast over heads) or None; the returned resets are ``[B, T, H]`` when ``g`` is given."""
+    if g is None:
+        return g, resets
+    full = jnp.exp(g) == 0
+    g = jnp.where(full, jnp.zeros((), g.dtype), g)
+    return g, full if resets is None else full | resets[..., None]
+
+
 def _add_unless_restart(a, b):
     """Combine of the segmented sum: ``b``'s run restarts (drops ``a``'s sum) where it is flagged."""
     (ra, sa), (rb, sb) = a, b
