@@ -22,17 +22,17 @@ and ``corrected ratio`` is the figure to hold against the target (``ratio`` alon
 work into a scan). Inputs are bfloat16 (the
 activations a model feeds in); log gates stay float32 as the library computes decays in log
 space. For ``impl="pallas_tpu"`` XLA counts a Pallas call by the bytes of its ``CostEstimate``
-(every kernel here states its operands plus its outputs). For the fused kernels (linear
-attention, scalar and vector GLA, SSD, DeltaNet, gated delta rule: the whole chunked pass in one
-kernel, each operand block read once and each output written once by its block specs,
-everything else in VMEM) that is their HBM traffic; for the state-pass kernel (KDA, GDN-2) the
-row is the XLA glue around it plus its operands. mLSTM has no kernel.
+(every kernel here states its operands plus its outputs). Every memory here has a fused kernel
+(the whole chunked pass in one kernel each way, each operand block read once and each output
+written once by its block specs, everything else in VMEM), so that is its HBM traffic.
 
 XLA's cost model charges a ``lax.cond`` with its most expensive branch, not the one a run takes:
-the ``gla_vector`` row is the strong-decay (sub-chunk) branch of
-:func:`memjax.memory.linear.linear_attention`; with tame gates (the usual training case, the branch
-that runs) the same forward program moves about 6.1 GB at the default shape (7.5x; measured by
-compiling it with the branch fixed to the tame one).
+the XLA rows of ``gla_vector``, ``kda`` and ``gdn2`` include the strong-decay (sub-chunk) branch
+of :func:`memjax.memory.linear.linear_attention` and :func:`memjax.memory.gdn2.channel_delta`;
+with tame gates (the usual training case, the branch that runs) the forward moves about 6.1 GB
+for ``gla_vector`` (7.5x), and ``kda`` / ``gdn2`` 18.6 / 19.0 GB forward, 42.8 / 43.7 GB forward
++ backward (corrected; 22.8x / 17.6x and 28.8x / 21.6x), measured by compiling them with the
+branch fixed to the tame one. The fused kernels take no ``cond``.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def cases(b: int, t: int, h: int, k: int, v: int) -> dict:
                  qkv + [vgate, ((b, t, h, k), BF16), ((b, t, h, v), BF16)], True),
         "mamba2_ssd": (lambda x, dt, bm, cm, impl: selective_scan(x, dt, -jnp.linspace(1.0, 4.0, h), bm, cm, impl=impl),
                        [((b, t, h, p), BF16), ((b, t, h), F32), ((b, t, 1, n), BF16), ((b, t, 1, n), BF16)], True),
-        "mlstm": (lambda q, kk, vv, i, f, impl: mlstm(q, kk, vv, i, f),
-                  qkv + [gate, gate], False),
+        "mlstm": (lambda q, kk, vv, i, f, impl: mlstm(q, kk, vv, i, f, impl=impl),
+                  qkv + [gate, gate], True),
     }
 
 

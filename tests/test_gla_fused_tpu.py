@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from memjax.kernels import gla_fused_pallas_tpu as fk
-from memjax.memory.gla_kernel import gla_kernel
 from memjax.memory.linear import linear_attention
 from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, rel_rmse
 
@@ -121,25 +120,8 @@ def test_bfloat16_error_is_that_of_the_xla_form():
     assert_bf16_error_like(run)
 
 
-def test_dispatch():
-    shape = (2, 256, 16, 128)
-    assert gla_kernel("xla", shape, 128, jnp.bfloat16, 64, None) is None
-    assert gla_kernel("auto", shape, 128, jnp.bfloat16, 64, None) is None
-    assert gla_kernel("pallas_tpu", shape, 128, jnp.float64, 64, True) == ("pallas_tpu", True)
-    with pytest.raises(ValueError, match="needs a TPU"):
-        gla_kernel("pallas_tpu", shape, 128, jnp.bfloat16, 64, None)
+def test_sub_chunk():
     assert [fk.sub_chunk(c) for c in (8, 16, 24, 64)] == [8, 16, 24, 16]
-
-
-@pytest.mark.parametrize("shape,dtype,ok", [
-    ((8, 4096, 16, 128, 128, 64), jnp.bfloat16, True),
-    ((1, 64, 16, 128, 128, 64), jnp.float32, True),
-    ((1, 64, 16, 128, 128, 64), jnp.float16, False),
-    ((1, 60, 16, 128, 128, 20), jnp.float32, False),
-])
-def test_supports(shape, dtype, ok):
-    assert fk.supports(shape, dtype, "tpu") is ok
-    assert fk.supports(shape, dtype, "cpu") is False
 
 
 @needs_libtpu

@@ -141,7 +141,7 @@ def test_gradients_agree_between_forms(x64, packed):
         def fn(q, k, v, i, f, s):
             y, (c, n, m) = mlstm(q, k, v, i, f, initial_state=s, segment_ids=seg, mode=mode, chunk_size=6)
             return jnp.sum(jnp.sin(y)) + jnp.sum(c * c) + jnp.sum(n)
-        return jax.grad(fn, argnums=(0, 1, 2, 3, 4, 5))(*args, s0)
+        return jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3, 4, 5)))(*args, s0)
 
     gr, gc = loss("recurrent"), loss("chunked")
     for a, b_ in zip(jax.tree.leaves(gr), jax.tree.leaves(gc)):
@@ -271,3 +271,5 @@ def test_block_bad_options_raise():
         MLSTM(d_model=30, num_heads=7, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mode"):
         MLSTM(d_model=32, mode="parallel", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        MLSTM(d_model=32, kernel="pallas", rngs=nnx.Rngs(0))

@@ -48,10 +48,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, gate_rows, geometry,
-                                            heads_first, launch, load_chunk, nbytes, out_bytes, tile_bytes)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, forward_outputs, gate_rows,
+                                            geometry, heads_first, launch, load_chunk, nbytes, out_bytes, tile_bytes,
+                                            write_final)
 
-__all__ = ["forward", "backward", "supports", "CHUNKS_PER_STEP"]
+__all__ = ["forward", "backward", "supports", "neumann_inverse", "CHUNKS_PER_STEP"]
 
 # The UT transform's [C, C] temporaries for 8 heads need more than the 16 MiB default scoped VMEM
 # of a v5e at C = 64 (the estimate below: 12.6 MiB of buffers at K = V = 128, bf16), so the
@@ -64,14 +65,13 @@ VMEM_BUDGET = 24 * 2 ** 20
 CHUNKS_PER_STEP = 2
 
 
-def _inverse(lower, dec, c, acc):
+def neumann_inverse(lower, eye, acc):
     """``(I + L)^{-1}`` for strictly lower ``L [hb, C, C]`` (module docstring): the Neumann
-    series of the nilpotent ``-L`` by repeated squaring."""
-    eye = jnp.where(dec.diag, jnp.ones((), acc), jnp.zeros((), acc))
+    series of the nilpotent ``-L`` by repeated squaring; ``eye`` the ``[1, C, C]`` diagonal mask."""
     p = -lower
-    x = eye + p
+    x = jnp.where(eye, jnp.ones((), acc), jnp.zeros((), acc)) + p
     span = 2
-    while span < c:
+    while span < lower.shape[-1]:
         p = dot(p, p, NN, acc)
         x = x + dot(x, p, NN, acc)
         span *= 2
@@ -87,7 +87,7 @@ class _Chunk:
         self.b = dec.as_col(b_row.astype(acc))  # [hb, C, 1]
         self.kk = dot(k.astype(md), k.astype(md), NT, acc)
         self.lower = jnp.where(self.strict, self.b * self.kk * dec.D, jnp.zeros((), acc))
-        self.x = _inverse(self.lower, dec, c, acc)
+        self.x = neumann_inverse(self.lower, dec.diag, acc)
         xm = self.x.astype(md)
         self.xm = xm
         self.rv = (self.b * v).astype(md)
@@ -105,17 +105,8 @@ class _Chunk:
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, b_ref, s0_ref, *rest, nb, c, scale, save_states):
-    nout = 3 if save_states else 2  # (outputs after NaN buffers aliased to them when poisoned)
-    o_ref, sf_ref = rest[-1 - nout], rest[-nout]
-    st_ref = rest[-2] if save_states else None
-    s_ref = rest[-1]
+    o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
-    step = pl.program_id(2)
-
-    @pl.when(step == 0)
-    def _():
-        s_ref[...] = s0_ref[...].astype(acc)
-
     s = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
@@ -128,10 +119,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, b_ref, s0_ref, *rest, nb, c, 
         o_ref[rows] = heads_first(o).astype(o_ref.dtype)
         s = dec.a * s + dot(ch.ke, ch.dm, TN, acc)
     s_ref[...] = s
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        sf_ref[...] = s.astype(sf_ref.dtype)
+    write_final(sf_ref, s)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_ref, *rest, nb, c, scale):
@@ -198,10 +186,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_re
             ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
         h = h_prev
     h_ref[...] = h
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = h.astype(ds0_ref.dtype)
+    write_final(ds0_ref, h)
 
 
 

@@ -58,10 +58,12 @@ class ChunkDecays:
         self.mask = self.causal & self.same_segment  # j <= i, same segment
         gc = jnp.sum(jnp.where(self.mask, g, zero), axis=2, keepdims=True)  # G_i, restarted at resets
         gr = self.as_row(gc)
+        self.gc, self.gr = gc, gr  # the cumulative log decays as a column and a row
         # every exponent is masked before the exp (it is <= 0 on the mask), so nothing off the
         # mask can overflow into a kept value
         self.D = jnp.exp(jnp.where(self.mask, gc - gr, zero))
         g_last, r_last = gr[:, :, c - 1:], rr[:, :, c - 1:]  # [hb, 1, 1]
+        self.g_last, self.r_last = g_last, r_last
         first = rc == 0
         self.alpha = jnp.where(first, jnp.exp(jnp.where(first, gc, zero)), zero)  # [hb, C, 1]
         same = rc == r_last
@@ -93,6 +95,45 @@ class ChunkDecays:
         dg = dg + jnp.where(self.same_as_last, carry, self.zero)
         dg = jnp.where(self.z_col > 0, self.zero, dg)
         return dg, dg[:, :1, :]  # a reset at the chunk's first token gives the chunk before 0
+
+
+def masked_exp(x, ok):
+    """``exp(x)`` where ``ok``, 0 elsewhere, the exponent masked before the ``exp`` (so no masked
+    entry can overflow, or meet an ``inf - inf``)."""
+    zero = jnp.zeros((), x.dtype)
+    return jnp.where(ok, jnp.exp(jnp.where(ok, x, zero)), zero)
+
+
+def forward_outputs(refs, s0_ref, save_states: bool):
+    """``(o_ref, sf_ref, st_ref or None, s_ref)`` of a fused forward kernel whose refs end with the
+    outputs ``(o, S_final, [states])`` and the state scratch (NaN buffers aliased to the outputs
+    when poisoned come before them); the scratch is set from ``s0_ref`` at the first grid step."""
+    nout = 3 if save_states else 2
+    o_ref, sf_ref = refs[-1 - nout], refs[-nout]
+    st_ref = refs[-2] if save_states else None
+    s_ref = refs[-1]
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        s_ref[...] = s0_ref[...].astype(s_ref.dtype)
+
+    return o_ref, sf_ref, st_ref, s_ref
+
+
+def start_from(*pairs):
+    """At the first grid step, set each scratch ref of ``pairs = ((scratch, source), ...)`` from
+    its source ref (the state, or its cotangent, carried across the sequential chunk axis)."""
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        for dst, src in pairs:
+            dst[...] = src[...].astype(dst.dtype)
+
+
+def write_final(ref, value):
+    """Write the state after the last grid step's chunks to ``ref``."""
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+        ref[...] = value.astype(ref.dtype)
 
 
 def load_chunk(ref, rows, acc):

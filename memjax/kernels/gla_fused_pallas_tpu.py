@@ -48,10 +48,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, dot, fits, gate_rows, geometry, heads_first, launch,
-                                            load_chunk, nbytes, out_bytes, tile_bytes)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, dot, fits, forward_outputs, gate_rows, geometry,
+                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
+                                            tile_bytes, write_final)
 
-__all__ = ["forward", "backward", "supports", "sub_chunk", "CHUNKS_PER_STEP"]
+__all__ = ["forward", "backward", "supports", "sub_chunk", "ChannelChunk", "channel_vmem_bytes", "segmented_scan",
+           "diag_scores", "CHUNKS_PER_STEP"]
 
 # One chunk per grid step, and a 48 MiB scoped-VMEM limit: the backward's unrolled sub-chunk
 # blocks ([hb, s, s, K] float32 factors and products) keep many temporaries alive; at two chunks
@@ -72,7 +74,7 @@ def sub_chunk(c: int) -> int:
     return SUB if c % SUB == 0 else c
 
 
-def _scan(x, same, reverse=False):
+def segmented_scan(x, same, reverse=False):
     """Inclusive prefix sums of ``x [hb, C, K]`` along positions (axis 1), restricted to runs
     where ``same(i, j)`` holds for the pair's endpoints (``None``: no restriction); ``reverse``
     sums from each position to the end. Hillis-Steele with ``pltpu.roll``: exact adds."""
@@ -92,12 +94,7 @@ def _scan(x, same, reverse=False):
     return x
 
 
-def _masked_exp(x, ok):
-    zero = jnp.zeros((), x.dtype)
-    return jnp.where(ok, jnp.exp(jnp.where(ok, x, zero)), zero)
-
-
-class _Chunk:
+class ChannelChunk:
     """One chunk's per-channel decay quantities for ``hb`` heads (module docstring) from its raw
     gates ``g [hb, C, K]`` (``-inf``: a reset of that channel) and segment starts ``z [hb, 1, C]``."""
 
@@ -109,13 +106,30 @@ class _Chunk:
         full = g == -jnp.inf
         g0 = jnp.where(full, zero, g.astype(acc))
         self.z = (z_col > 0) | full  # [hb, C, K]: the state row is zeroed before this position
-        self.R = _scan(self.z.astype(acc), None)
-        self.P = _scan(g0, None)
+        self.R = segmented_scan(self.z.astype(acc), None)
+        self.P = segmented_scan(g0, None)
         self.c = c
         self.p_last, self.r_last = self.P[:, c - 1:], self.R[:, c - 1:]  # [hb, 1, K]
-        self.alpha = _masked_exp(self.P, self.R == 0)  # decay from the chunk start
-        self.to_end = _masked_exp(self.p_last - self.P, self.R == self.r_last)
-        self.a = _masked_exp(self.p_last, self.r_last == 0)  # [hb, 1, K]
+        self.alpha = masked_exp(self.P, self.R == 0)  # decay from the chunk start
+        self.to_end = masked_exp(self.p_last - self.P, self.R == self.r_last)
+        self.a = masked_exp(self.p_last, self.r_last == 0)  # [hb, 1, K]
+
+    def decay_col(self):
+        """The chunk's decay ``a`` as a column ``[hb, K, 1]`` (a lane reduction of the diagonal:
+        exact), to scale the state's rows."""
+        k = self.a.shape[-1]
+        eye = (jax.lax.broadcasted_iota(jnp.int32, (1, k, k), 1) == jax.lax.broadcasted_iota(jnp.int32, (1, k, k), 2))
+        return jnp.sum(jnp.where(eye, self.a, jnp.zeros((), self.a.dtype)), axis=2, keepdims=True)
+
+    def gate_grad(self, dlam, carry):
+        """``(dg [hb, C, K], carry)``: ``dg_s = sum_{t >= s, same segment} dL/dP_t`` per channel
+        over this chunk plus ``carry [hb, 1, K]`` (that sum from the next chunk's start), 0 at
+        resets; the new carry is ``dg`` at the chunk's first position."""
+        r, c = self.R, self.c
+        dg = segmented_scan(dlam, lambda d: pltpu.roll(r, c - d, 1) == r, reverse=True)
+        dg = dg + jnp.where(r == self.r_last, carry, jnp.zeros((), dlam.dtype))
+        dg = jnp.where(self.z, jnp.zeros((), dlam.dtype), dg)
+        return dg, dg[:, :1]
 
     def blocks(self, s):
         """For each query sub-chunk ``a``: ``(lo, hi, alpha_a, [(b, lo_b, hi_b, beta_b * m_ab), ...],
@@ -130,47 +144,35 @@ class _Chunk:
             causal = (jax.lax.broadcasted_iota(jnp.int32, (1, s, s, 1), 1)
                       >= jax.lax.broadcasted_iota(jnp.int32, (1, s, s, 1), 2))
             ok = causal & (Ra[:, :, None, :] == Ra[:, None, :, :])
-            e_aa = _masked_exp(Pa[:, :, None, :] - Pa[:, None, :, :], ok)
+            e_aa = masked_exp(Pa[:, :, None, :] - Pa[:, None, :, :], ok)
             keys = []
             alpha_a = None
             if a > 0:
                 p_r, r_r = P[:, lo - 1:lo], R[:, lo - 1:lo]
-                alpha_a = _masked_exp(Pa - p_r, Ra == r_r)
+                alpha_a = masked_exp(Pa - p_r, Ra == r_r)
                 for b in range(a):
                     lb, hb_ = b * s, (b + 1) * s
                     p_e, r_e = P[:, hb_ - 1:hb_], R[:, hb_ - 1:hb_]
-                    beta_b = _masked_exp(p_e - P[:, lb:hb_], R[:, lb:hb_] == r_e)
-                    m_ab = _masked_exp(p_r - p_e, r_r == r_e)
+                    beta_b = masked_exp(p_e - P[:, lb:hb_], R[:, lb:hb_] == r_e)
+                    m_ab = masked_exp(p_r - p_e, r_r == r_e)
                     keys.append((lb, hb_, beta_b * m_ab))
             out.append((lo, hi, alpha_a, keys, e_aa))
         return out
 
 
-def _diag_scores(q, k, e):
+def diag_scores(q, k, e):
     """``sum_k q_ik k_jk e_ijk``: ``[hb, s, K] x [hb, s, K] x [hb, s, s, K] -> [hb, s, s]``."""
     return jnp.sum(q[:, :, None, :] * k[:, None, :, :] * e, axis=3)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states):
-    nout = 3 if save_states else 2  # (outputs after NaN buffers aliased to them when poisoned)
-    o_ref, sf_ref = rest[-1 - nout], rest[-nout]
-    st_ref = rest[-2] if save_states else None
-    s_ref = rest[-1]
+    o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
-    kdim = s_ref.shape[1]
-    step = pl.program_id(2)
-
-    @pl.when(step == 0)
-    def _():
-        s_ref[...] = s0_ref[...].astype(acc)
-
     state = s_ref[...]  # [hb, K, V]
-    eye_k = (jax.lax.broadcasted_iota(jnp.int32, (1, kdim, kdim), 1)
-             == jax.lax.broadcasted_iota(jnp.int32, (1, kdim, kdim), 2))
     for j in range(nb):
         rows = pl.ds(j * c, c)
         (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
-        ch = _Chunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
         sm = state.astype(md)
         if save_states:
             st_ref[:, j] = sm.astype(st_ref.dtype)
@@ -180,7 +182,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scal
         parts = []
         for lo, hi, alpha_a, keys, e_aa in ch.blocks(s):
             qa, ka = q[:, lo:hi], k[:, lo:hi]
-            o_a = read[:, lo:hi] + dot((_diag_scores(qa, ka, e_aa) * scale).astype(md), vm[:, lo:hi], NN, acc)
+            o_a = read[:, lo:hi] + dot((diag_scores(qa, ka, e_aa) * scale).astype(md), vm[:, lo:hi], NN, acc)
             if keys:
                 qa_f = (qa * alpha_a).astype(md)
                 for lb, hb_, kf in keys:
@@ -189,35 +191,24 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scal
             parts.append(o_a)
         o = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         o_ref[rows] = heads_first(o).astype(o_ref.dtype)
-        a_col = jnp.sum(jnp.where(eye_k, ch.a, jnp.zeros((), acc)), axis=2, keepdims=True)  # [hb, K, 1]
-        state = a_col * state + dot((k * ch.to_end).astype(md), vm, TN, acc)
+        state = ch.decay_col() * state + dot((k * ch.to_end).astype(md), vm, TN, acc)
     s_ref[...] = state
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        sf_ref[...] = state.astype(sf_ref.dtype)
+    write_final(sf_ref, state)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale):
     dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, h_ref, carry_ref = rest[-7:]  # (after NaN buffers when poisoned)
     acc, md = h_ref.dtype, q_ref.dtype
-    kdim = h_ref.shape[1]
-    step = pl.program_id(2)  # the index maps walk the chunk blocks last to first
-
-    @pl.when(step == 0)
-    def _():
-        h_ref[...] = dsf_ref[...].astype(acc)
-        carry_ref[...] = last_ref[...].astype(acc)  # <dS_T, S_T> per key channel: the final state's share
-
+    # (the index maps walk the chunk blocks last to first; the carry starts as <dS_T, S_T> per key
+    # channel: the final state's share of the decay's gradient)
+    start_from((h_ref, dsf_ref), (carry_ref, last_ref))
     h, carry = h_ref[...], carry_ref[...]  # [hb, K, V], [hb, 1, K]
     zero = jnp.zeros((), acc)
-    eye_k = (jax.lax.broadcasted_iota(jnp.int32, (1, kdim, kdim), 1)
-             == jax.lax.broadcasted_iota(jnp.int32, (1, kdim, kdim), 2))
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
         (q, q_ok), (k, k_ok), (v, v_ok) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
         do = heads_first(do_ref[rows]).astype(md)
-        ch = _Chunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
         sm, hm, vm = st_ref[:, j].astype(md), h.astype(md), v.astype(md)
         ke = (k * ch.to_end).astype(md)
         dq = dot(do, sm, NT, acc) * ch.alpha * scale  # the read of the incoming state
@@ -234,7 +225,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
             causal = (jax.lax.broadcasted_iota(jnp.int32, (1, hi - lo, hi - lo), 1)
                       >= jax.lax.broadcasted_iota(jnp.int32, (1, hi - lo, hi - lo), 2))
             d_sc = jnp.where(causal, d_sc, zero)
-            sc = _diag_scores(qa, ka, e_aa) * scale
+            sc = diag_scores(qa, ka, e_aa) * scale
             dq_a = jnp.sum(d_sc[:, :, :, None] * ka[:, None, :, :] * e_aa, axis=2)
             dk_acc[ai] = dk_acc[ai] + jnp.sum(d_sc[:, :, :, None] * qa[:, :, None, :] * e_aa, axis=1)
             dv_acc[ai] = dv_acc[ai] + dot(sc.astype(md), do_a, TN, acc)
@@ -257,23 +248,14 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
         dk = dk + cat(dk_acc)
         dv = dv + cat(dv_acc)
         # the decay's gradient: dL/dP = q dq - k dk per channel, summed to the end of each segment
-        dlam = q * dq - k * dk
-        r = ch.R
-        dg = _scan(dlam, lambda d: pltpu.roll(r, c - d, 1) == r, reverse=True)
-        dg = dg + jnp.where(r == ch.r_last, carry, zero)
-        dg = jnp.where(ch.z, zero, dg)
-        carry = dg[:, :1]
+        dg, carry = ch.gate_grad(q * dq - k * dk, carry)
         dg_ref[rows] = heads_first(dg).astype(dg_ref.dtype)
         for ref, ok, d in zip((dq_ref, dk_ref, dv_ref), (q_ok, k_ok, v_ok), (dq, dk, dv)):
             ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
-        a_col = jnp.sum(jnp.where(eye_k, ch.a, zero), axis=2, keepdims=True)  # [hb, K, 1]
-        h = a_col * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
+        h = ch.decay_col() * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
     h_ref[...] = h
     carry_ref[...] = carry
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = h.astype(ds0_ref.dtype)
+    write_final(ds0_ref, h)
 
 
 
@@ -344,18 +326,25 @@ def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:
     """An estimate of the VMEM of the larger (backward) kernel: every block double-buffered, the
     state scratch, and one chunk's float32 temporaries (the ``[hb, s, s, K]`` factors of a query
     sub-chunk and about 24 ``[hb, C, max(K, V)]`` arrays), scaled to Mosaic's measured allocation."""
+    return channel_vmem_bytes(c, hb, k, v, itemsize, nb, k_blocks=2, wide_temps=24)
+
+
+def channel_vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int, *, k_blocks: int,
+                       wide_temps: int) -> int:
+    """The VMEM estimate of a per-channel-decay kernel's backward (this one's, and the KDA
+    kernel's): ``k_blocks`` ``[rows, hb, K]`` sequence inputs (and as many gradients) besides the
+    float32 gate, two V-wide inputs and one V-wide gradient, the chunk-start states, and
+    ``wide_temps`` float32 ``[hb, C, max(K, V)]`` temporaries beside the sub-chunk factors."""
     f32 = 4
     rows = nb * c
     s = sub_chunk(c)
-    seq = hb * (2 * tile_bytes(rows, k, itemsize) + 2 * tile_bytes(rows, v, itemsize) + tile_bytes(rows, k, f32))
+    seq = hb * (k_blocks * tile_bytes(rows, k, itemsize) + 2 * tile_bytes(rows, v, itemsize) + tile_bytes(rows, k, f32))
     gates = hb * nb * tile_bytes(1, c, f32)
     states = hb * nb * tile_bytes(k, v, itemsize)
-    outs = hb * (2 * tile_bytes(rows, k, itemsize) + tile_bytes(rows, v, itemsize) + tile_bytes(rows, k, f32))
+    outs = hb * (k_blocks * tile_bytes(rows, k, itemsize) + tile_bytes(rows, v, itemsize) + tile_bytes(rows, k, f32))
     state = hb * tile_bytes(k, v, f32)
-    temps = hb * (4 * s * tile_bytes(s, k, f32) + 24 * tile_bytes(c, max(k, v), f32) + tile_bytes(k, k, f32))
+    temps = hb * (4 * s * tile_bytes(s, k, f32) + wide_temps * tile_bytes(c, max(k, v), f32) + tile_bytes(k, k, f32))
     return int(_TEMP_FACTOR * (2 * (seq + gates + states + outs + 2 * state) + state + temps))
-
-
 
 
 def supports(shape, dtype, backend: str) -> bool:

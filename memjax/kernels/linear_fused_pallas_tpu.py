@@ -49,8 +49,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from memjax.kernels.chunk_pass_pallas_tpu import VMEM_BUDGET
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, gate_rows, geometry,
-                                            head_block, heads_first, launch, load_chunk, nbytes, out_bytes, tile_bytes)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, forward_outputs, gate_rows,
+                                            geometry, head_block, heads_first, launch, load_chunk, nbytes, out_bytes,
+                                            tile_bytes, write_final)
 
 __all__ = ["forward", "backward", "supports", "head_block", "CHUNKS_PER_STEP"]
 
@@ -76,18 +77,9 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled):
     q_ref, k_ref, v_ref, g_ref, z_ref = refs[:5]
     w_ref = refs[5] if scaled else None
     s0_ref = refs[5 + scaled]
-    nout = 3 if save_states else 2
-    o_ref, sf_ref = refs[-1 - nout], refs[-nout]
-    st_ref = refs[-2] if save_states else None
-    s_ref = refs[-1]
+    o_ref, sf_ref, st_ref, s_ref = forward_outputs(refs, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     hb = s_ref.shape[0]
-    step = pl.program_id(2)
-
-    @pl.when(step == 0)
-    def _():
-        s_ref[...] = s0_ref[...].astype(acc)
-
     s = s_ref[...]  # [hb, K, V]
     for j in range(nb):  # unrolled: static, aligned row offsets
         rows = pl.ds(j * c, c)
@@ -104,10 +96,7 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled):
         o_ref[rows] = heads_first(o).astype(o_ref.dtype)
         s = dec.a * s + dot(ke, vm, TN, acc)
     s_ref[...] = s
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        sf_ref[...] = s.astype(sf_ref.dtype)
+    write_final(sf_ref, s)
 
 
 def _bwd_kernel(*refs, nb, c, scale, shared, scaled):
@@ -163,10 +152,7 @@ def _bwd_kernel(*refs, nb, c, scale, shared, scaled):
         h = dec.a * h + dot(qg, do, TN, acc)
     h_ref[...] = h
     carry_ref[...] = carry
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = h.astype(ds0_ref.dtype)
+    write_final(ds0_ref, h)
 
 
 # ----------------------------------------------------------------------------- layout and launch

@@ -56,12 +56,12 @@ def tame_limit(dtype) -> float:
     return TAME_SPAN * math.log(float(jnp.finfo(dtype).max))
 
 
-def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant") -> jax.Array:
+def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant", value=0) -> jax.Array:
     """Pad axis 1 of ``x`` at the end to a multiple of ``multiple``.
 
-    ``mode="constant"`` pads with zeros (for q, k, v, beta and log decays zeros leave the state
-    unchanged); ``mode="edge"`` repeats the last entry (for ``segment_ids``, so the tail starts
-    no new segment).
+    ``mode="constant"`` pads with ``value`` (zeros: for q, k, v, beta and log decays they leave
+    the state unchanged); ``mode="edge"`` repeats the last entry (for ``segment_ids``, so the tail
+    starts no new segment).
     """
     t = x.shape[1]
     extra = -t % multiple
@@ -69,6 +69,8 @@ def pad_time(x: jax.Array, multiple: int, *, mode: str = "constant") -> jax.Arra
         return x
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, extra)
+    if mode == "constant":
+        return jnp.pad(x, widths, constant_values=value)
     return jnp.pad(x, widths, mode=mode)
 
 

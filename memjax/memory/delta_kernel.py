@@ -14,12 +14,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from memjax.kernels import delta_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import fused_choice
-from memjax.kernels.manual_axes import over_batch
-from memjax.memory.chunking import pad_time
+from memjax.memory.fused_call import call_fused, per_head_resets
 from memjax.memory.segments import full_decays_as_resets
 
 __all__ = ["chunked_delta_kernel", "delta_kernel"]
@@ -45,14 +43,11 @@ def chunked_delta_kernel(q, k, v, beta, g, resets, s0, scale: float, chunk_size:
 
     Returns ``(o [B, T, H, V]`` in q's dtype, ``S_T [B, H, K, V]`` in s0's dtype).
     """
-    b, t, h, _ = q.shape
     g, resets = full_decays_as_resets(g, resets)
     if resets is not None and resets.ndim == 2:
-        resets = jnp.broadcast_to(resets[..., None], (b, t, h))
-    pad = lambda x: None if x is None else pad_time(x, chunk_size)  # noqa: E731  (zeros: the state is unchanged)
-    core = lambda *xs: _core(*xs, float(scale), int(chunk_size), bool(kernel[1]))  # noqa: E731
-    o, s = over_batch(core, b, check_vma=not kernel[1])(pad(q), pad(k), pad(v), pad(beta), pad(g), pad(resets), s0)
-    return o[:, :t], s
+        resets = per_head_resets(resets, q.shape[2])
+    o, s = call_fused(_core, kernel, scale, chunk_size, (q, k, v, beta, g, resets), (s0,))
+    return o[:, :q.shape[1]], s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))

@@ -80,6 +80,7 @@ from memjax.memory.chunking import (channel_decays, delta_chunk_size, from_head_
 from memjax.memory.contract import (check_gate, check_matrix_memory, check_vector_gate, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
 from memjax.memory.gdn2_fast import tame_chunked
+from memjax.memory.kda_kernel import chunked_kda_kernel, kda_kernel
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import extend_columns, sharded_columns
 from memjax.memory.ut_transform import unit_lower_inverse
@@ -146,9 +147,15 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3),
                               nonfinite.bad(w, 3), nonfinite.bad(g, 3, gate=True))
     mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
-    q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))  # mask: [B, T, HV]
+    # (the fused kernel reads a non-finite q, k as 0 itself: no sanitised copy; the sanitised k, v
+    # below fuse into the erase vectors and write values)
+    fused = mode == "chunked" and seq_axis is None and g.ndim == 4 and \
+        kda_kernel(impl, (bsz, t, hv, dk), dv, md, chunk_size, interpret) is not None
+    b, w, vs, ks = (nonfinite.finite_or_zero(x) for x in (b, w, v, k))  # mask: [B, T, HV]
+    if not fused:
+        q, k = nonfinite.finite_or_zero(q), ks
     g = nonfinite.finite_gate(g)
-    u, erase = w * v.astype(acc), b * k.astype(acc)
+    u, erase = w * vs.astype(acc), b * ks.astype(acc)
     run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, resolve_scale(scale, dk), mode=mode,
                                       chunk_size=chunk_size, impl=impl, interpret=interpret)
     if seq_axis is None:
@@ -185,6 +192,10 @@ def channel_delta(q, k, u, a, g, s0, segment_ids, scale, *, mode: str, chunk_siz
     """
     if mode == "recurrent":
         return _recurrent(q, k, u, a, g, s0, segment_resets(segment_ids), scale, q.dtype)
+    kernel = kda_kernel(impl, q.shape, u.shape[-1], q.dtype, chunk_size, interpret) \
+        if g is not None and g.ndim == 4 else None
+    if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
+        return chunked_kda_kernel(q, k, u, a, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
     return _chunked(q, k, u, a, g, s0, segment_ids, scale, chunk_size, impl=impl, interpret=interpret)
 
 

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from memjax.kernels import gla_fused_pallas_tpu as fused_tpu
 from memjax.kernels.chunk_pass import fused_choice
-from memjax.kernels.manual_axes import over_batch
-from memjax.memory.chunking import pad_time
+from memjax.memory.fused_call import call_fused, per_head_resets
 
 __all__ = ["chunked_gla_kernel", "gla_kernel"]
 
@@ -43,13 +42,8 @@ def chunked_gla_kernel(q, k, v, g, seg_starts, s0, scale: float, chunk_size: int
 
     Returns ``(o [B, T, H, V]`` in q's dtype, ``S_T [B, H, K, V]`` in s0's dtype).
     """
-    b, t, h, _ = q.shape
-    if seg_starts is not None:
-        seg_starts = jnp.broadcast_to(seg_starts[..., None], (b, t, h))
-    pad = lambda x: None if x is None else pad_time(x, chunk_size)  # noqa: E731  (zeros: the state is unchanged)
-    core = lambda *xs: _core(*xs, float(scale), int(chunk_size), bool(kernel[1]))  # noqa: E731
-    o, s = over_batch(core, b, check_vma=not kernel[1])(pad(q), pad(k), pad(v), pad(g), pad(seg_starts), s0)
-    return o[:, :t], s
+    o, s = call_fused(_core, kernel, scale, chunk_size, (q, k, v, g, per_head_resets(seg_starts, q.shape[2])), (s0,))
+    return o[:, :q.shape[1]], s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

@@ -66,9 +66,10 @@ from memjax.kernels.chunk_pass import as_operand
 from memjax.kernels.platform import target_platform
 from memjax.memory import nonfinite
 from memjax.memory.chunking import chunk_span_sums
-from memjax.memory.contract import (check_chunk_size, check_gate, check_mode, check_qkv, check_scale,
+from memjax.memory.contract import (check_chunk_size, check_gate, check_impl, check_mode, check_qkv, check_scale,
                                     check_segment_ids, check_seq_axis, check_state, operand_dtype, output_dtype,
                                     resolve_scale, state_dtype)
+from memjax.memory.mlstm_kernel import chunked_mlstm_kernel, mlstm_kernel
 from memjax.memory.sequence_parallel import fold_states, sequence_resets
 
 MODES = ("chunked", "recurrent")
@@ -121,7 +122,8 @@ def _quotient_jvp(primals, tangents):
 
 def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, *, initial_state=None,
           segment_ids: jax.Array | None = None, mode: str = "chunked", chunk_size: int = 64,
-          scale: float | None = None, seq_axis: str | None = None) -> tuple[jax.Array, MLSTMState]:
+          scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
+          seq_axis: str | None = None) -> tuple[jax.Array, MLSTMState]:
     """The mLSTM memory (see the module docstring for the equations and conventions).
 
     Args:
@@ -134,6 +136,11 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
       mode: ``"chunked"`` or ``"recurrent"``.
       chunk_size: chunk length of the chunked form (``T`` need not be a multiple).
       scale: scalar multiplying ``k`` (the write), default ``K ** -0.5``.
+      impl: ``"auto" | "xla" | "pallas_tpu"``: ``"pallas_tpu"`` runs the whole chunked pass (no
+        ``seq_axis``) as one fused Mosaic kernel each way
+        (:mod:`memjax.kernels.mlstm_fused_pallas_tpu`); ``"auto"`` takes it only on a TPU where it
+        has passed its hardware tests, else the XLA form.
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
       seq_axis: sequence parallelism (chunked mode; see the module docstring): call inside
         ``jax.shard_map`` with time split over this mesh axis; the inputs are this device's slice,
         ``initial_state`` the state before the whole sequence; returns this slice's outputs and the
@@ -156,6 +163,10 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
         check_state(fn, initial_state[2], (b, h), "[B, H]", name="initial_state m")
     check_segment_ids(fn, segment_ids, (b, t))
     check_seq_axis(fn, seq_axis, mode, ("chunked",))
+    check_impl(fn, impl)
+    if impl == "pallas":
+        raise ValueError(f"{fn}: impl='pallas' (the GPU chunk-pass kernel) is not available for the mLSTM; "
+                         "use 'auto', 'xla' or 'pallas_tpu'")
 
     out_dtype = output_dtype(q)
     cd = state_dtype(q, k, v, i, f, initial_state)
@@ -181,7 +192,12 @@ def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, 
     if mode == "recurrent":
         y, final = _recurrent(q, k, v, ig, log_f, state, resets, scale, cd)
     elif seq_axis is None:
-        y, final = _chunked(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t))
+        kernel = mlstm_kernel(impl, (b, t, h, dk), dv, operand_dtype(q, k, v), chunk_size, interpret)
+        if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
+            y, (c_f, n_f, m_f) = chunked_mlstm_kernel(q, k, v, ig, log_f, *state, resets, scale, chunk_size, kernel)
+            final = MLSTMState(c_f, n_f, m_f)
+        else:
+            y, final = _chunked(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t))
     else:
         y, final = _sharded(q, k, v, ig, log_f, state, resets, scale, cd, min(chunk_size, t), seq_axis)
     return nonfinite.poison_outputs(y.astype(out_dtype), final, mask, seq_axis)

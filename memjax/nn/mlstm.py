@@ -68,6 +68,8 @@ class MLSTM(Block):
       conv_width: causal depthwise conv before q, k; 0: none.
       chunk_size: chunk length of the chunked (training / prefill) form.
       mode: training form, ``"chunked"`` or ``"recurrent"`` (same result, slower).
+      kernel: the chunked form's ``impl`` (``"auto"``, ``"xla"`` or ``"pallas_tpu"``: the fused
+        Mosaic kernel, :func:`memjax.memory.mlstm.mlstm`).
       forget_bias: ``(low, high)`` of the forget-gate bias init (``linspace`` over heads).
       norm_eps: epsilon of the per-head RMSNorm.
       dtype: compute dtype (parameters and the memory state stay float32).
@@ -78,12 +80,13 @@ class MLSTM(Block):
     stateful = True
 
     def __init__(self, d_model: int, *, num_heads: int = 4, proj_factor: float = 2.0, conv_width: int = 4,
-                 chunk_size: int = 64, mode: str = "chunked", forget_bias: tuple = (3.0, 6.0),
+                 chunk_size: int = 64, mode: str = "chunked", kernel: str = "auto", forget_bias: tuple = (3.0, 6.0),
                  norm_eps: float = 1e-6, dtype=jnp.float32, seq_axis: str | None = None, rngs: nnx.Rngs):
         name = type(self).__name__
         check_positive(name, d_model=d_model, num_heads=num_heads, proj_factor=proj_factor, chunk_size=chunk_size)
         check_nonnegative(name, conv_width=conv_width)
         check_choice(name, "mode", mode, MODES)
+        check_choice(name, "kernel", kernel, ("auto", "xla", "pallas_tpu"))
         inner = int(round(proj_factor * d_model))
         if inner % num_heads:
             raise ValueError(f"{name}: num_heads ({num_heads}) must divide the inner width proj_factor * d_model "
@@ -92,7 +95,7 @@ class MLSTM(Block):
             raise ValueError(f"{name}: forget_bias must be a (low, high) pair, got {forget_bias!r}")
         self.h, self.dh, self.inner = num_heads, inner // num_heads, inner
         self.chunk_size, self.mode, self.conv_width, self.seq_axis = chunk_size, mode, conv_width, seq_axis
-        self.norm_eps = norm_eps
+        self.norm_eps, self.kernel = norm_eps, kernel
         dt = jnp.dtype(dtype)
         self.dtype = dt
         d, h = d_model, num_heads
@@ -149,7 +152,8 @@ class MLSTM(Block):
         """``x: [B, T, d_model]`` -> ``y``, or ``(y, cache)`` with a cache (any ``T >= 1``)."""
         if cache is None:
             q, k, v, i, f, c, z, _ = self._inputs(x, segment_ids)
-            memory = lambda seq_axis, **a: mlstm(**a, mode=self.mode, chunk_size=self.chunk_size, seq_axis=seq_axis)
+            memory = lambda seq_axis, **a: mlstm(**a, mode=self.mode, chunk_size=self.chunk_size, impl=self.kernel,
+                                                 seq_axis=seq_axis)
             # (time split over mesh axis seq_axis, if given)
             hs, _ = over_sequence(memory, dict(q=q, k=k, v=v, i=i, f=f, segment_ids=segment_ids), {},
                                   axis=self.seq_axis, enabled=self.mode == "chunked")
@@ -158,7 +162,7 @@ class MLSTM(Block):
         q, k, v, i, f, c, z, window = self._inputs(x, window=cache.conv)
         mode = "chunked" if x.shape[1] > 1 else "recurrent"
         hs, (cm, nm, mm) = mlstm(q, k, v, i, f, initial_state=(cache.C, cache.n, cache.m), mode=mode,
-                                 chunk_size=self.chunk_size)
+                                 chunk_size=self.chunk_size, impl=self.kernel)
         return self._output(hs, c, z), MLSTMCache(window, cm, nm, mm)
 
     def init_cache(self, batch_size: int, max_length: int) -> MLSTMCache:
