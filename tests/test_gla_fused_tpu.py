@@ -120,6 +120,14 @@ def test_bfloat16_error_is_that_of_the_xla_form():
     assert_bf16_error_like(run)
 
 
+@pytest.mark.parametrize("shape,ok", [
+    ((1, 64, 12, 128, 128, 64), True),  # 12 heads in one block (Mosaic: 31.5 MiB for the backward)
+    ((1, 64, 8, 256, 256, 64), False),
+])
+def test_supports_head_blocks(shape, ok):  # (the common cases: tests/test_fused_tpu_dispatch.py)
+    assert fk.supports(shape, jnp.bfloat16, "tpu") is ok
+
+
 def test_sub_chunk():
     assert [fk.sub_chunk(c) for c in (8, 16, 24, 64)] == [8, 16, 24, 16]
 
