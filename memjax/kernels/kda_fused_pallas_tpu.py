@@ -102,7 +102,7 @@ class _Chunk:
             l_aa = jnp.where(self.strict, diag_scores(ea[:, lo:hi], k[:, lo:hi], e_aa), zero)
             x_aa = neumann_inverse(l_aa, self.eye, acc)
             r = u[:, lo:hi] - read_a[:, lo:hi]
-            alpha_a = kf = None
+            alpha_a = kf = kfk = qf = af = None  # (the first sub-chunk has no keys to its left)
             if lo:
                 p_r, r_r = P[:, lo - 1:lo], R[:, lo - 1:lo]
                 alpha_a = masked_exp(Pa - p_r, Ra == r_r)  # [hb, s, K]
@@ -111,9 +111,9 @@ class _Chunk:
                 qf, af = (q[:, lo:hi] * alpha_a).astype(md), (ea[:, lo:hi] * alpha_a).astype(md)
                 prev = _rows(self.deltas)  # Delta of the sub-chunks before a: [hb, lo, V]
                 r = r - dot(dot(af, kfk, NT, acc).astype(md), prev, NN, acc)
-                self.kfk.append(kfk), self.qf.append(qf), self.af.append(af)
-            else:
-                self.kfk.append(None), self.qf.append(None), self.af.append(None)
+            self.kfk.append(kfk)
+            self.qf.append(qf)
+            self.af.append(af)
             self.blocks.append((lo, hi, alpha_a, kf, e_aa))
             self.x.append(x_aa)
             self.deltas.append(dot(x_aa.astype(md), r.astype(md), NN, acc).astype(md))
