@@ -10,7 +10,7 @@ from memjax.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("sweep", ["mqar_blocks.py", "mqar_lengths.py", "selective_copying.py"])
+@pytest.mark.parametrize("sweep", ["mqar_blocks.py", "mqar_lengths.py", "mqar_mixture.py", "selective_copying.py"])
 def test_sweep_entries_are_valid_configs_with_unique_names(sweep):
     spec = importlib.util.spec_from_file_location("sweep_cfg", os.path.join(ROOT, "configs", "sweeps", sweep))
     mod = importlib.util.module_from_spec(spec)

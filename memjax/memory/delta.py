@@ -62,6 +62,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from memjax.memory.chunk_products import times_rows
 from memjax.memory.chunking import chunk_decays, delta_chunk_size, from_head_chunks, pad_time, to_chunks, to_head_chunks
 from memjax.memory import nonfinite
 from memjax.memory.delta_kernel import chunked_delta_kernel, delta_kernel
@@ -159,9 +160,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
         o, s = chunked_delta_kernel(q, k, v, beta, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
     elif vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
-        bt = beta[..., None]
         ks, vs = (nonfinite.finite_or_zero(x) for x in (k, v)) if vector_kernel else (k, v)  # (fused into u, erase)
-        u, erase = bt * vs.astype(acc), bt * ks.astype(acc)
+        u, erase = times_rows(vs.astype(acc), beta), times_rows(ks.astype(acc), beta)
         run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, scale, mode=mode,
                                           chunk_size=chunk_size, impl=impl, interpret=interpret)
         if seq_axis is None:
@@ -207,22 +207,24 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
     resets = None if segment_ids is None else to_chunks(sequence_resets(pad_time(segment_ids, c, mode="edge"), seq_axis), c)
     acc, md = s0.dtype, q.dtype
     dec = chunk_decays(gc, resets, (b, n, c, h), acc).heads_major()
-    gamma = dec.from_start[..., None]  # [B, H, N, C, 1]
+    gamma = dec.from_start  # [B, H, N, C]
+    # (Per-row scalings by times_rows: its transpose sums each row as a dot, which XLA:CPU runs
+    # several times faster than autodiff's broadcast multiply-then-reduce; memjax.memory.chunk_products.)
 
     # UT transform: [U, W] = (I + L)^{-1} diag(beta) [V, diag(gamma) K]. L and its inverse in
     # `acc`; the inverse and the right-hand side go back to the input dtype for the matmul, and so
     # do U and W, the chunk pass's operands (flash-linear-attention's practice).
     # (unit_lower_inverse reads only the strictly lower part, so no mask is needed here.)
     kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc, preferred_element_type=acc)
-    inv = unit_lower_inverse(bc[..., :, None] * kk * dec.matrix)
-    rhs = bc[..., None] * jnp.concatenate([vc.astype(acc), gamma * kc], axis=-1)
+    inv = unit_lower_inverse(times_rows(kk * dec.matrix, bc))
+    rhs = times_rows(jnp.concatenate([vc.astype(acc), times_rows(kc.astype(acc), gamma)], axis=-1), bc)
     uw = jnp.einsum("bhnij,bhnjx->bhnix", inv.astype(md), rhs.astype(md), preferred_element_type=acc).astype(md)
     u, w = uw[..., : vc.shape[-1]], uw[..., vc.shape[-1]:]
 
     # The chunk pass: delta = U - W S, O = scale (diag(gamma) Q S + (Q K^T * D) delta).
     scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, preferred_element_type=acc) * dec.matrix * scale
-    qg = qc * gamma * scale
-    ke = kc * dec.to_end[..., None]
+    qg = times_rows(qc, gamma * scale)
+    ke = times_rows(kc, dec.to_end)
     o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s

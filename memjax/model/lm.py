@@ -32,6 +32,7 @@ from flax import nnx
 from memjax.config import ModelConfig
 from memjax.model.sharding import constrain
 from memjax.nn.block import layer_offset
+from memjax.nn.dense import dense
 from memjax.nn.layers import RMSNorm, batched_init, param, unbatched_init
 from memjax.nn.memory_layers import recording_slots
 from memjax.nn.registry import block_kwargs, canonical_name, get_block
@@ -159,8 +160,7 @@ class LM(nnx.Module):
     def _logits(self, x):
         x = self.final_norm(x)
         w = self.embed[...].T * (self.d_model ** -0.5) if self.head is None else self.head[...]
-        return jnp.dot(x.astype(self.compute_dtype), w.astype(self.compute_dtype),
-                       preferred_element_type=jnp.float32)
+        return dense(x.astype(self.compute_dtype), w.astype(self.compute_dtype), preferred_element_type=jnp.float32)
 
     def _unrolled(self, x, segment_ids, tokens, caches):
         return residual_stack(self.norms, self.blocks, x, segment_ids, tokens, caches)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from memjax.memory.segments import same_segment_as_shifted
+from memjax.nn.dense import dense
 
 
 def dtype_of(name: str):
@@ -172,7 +173,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

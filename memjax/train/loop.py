@@ -34,6 +34,7 @@ from memjax.config import Config, ConfigError, validate
 from memjax.data.pipeline import make_dataset, make_task
 from memjax.model.lm import LM
 from memjax.model.sharding import axis_rules, batch_spec, make_mesh, param_specs
+from memjax.nn.dense import materialized_inputs
 from memjax.nn.host_params import HostIndex, HostParam
 from memjax.nn.layers import logical_axes
 from memjax.train import run_record
@@ -152,12 +153,17 @@ def build(cfg: Config, devices=None) -> Setup:
     micro = cfg.train.microbatches
     inject = cfg.train.inject_nan_at_step
 
+    # XLA:CPU writes a projection's transposed gradient operand from inside its producer with
+    # strided stores; materialising projection inputs avoids it (memjax.nn.dense).
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+
     def apply(params, rest, batch, host=None):
         states = [nnx.State(params), nnx.State(rest)]
         if host is not None:
             states += [nnx.State(host["rows"]), nnx.State(host["index"])]
         model = nnx.merge(graphdef, *states)
-        logits = model(batch["inputs"], segment_ids=batch["segment_ids"])
+        with materialized_inputs(on_cpu):
+            logits = model(batch["inputs"], segment_ids=batch["segment_ids"])
         _, _, new_rest = split(model)
         return logits, new_rest.to_pure_dict()
 
