@@ -27,15 +27,15 @@ loop = importlib.import_module("memjax.train.loop")  # (memjax.train re-exports 
 def step_seconds(cfg, batches, guard) -> float:
     """Median wall time of a train step over ``batches[1:]`` with ``guard`` as the loop's context."""
     original = loop.materialized_inputs
-    loop.materialized_inputs = guard
+    loop.materialized_inputs = guard  # (read when the step is traced: at its first call, below)
     try:
         setup = loop.build(cfg, devices=jax.devices()[:1])
+        with jax.set_mesh(setup.mesh):
+            state = setup.init_fn()
+        state, m = loop.run_steps(setup, state, batches[0])  # compile
+        jax.block_until_ready(m)
     finally:
         loop.materialized_inputs = original
-    with jax.set_mesh(setup.mesh):
-        state = setup.init_fn()
-    state, m = loop.run_steps(setup, state, batches[0])  # compile
-    jax.block_until_ready(m)
     times = []
     for b in batches[1:]:
         t0 = time.perf_counter()

@@ -11,8 +11,8 @@ transposed. XLA:CPU lays the transposed operand out as ``[d, tokens]`` and write
 the elementwise fusion that produces it (the short conv's gradient, a norm, a gate), which it runs
 with strided stores: profiled on a 2-layer d=64 gated-DeltaNet MQAR step (batch 64 x 256 tokens),
 eight such fusions of 1M elements took 10-40 ms each, about a quarter of the step. With the
-guard the producer writes row-major and the transpose is a plain copy: that step 0.67 -> 0.50 s,
-Mamba-2's 0.88 -> 0.55 s, attention's 0.515 -> 0.50 s (README, "Train step"). The training loop
+guard the producer writes row-major and the transpose is a plain copy: that step 0.68-0.72 -> 0.53-0.56 s,
+Mamba-2's 0.89-0.90 -> 0.55-0.56 s, attention's unchanged (README, "Train step"). The training loop
 turns the guard on when it compiles for CPU devices only: on GPU and TPU it was not measured, and
 the barrier would keep XLA from fusing a producer into the matmul there. Anyone calling the blocks
 directly gets plain ``jnp.dot``, which also keeps forward-mode differentiation (the hand-written
