@@ -225,6 +225,6 @@ def _chunked(q, k, v, beta, g, s0, segment_ids, scale, chunk_size, *, impl, inte
     scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, preferred_element_type=acc) * dec.matrix * scale
     qg = times_rows(qc, gamma * scale)
     ke = times_rows(kc, dec.to_end)
-    o, s = sharded_chunk_recurrence(qg.astype(md), scores.astype(md), u, ke.astype(md), dec.chunk, s0, w=w,
+    o, s = sharded_chunk_recurrence(qg, scores.astype(md), u, ke, dec.chunk, s0, w=w,  # (qg, ke: md already)
                                     axis_name=seq_axis, impl=impl, interpret=interpret)
     return from_head_chunks(o, t), s
