@@ -24,7 +24,10 @@ import numpy as np
 from benchmarks.sweep import grid_entries
 
 BASE = "configs/mqar_tiny.py"
-BLOCKS = ["A", "L", "D", "M2", "G", "DN", "R", "S"]
+BLOCKS = ["A", "CA", "L", "D", "M2", "G", "DN", "R", "S"]
+# Zoology's attention model: a gated short conv layer, then one-head attention (Hybrid([BaseConv, MHA])
+# over 2 layers in its configs); "A" is memjax's attention in both layers (2 heads, RoPE, no conv).
+BLOCK_OVERRIDES = {"CA": ("CA", ["model.pattern=C,A", "model.num_heads=1"])}
 GRID = [  # (d_model, seq_len, num_kv_pairs of the evaluated task)
     (64, 256, 16),
     (64, 256, 64),
@@ -46,4 +49,4 @@ def get_sweep(blocks=None, grid=None, learning_rates=None, steps=None):
 
     return grid_entries(
         base=BASE, blocks=blocks or BLOCKS, grid=grid or GRID, learning_rates=learning_rates or LEARNING_RATES,
-        steps=steps or STEPS, block_overrides={}, size_tag="kv", task_overrides=task)
+        steps=steps or STEPS, block_overrides=BLOCK_OVERRIDES, size_tag="kv", task_overrides=task)

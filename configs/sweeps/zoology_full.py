@@ -11,8 +11,8 @@ and 3 000 test examples, batch size 512 (T <= 128), 256 (T = 256), 128 (T = 512)
 (``train.steps = 64 * 100 000 / batch``), 2 mixer layers, no MLP, and ``random_non_queries=False``
 (filler positions are token 0, as in that config). The table keeps the best learning rate per point
 (``benchmarks.sweep.best_over_lr``); runs stop early at 0.99 accuracy. Zoology's attention uses
-dropout 0.1 and one head; memjax's blocks keep their defaults (no dropout). 11 blocks x 16 points
-x 4 learning rates = 704 runs of up to 12 500 steps: GPU hours, not CPU hours.
+dropout 0.1 and one head; memjax's blocks keep their defaults (no dropout). 12 blocks x 16 points
+x 4 learning rates = 768 runs of up to 12 500 steps: GPU hours, not CPU hours.
 """
 
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.sweep import grid_entries
 
 BASE = "configs/mqar_tiny.py"
-BLOCKS = ["A", "L", "G", "DN", "D", "titans_mag", "mom", "S", "M2", "R", "E"]
+BLOCKS = ["A", "CA", "L", "G", "DN", "D", "titans_mag", "mom", "S", "M2", "R", "E"]
 TASKS = [(64, 4), (128, 8), (256, 16), (512, 64)]  # (seq_len, num_kv_pairs), Zoology Figure 2
 WIDTHS = [64, 128, 256, 512]
 GRID = [(d, t, kv) for t, kv in TASKS for d in WIDTHS]  # (d_model, seq_len, num_kv_pairs)
@@ -31,6 +31,8 @@ WINDOW = 8
 BLOCK_OVERRIDES = {  # (label, extra overrides)
     "titans_mag": (f"titans_mag_w{WINDOW}", [f"model.blocks={{'titans_mag': {{'window': {WINDOW}}}}}"]),
     "E": (f"E_w{WINDOW}", [f"model.blocks={{'swa_ssm': {{'window': {WINDOW}}}}}"]),
+    # Zoology's attention model itself: a gated short conv layer, then one-head attention
+    "CA": ("CA", ["model.pattern=C,A", "model.num_heads=1"]),
 }
 
 

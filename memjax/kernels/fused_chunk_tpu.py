@@ -77,12 +77,12 @@ class ChunkDecays:
         return jnp.where(self.mask, scores * self.D * scale, jnp.zeros((), scores.dtype))
 
     def as_row(self, col):
-        """``[hb, C, 1] -> [hb, 1, C]`` (a sublane reduction of the diagonal: exact)."""
-        return jnp.sum(jnp.where(self.diag, col, self.zero), axis=1, keepdims=True)
+        """``[hb, C, 1] -> [hb, 1, C]`` (:func:`column_as_row`)."""
+        return column_as_row(col)
 
     def as_col(self, row):
-        """``[hb, 1, C] -> [hb, C, 1]`` (a lane reduction of the diagonal: exact)."""
-        return jnp.sum(jnp.where(self.diag, row, self.zero), axis=2, keepdims=True)
+        """``[hb, 1, C] -> [hb, C, 1]`` (:func:`row_as_column`)."""
+        return row_as_column(row)
 
     def gate_grad(self, dlam, carry):
         """``dg [hb, C, 1]`` and the carry for the chunk before: ``dg_s = sum_{t >= s, same
@@ -95,6 +95,22 @@ class ChunkDecays:
         dg = dg + jnp.where(self.same_as_last, carry, self.zero)
         dg = jnp.where(self.z_col > 0, self.zero, dg)
         return dg, dg[:, :1, :]  # a reset at the chunk's first token gives the chunk before 0
+
+
+def _diagonal(c):
+    return jax.lax.broadcasted_iota(jnp.int32, (1, c, c), 1) == jax.lax.broadcasted_iota(jnp.int32, (1, c, c), 2)
+
+
+def row_as_column(row):
+    """``[hb, 1, C] -> [hb, C, 1]``: a lane reduction of the diagonal (a sum of one value and
+    zeros: exact). Per-token scalars travel as rows (a column would be padded to 128 lanes in
+    HBM); the kernels scale a chunk's ``[hb, C, D]`` rows by columns."""
+    return jnp.sum(jnp.where(_diagonal(row.shape[-1]), row, jnp.zeros((), row.dtype)), axis=2, keepdims=True)
+
+
+def column_as_row(col):
+    """``[hb, C, 1] -> [hb, 1, C]``: a sublane reduction of the diagonal (exact)."""
+    return jnp.sum(jnp.where(_diagonal(col.shape[-2]), col, jnp.zeros((), col.dtype)), axis=1, keepdims=True)
 
 
 def masked_exp(x, ok):

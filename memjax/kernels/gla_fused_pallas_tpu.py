@@ -49,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, dot, fits, forward_outputs, gate_rows, geometry,
-                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
-                                            tile_bytes, write_final)
+                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes,
+                                            row_as_column, start_from, tile_bytes, write_final)
 
 __all__ = ["forward", "backward", "supports", "sub_chunk", "ChannelChunk", "channel_vmem_bytes", "segmented_scan",
            "diag_scores", "CHUNKS_PER_STEP"]
@@ -103,9 +103,7 @@ class ChannelChunk:
 
     def __init__(self, g, z_row, c, acc):
         zero = jnp.zeros((), acc)
-        ii = jax.lax.broadcasted_iota(jnp.int32, (1, c, c), 1)
-        jj = jax.lax.broadcasted_iota(jnp.int32, (1, c, c), 2)
-        z_col = jnp.sum(jnp.where(ii == jj, z_row.astype(acc), zero), axis=2, keepdims=True)  # [hb, C, 1]
+        z_col = row_as_column(z_row.astype(acc))  # [hb, C, 1]
         full = g == -jnp.inf
         g0 = jnp.where(full, zero, g.astype(acc))
         self.z = (z_col > 0) | full  # [hb, C, K]: the state row is zeroed before this position

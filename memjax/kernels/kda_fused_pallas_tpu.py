@@ -38,6 +38,10 @@ because ``g`` enters only through ``q_i exp(G_i)``, ``a_i exp(G_i)`` and ``k_j e
 ``dL/dG_i = q_i dq_i + a_i da_i - k_i dk_i`` per channel, summed from each position to the end
 of its segment (a segmented scan carried across chunks, as the GLA kernel does), 0 at resets.
 
+KDA passes ``beta`` as ``[B, H, N, 1, C]`` rows instead of ``a``, and ``v`` as ``u``: the kernels
+form ``beta k`` and ``beta v`` in VMEM and chain their gradients to ``k``, ``v`` and ``beta``
+(``dbeta_t = <da_t, k_t> + <du_t, v_t>``), so neither product nor its gradient goes through HBM.
+
 Layout and dtypes as :mod:`memjax.kernels.fused_chunk_tpu`: q, k, a, u and the ``[B, T, H, K]``
 gates are read in place; q, k, a, u, ``Delta`` are matmul operands in their dtype with float32
 accumulation; decays, ``L``, its inverse blocks and the state stay float32. Non-finite q, k, a,
@@ -55,9 +59,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from memjax.kernels.delta_fused_pallas_tpu import neumann_inverse
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, dot, fits, forward_outputs, gate_rows, geometry,
-                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
-                                            write_final)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, column_as_row, dot, fits, forward_outputs,
+                                            gate_rows, geometry, heads_first, launch, load_chunk, masked_exp, nbytes,
+                                            out_bytes, row_as_column, start_from, write_final)
 from memjax.kernels.gla_fused_pallas_tpu import ChannelChunk, channel_vmem_bytes, diag_scores, sub_chunk
 
 __all__ = ["forward", "backward", "supports", "CHUNKS_PER_STEP"]
@@ -137,13 +141,26 @@ def _rows(parts):
     return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
-def _fwd_kernel(q_ref, k_ref, a_ref, u_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states):
+def _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths):
+    """Chunk ``j``'s ``[(q, ok), (k, ok), (erase, ok), (u, ok)]`` as ``[hb, C, D]`` (non-finite
+    entries 0) and, when ``strengths`` (``a_ref`` holds ``beta`` rows, ``u_ref`` the values ``v``),
+    ``(beta [hb, C, 1], v)``: then the erase vectors are ``beta k`` and the write values ``beta v``,
+    formed here rather than read (KDA: two fewer ``[B, T, H, D]`` arrays written and read)."""
+    rows = pl.ds(j * c, c)
+    q, k, u = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, u_ref))
+    if not strengths:
+        return [q, k, load_chunk(a_ref, rows, acc), u], None
+    beta = row_as_column(a_ref[:, j].astype(acc))
+    return [q, k, (k[0] * beta, k[1]), (u[0] * beta, u[1])], (beta, u[0])
+
+
+def _fwd_kernel(q_ref, k_ref, a_ref, u_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states, strengths):
     o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     state = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        (q, _), (k, _), (ea, _), (u, _) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, a_ref, u_ref))
+        ((q, _), (k, _), (ea, _), (u, _)), _ = _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths)
         ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
         sm = state.astype(md)
         if save_states:
@@ -155,7 +172,8 @@ def _fwd_kernel(q_ref, k_ref, a_ref, u_ref, g_ref, z_ref, s0_ref, *rest, nb, c, 
     write_final(sf_ref, state)
 
 
-def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale):
+def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale,
+                strengths):
     dq_ref, dk_ref, da_ref, du_ref, dg_ref, ds0_ref, h_ref, carry_ref = rest[-8:]  # (after NaN buffers if poisoned)
     acc, md = h_ref.dtype, q_ref.dtype
     # (the index maps walk the chunk blocks last to first; the carry starts as <dS_T, S_T> per key
@@ -165,7 +183,7 @@ def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_re
     zero = jnp.zeros((), acc)
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        loaded = [load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, a_ref, u_ref)]
+        loaded, by_beta = _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths)
         (q, _), (k, _), (ea, _), (u, _) = loaded
         do = heads_first(do_ref[rows]).astype(md)
         ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
@@ -229,8 +247,16 @@ def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_re
         # the decay's gradient: dL/dG = q dq + a da - k dk per channel, summed to the end of each segment
         dg, carry = ch.gate_grad(q * dq + ea * da - k * dk, carry)
         dg_ref[rows] = heads_first(dg).astype(dg_ref.dtype)
-        for ref, (_, ok), d in zip((dq_ref, dk_ref, da_ref, du_ref), loaded, (dq, dk, da, y)):
-            ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+        if by_beta is None:
+            for ref, (_, ok), d in zip((dq_ref, dk_ref, da_ref, du_ref), loaded, (dq, dk, da, y)):
+                ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+        else:  # erase beta k, write beta v: chain the erase's and the write's gradients to k, v and beta
+            beta, v = by_beta
+            db = jnp.sum(da * k, axis=2, keepdims=True) + jnp.sum(y * v, axis=2, keepdims=True)  # [hb, C, 1]
+            da_ref[:, j] = column_as_row(db).astype(da_ref.dtype)
+            for ref, (_, ok), d in zip((dq_ref, dk_ref, du_ref), (loaded[0], loaded[1], loaded[3]),
+                                       (dq, dk + beta * da, beta * y)):
+                ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
         h = (ch.decay_col() * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
              - dot((ea * ch.alpha).astype(md), ym, TN, acc))
     h_ref[...] = h
@@ -257,8 +283,11 @@ def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, sav
     """The fused forward pass.
 
     Args:
-      q, k, a: ``[B, T, H, K]`` (``a`` the erase vectors), u: ``[B, T, H, V]`` (write values), all
-        in one dtype, ``T`` a multiple of ``chunk_size``, read in place.
+      q, k: ``[B, T, H, K]``, u: ``[B, T, H, V]`` (write values), in one dtype, ``T`` a multiple
+        of ``chunk_size``, read in place.
+      a: ``[B, T, H, K]`` erase vectors in that dtype (GDN-2: ``b * k``), or ``[B, T, H]`` finite
+        per-token strengths ``beta`` in the accumulation dtype: then the erase vectors are
+        ``beta k`` and the write values ``beta u`` (KDA, ``u = v``), formed in the kernel.
       g: ``[B, T, H, K]`` float32 log decays, ``<= 0`` or ``-inf`` (a reset of that channel).
       seg_starts: ``[B, T, H]`` bool, every channel's state zeroed before token ``t``'s update, or None.
       s0: ``[B, H, K, V]`` initial state in the accumulation dtype.
@@ -272,14 +301,17 @@ def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, sav
     acc = s0.dtype
     steps = n // nb
     sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    inputs = [q, k, a, u, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dk), sp.rows(), sp.state(dk, dv)]
+    strengths = a.ndim == 3
+    erase, erase_spec = _erase_operand(a, (b, n, c, h), acc, sp, dk)
+    inputs = [q, k, erase, u, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
+    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), sp.seq(dk), sp.rows(), sp.state(dk, dv)]
     outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv), transcendentals=_exps(b, h, t, c, dk),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states)
+    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states,
+                               strengths=strengths)
     res = launch(kernel, "kda_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps), [((hb, dk, dv), acc)],
                  interpret, poison, cost, vmem_limit=VMEM_LIMIT)
     return res[0], res[1], (res[2] if save_states else None)
@@ -290,24 +322,41 @@ def backward(q, k, a, u, do, g, seg_starts, states, dsf, last, scale: float, chu
     """The fused backward pass: ``(dq, dk, da, du`` in q's dtype, ``dg [B, T, H, K]`` and
     ``dS_0 [B, H, K, V]`` in dsf's dtype)``; ``states`` as :func:`forward` saved them, ``do`` the
     output's cotangent, ``dsf`` the final state's and ``last [B, H, K] = sum_v dS_T * S_T`` (the
-    final state's share of the decay's gradient). ``dg`` is 0 at resets."""
+    final state's share of the decay's gradient). ``dg`` is 0 at resets. With strengths ``a =
+    beta [B, T, H]`` (:func:`forward`), ``da`` is ``dbeta [B, T, H]`` in dsf's dtype and ``dk``,
+    ``du`` include the paths through ``beta k`` and ``beta u``."""
     c = chunk_size
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
     sp = BlockSpecs(hb, nb, c, steps, reverse=True)
     per_head = pl.BlockSpec((pl.Squeezed(), hb, 1, dk), lambda bb, gg, i: (bb, gg, 0, 0))
-    inputs = [q, k, a, u, do.astype(q.dtype), g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1],
+    strengths = a.ndim == 3
+    erase, erase_spec = _erase_operand(a, (b, n, c, h), acc, sp, dk)
+    inputs = [q, k, erase, u, do.astype(q.dtype), g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1],
               states, dsf, last.astype(acc)[:, :, None, :]]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dv), sp.seq(dk), sp.rows(), sp.states(dk, dv),
+    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), sp.seq(dv), sp.seq(dk), sp.rows(), sp.states(dk, dv),
              sp.state(dk, dv), per_head]
-    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), (a.shape, q.dtype, sp.seq(dk)),
+    d_erase = ((b, h, n, 1, c), acc, sp.rows()) if strengths else (a.shape, q.dtype, sp.seq(dk))
+    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), d_erase,
             (u.shape, q.dtype, sp.seq(dv)), (g.shape, acc, sp.seq(dk)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     cost = pl.CostEstimate(flops=2 * _flops(b, h, t, c, dk, dv),
                            transcendentals=_exps(b, h, t, c, dk), bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale))
-    return launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
-                  [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), strengths=strengths)
+    dq, dk_, da, du, dg, ds0 = launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
+                                      [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost,
+                                      vmem_limit=VMEM_LIMIT)
+    if strengths:  # [B, H, N, 1, C] rows -> [B, T, H]
+        da = jnp.moveaxis(da[:, :, :, 0], 1, 3).reshape(b, t, h)
+    return dq, dk_, da, du, dg, ds0
+
+
+def _erase_operand(a, shape, acc, sp, dk):
+    """The kernels' erase operand and its BlockSpec: erase vectors ``[B, T, H, K]`` in place, or
+    strengths ``[B, T, H]`` as ``[B, H, N, 1, C]`` rows (``shape = (B, N, C, H)``)."""
+    if a.ndim == 3:
+        return gate_rows(a, None, shape, acc)[0], sp.rows()
+    return a, sp.seq(dk)
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:

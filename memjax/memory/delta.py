@@ -69,7 +69,7 @@ from memjax.memory.delta_kernel import chunked_delta_kernel, delta_kernel
 from memjax.memory.contract import (check_matrix_memory, operand_dtype, output_dtype, resolve_scale,
                                     state_dtype)
 from memjax.memory.gdn2 import channel_delta, check_channel_options
-from memjax.memory.kda_kernel import kda_kernel
+from memjax.memory.kda_kernel import chunked_kda_kernel, kda_kernel
 from memjax.memory.segments import segment_resets
 from memjax.memory.sequence_parallel import (extend_columns, sequence_resets, sharded_chunk_recurrence,
                                              sharded_columns)
@@ -152,16 +152,18 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     fused = mode == "chunked" and seq_axis is None
     kernel = delta_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) if fused and not vector else None
     # (KDA: channel_delta takes the fused kernel on these same terms)
-    vector_kernel = fused and vector and kda_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) is not None
+    vector_kernel = kda_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) if fused and vector else None
     beta = nonfinite.finite_or_zero(beta)
-    if kernel is None and not vector_kernel:  # (the fused kernels read a non-finite q, k, v as 0 themselves)
+    if kernel is None and vector_kernel is None:  # (the fused kernels read a non-finite q, k, v as 0 themselves)
         q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))  # mask: [B, T, HV]
     g = nonfinite.finite_gate(g)
     if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
         o, s = chunked_delta_kernel(q, k, v, beta, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
+    elif vector_kernel is not None:  # KDA in one Mosaic kernel each way; it forms beta k and beta v itself
+        o, s = chunked_kda_kernel(q, k, v, beta, g, segment_resets(segment_ids), s0, scale, chunk_size,
+                                  vector_kernel)
     elif vector:  # KDA: the channel-wise core with erase vector beta k and write value beta v
-        ks, vs = (nonfinite.finite_or_zero(x) for x in (k, v)) if vector_kernel else (k, v)  # (fused into u, erase)
-        u, erase = times_rows(vs.astype(acc), beta), times_rows(ks.astype(acc), beta)
+        u, erase = times_rows(v.astype(acc), beta), times_rows(k.astype(acc), beta)
         run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, scale, mode=mode,
                                           chunk_size=chunk_size, impl=impl, interpret=interpret)
         if seq_axis is None:

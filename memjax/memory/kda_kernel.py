@@ -5,8 +5,9 @@ in one kernel each way, the state in VMEM), with the custom VJP that joins them.
 :func:`memjax.memory.gdn2.channel_delta` calls :func:`chunked_kda_kernel` for
 ``impl="pallas_tpu"`` (or ``"auto"`` on a TPU where the kernels have passed their hardware tests)
 with ``g [B, T, H, K]`` (under a mesh the kernels run per device:
-:func:`memjax.kernels.manual_axes.over_batch`); the erase vectors and write values travel in the
-operand dtype, and the forward saves the inputs and the chunk-start states in it.
+:func:`memjax.kernels.manual_axes.over_batch`); GDN-2's erase vectors and write values travel in
+the operand dtype, KDA's ``beta`` as per-token strengths the kernels multiply in, and the forward
+saves the inputs and the chunk-start states in the operand dtype.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def chunked_kda_kernel(q, k, u, a, g, seg_starts, s0, scale: float, chunk_size: 
 
     Args:
       q, k: ``[B, T, H, K]``; u: ``[B, T, H, V]`` write values; a: ``[B, T, H, K]`` erase vectors
-        (u, a are cast to q's dtype: matmul operands).
+        (u, a are cast to q's dtype: matmul operands), or ``[B, T, H]`` finite per-token strengths
+        ``beta`` (kept in the accumulation dtype): the erase vectors are then ``beta k`` and the
+        write values ``beta u``, formed inside the kernel (KDA: ``u = v``; the two ``[B, T, H, D]``
+        products are never written to HBM, nor their gradients).
       g: ``[B, T, H, K]`` log decays, ``<= 0`` or ``-inf`` (a reset of that channel), no NaN.
       seg_starts: ``[B, T]`` bool or None; s0: ``[B, H, K, V]`` (accumulation dtype).
       scale: read scale; chunk_size: ``C`` (``T`` is padded with zeros to a multiple).
@@ -43,7 +47,8 @@ def chunked_kda_kernel(q, k, u, a, g, seg_starts, s0, scale: float, chunk_size: 
 
     Returns ``(o [B, T, H, V]`` in q's dtype, ``S_T [B, H, K, V]`` in s0's dtype).
     """
-    u, a = u.astype(q.dtype), a.astype(q.dtype)
+    u = u.astype(q.dtype)
+    a = a.astype(s0.dtype) if a.ndim == 3 else a.astype(q.dtype)
     o, s = call_fused(_core, kernel, scale, chunk_size, (q, k, a, u, g, per_head_resets(seg_starts, q.shape[2])),
                       (s0,))
     return o[:, :q.shape[1]], s
@@ -66,7 +71,7 @@ def _core_bwd(scale, c, interpret, res, cts):
     last = jnp.sum(dsf.astype(final.dtype) * final, axis=-1)  # [B, H, K]
     dq, dk, da, du, dg, ds0 = fused_tpu.backward(q, k, a, u, do, g, seg, states, dsf.astype(final.dtype), last,
                                                  scale, c, interpret=interpret)
-    return dq, dk, da, du, dg.astype(g.dtype), None, ds0.astype(dsf.dtype)
+    return dq, dk, da.astype(a.dtype), du, dg.astype(g.dtype), None, ds0.astype(dsf.dtype)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

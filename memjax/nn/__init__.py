@@ -6,6 +6,7 @@ pattern name (``memjax.nn.registry``)."""
 from memjax.nn.associative import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention
 from memjax.nn.delta_product import GatedDeltaProduct
 from memjax.nn.attention import Attention
+from memjax.nn.base_conv import BaseConv, BaseConvCache
 from memjax.nn.fox import ForgettingAttention
 from memjax.nn.block import Block
 from memjax.nn.cache import KVCache, NoCache
@@ -38,7 +39,8 @@ from memjax.nn.titans_mac import TitansMAC
 from memjax.nn.vector_gated import HGRN2, RWKV6, GatedLinearAttentionVec
 
 __all__ = [
-    "Attention", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache", "ForgettingAttention",
+    "Attention", "BaseConv", "BaseConvCache", "Block", "DeltaNet", "EpisodicAttention", "EpisodicCache",
+    "ForgettingAttention",
     "GatedDeltaNet", "GatedDeltaNet2", "GatedDeltaProduct", "GatedLinearAttention",
     "GatedLinearAttentionVec", "GatedMLP", "HGRN2", "HierarchicalMemoryFFN", "Hopfield", "HostIndex",
     "HostParam", "KimiDeltaAttention", "KVCache", "Linear",
