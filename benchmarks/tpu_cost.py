@@ -61,26 +61,31 @@ def _unit(x):
     return x / jnp.linalg.norm(x.astype(F32), axis=-1, keepdims=True).astype(x.dtype)
 
 
-def cases(b: int, t: int, h: int, k: int, v: int) -> dict:
-    """name -> (fn(*inputs) -> (output, final_state), [(shape, dtype), ...], takes_impl)."""
+def cases(b: int, t: int, h: int, k: int, v: int, chunk: int | None = None) -> dict:
+    """name -> (fn(*inputs) -> (output, final_state), [(shape, dtype), ...], takes_impl); ``chunk``:
+    every memory's ``chunk_size`` (None: each function's default, 64 on a TPU)."""
     qkv = [((b, t, h, k), BF16), ((b, t, h, k), BF16), ((b, t, h, v), BF16)]
     gate, vgate = ((b, t, h), F32), ((b, t, h, k), F32)
     beta = ((b, t, h), BF16)
     p, n = v, k  # Mamba-2 SSD: head dim P, state N
+    c = {} if chunk is None else {"chunk_size": chunk}
     return {
-        "linear_attention": (lambda q, kk, vv, impl: linear_attention(q, kk, vv, impl=impl), qkv, True),
-        "gla_scalar": (lambda q, kk, vv, g, impl: linear_attention(q, kk, vv, g=g, impl=impl), qkv + [gate], True),
-        "gla_vector": (lambda q, kk, vv, g, impl: linear_attention(q, kk, vv, g=g, impl=impl), qkv + [vgate], True),
-        "delta_rule": (lambda q, kk, vv, bb, impl: delta_rule(q, _unit(kk), vv, bb, impl=impl), qkv + [beta], True),
-        "gated_delta_rule": (lambda q, kk, vv, bb, g, impl: delta_rule(q, _unit(kk), vv, bb, g=g, impl=impl),
+        "linear_attention": (lambda q, kk, vv, impl: linear_attention(q, kk, vv, impl=impl, **c), qkv, True),
+        "gla_scalar": (lambda q, kk, vv, g, impl: linear_attention(q, kk, vv, g=g, impl=impl, **c), qkv + [gate], True),
+        "gla_vector": (lambda q, kk, vv, g, impl: linear_attention(q, kk, vv, g=g, impl=impl, **c), qkv + [vgate],
+                       True),
+        "delta_rule": (lambda q, kk, vv, bb, impl: delta_rule(q, _unit(kk), vv, bb, impl=impl, **c), qkv + [beta],
+                       True),
+        "gated_delta_rule": (lambda q, kk, vv, bb, g, impl: delta_rule(q, _unit(kk), vv, bb, g=g, impl=impl, **c),
                              qkv + [beta, gate], True),
-        "kda": (lambda q, kk, vv, bb, g, impl: delta_rule(q, _unit(kk), vv, bb, g=g, impl=impl),
+        "kda": (lambda q, kk, vv, bb, g, impl: delta_rule(q, _unit(kk), vv, bb, g=g, impl=impl, **c),
                 qkv + [beta, vgate], True),
-        "gdn2": (lambda q, kk, vv, g, bb, w, impl: gdn2(q, _unit(kk), vv, g, bb, w, impl=impl),
+        "gdn2": (lambda q, kk, vv, g, bb, w, impl: gdn2(q, _unit(kk), vv, g, bb, w, impl=impl, **c),
                  qkv + [vgate, ((b, t, h, k), BF16), ((b, t, h, v), BF16)], True),
-        "mamba2_ssd": (lambda x, dt, bm, cm, impl: selective_scan(x, dt, -jnp.linspace(1.0, 4.0, h), bm, cm, impl=impl),
+        "mamba2_ssd": (lambda x, dt, bm, cm, impl: selective_scan(x, dt, -jnp.linspace(1.0, 4.0, h), bm, cm, impl=impl,
+                                                                  **c),
                        [((b, t, h, p), BF16), ((b, t, h), F32), ((b, t, 1, n), BF16), ((b, t, 1, n), BF16)], True),
-        "mlstm": (lambda q, kk, vv, i, f, impl: mlstm(q, kk, vv, i, f, impl=impl),
+        "mlstm": (lambda q, kk, vv, i, f, impl: mlstm(q, kk, vv, i, f, impl=impl, **c),
                   qkv + [gate, gate], True),
     }
 
@@ -128,6 +133,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=None, help="every memory's chunk_size (default: its own, 64)")
     ap.add_argument("--ops", nargs="*", default=None, help="subset of the memories (default: all)")
     ap.add_argument("--impls", nargs="*", default=["xla", "pallas_tpu"])
     ap.add_argument("--json", default=None)
@@ -135,7 +141,7 @@ def main(argv=None) -> list[dict]:
     topo = plan_lib.parse_topology(args.topology)
     device = plan_lib.topology_devices(topo)[0]
     bandwidth = topo.hbm_bandwidth_per_device
-    all_cases = cases(args.B, args.T, args.H, args.K, args.V)
+    all_cases = cases(args.B, args.T, args.H, args.K, args.V, args.chunk)
     unknown = sorted(set(args.ops or ()) - set(all_cases))
     if unknown:
         raise SystemExit(f"--ops: unknown memories {unknown}; known: {sorted(all_cases)}")
@@ -168,6 +174,7 @@ def main(argv=None) -> list[dict]:
                 table.add(row)
                 rows.append(row)
     extra = {"topology": args.topology, "shape": {"B": args.B, "T": args.T, "H": args.H, "K": args.K, "V": args.V},
+             "chunk_size": args.chunk,
              "machine": machine(), "hbm_bandwidth_bytes_per_s": bandwidth}
     table.rows = rows
     table.finish(extra, json_path=args.json)

@@ -89,20 +89,23 @@ def test_initial_state_chaining(x64):
 
 
 def test_non_finite_inputs_match_the_xla_form(x64):
-    """NaN / inf in k and q: NaN exactly where the XLA form has them, the same finite gradients."""
+    """NaN / inf in k, q and the gates: NaN exactly where the XLA form has them, the same finite
+    gradients (the kernel reads a NaN or +inf gate as 0 itself, as the XLA form's finite_gate)."""
     rng = np.random.default_rng(5)
     q, k, v, g, _ = _problem(rng, 1, 40, 2, 8, 8, strength=0.5)
-    q0, k0 = q, k
+    q0, k0, g0 = q, k, g
     k = k.at[0, 30, 1, 2].set(jnp.nan)
     q = q.at[0, 5, 0, 1].set(jnp.inf)
+    g = g.at[0, 20, 0, 3].set(jnp.nan).at[0, 12, 1, 4].set(jnp.inf)
     seg = jnp.asarray(np.repeat(np.array([[0, 1]]), [25, 15], axis=1))
 
     def loss(impl, q, k, v, g):
         o, s = _run(impl, q, k, v, g, None, seg, chunk=16)
         return jnp.sum(jnp.where(jnp.isfinite(o), o, 0.0) ** 2), (o, s)
 
-    # the first bad token: q at t = 5 (poisons itself); k at t = 30 (poisons the rest of its document)
-    assert_non_finite_like(loss, (q, k, v, g), (q0, k0, v, g), 5, 8 * (1 + 10))
+    # the first bad token: q at t = 5 (poisons itself); k at t = 30 and the gates at t = 20 (head 0)
+    # and t = 12 (head 1) poison the rest of their document in their head
+    assert_non_finite_like(loss, (q, k, v, g), (q0, k0, v, g0), 5, 8 * (1 + 10 + 5 + 13))
 
 
 def test_bfloat16_error_is_that_of_the_xla_form():

@@ -127,14 +127,14 @@ def test_initial_state_chaining(x64):
 @SLOW  # (the kernel reads non-finite entries as the GLA and delta kernels do, tested there by default)
 @pytest.mark.parametrize("memory", ["kda", "gdn2"])
 def test_non_finite_inputs_match_the_xla_form(x64, memory):
-    """NaN / inf in k and q: NaN exactly where the XLA form has them, the same finite gradients
-    (q, k reach the kernel unsanitised; the erase vectors and write values are formed from
-    sanitised k, v)."""
+    """NaN / inf in k, q and the gates: NaN exactly where the XLA form has them, the same finite
+    gradients (q, k, v, the gates and GDN-2's b, w reach the kernel unsanitised: it reads them as 0)."""
     rng = np.random.default_rng(5)
     q, k, v, beta, g, _ = _problem(rng, 1, 40, 2, 8, 8, strength=0.5)
-    q0, k0 = q, k
+    q0, k0, g0 = q, k, g
     k = k.at[0, 30, 1, 2].set(jnp.nan)
     q = q.at[0, 5, 0, 1].set(jnp.inf)
+    g = g.at[0, 20, 0, 3].set(jnp.nan).at[0, 12, 1, 4].set(jnp.inf)
     seg = _seg(1, [25, 15])
 
     def loss(impl, q, k, v, beta, g):
@@ -146,8 +146,9 @@ def test_non_finite_inputs_match_the_xla_form(x64, memory):
                         interpret=True if impl == "pallas_tpu" else None)
         return jnp.sum(jnp.where(jnp.isfinite(o), o, 0.0) ** 2), (o, s)
 
-    # the first bad token: q at t = 5 (poisons itself); k at t = 30 (poisons the rest of its document)
-    assert_non_finite_like(loss, (q, k, v, beta, g), (q0, k0, v, beta, g), 5, 8 * (1 + 10))
+    # the first bad token: q at t = 5 (poisons itself); k at t = 30 and the gates at t = 20 (head 0)
+    # and t = 12 (head 1) poison the rest of their document in their head
+    assert_non_finite_like(loss, (q, k, v, beta, g), (q0, k0, v, beta, g0), 5, 8 * (1 + 10 + 5 + 13))
 
 
 def test_bfloat16_error_is_that_of_the_xla_form():

@@ -104,8 +104,12 @@ class ChannelChunk:
     def __init__(self, g, z_row, c, acc):
         zero = jnp.zeros((), acc)
         z_col = row_as_column(z_row.astype(acc))  # [hb, C, 1]
+        g = g.astype(acc)
+        # NaN and +inf read as 0 (memjax.memory.nonfinite.finite_gate, here rather than as a copy of
+        # the [B, T, H, K] gates in HBM; they get no gradient); -inf is a reset of that channel
+        self.g_bad = jnp.logical_not((g == g) & (g < jnp.inf))
         full = g == -jnp.inf
-        g0 = jnp.where(full, zero, g.astype(acc))
+        g0 = jnp.where(full | self.g_bad, zero, g)
         self.z = (z_col > 0) | full  # [hb, C, K]: the state row is zeroed before this position
         self.R = segmented_scan(self.z.astype(acc), None)
         self.P = segmented_scan(g0, None)
@@ -130,7 +134,8 @@ class ChannelChunk:
         dg = segmented_scan(dlam, lambda d: pltpu.roll(r, c - d, 1) == r, reverse=True)
         dg = dg + jnp.where(r == self.r_last, carry, jnp.zeros((), dlam.dtype))
         dg = jnp.where(self.z, jnp.zeros((), dlam.dtype), dg)
-        return dg, dg[:, :1]
+        # (the carry to the chunk before keeps a sanitised gate's share: the gate read as 0 there)
+        return jnp.where(self.g_bad, jnp.zeros((), dlam.dtype), dg), dg[:, :1]
 
     def blocks(self, s):
         """For each query sub-chunk ``a``: ``(lo, hi, alpha_a, [(b, lo_b, hi_b, beta_b * m_ab), ...],
@@ -272,7 +277,7 @@ def forward(q, k, v, g, seg_starts, s0, scale: float, chunk_size: int, *, save_s
 
     Args:
       q, k, g: ``[B, T, H, K]`` (``g`` float32 log decays, ``<= 0`` or ``-inf``: a reset of that
-        channel); v: ``[B, T, H, V]`` (``T`` a multiple of ``chunk_size``), all read in place.
+        channel; NaN and ``+inf`` read as 0, with a zero gradient); v: ``[B, T, H, V]`` (``T`` a multiple of ``chunk_size``), all read in place.
       seg_starts: ``[B, T, H]`` bool, every channel's state zeroed before token ``t``'s update, or None.
       s0: ``[B, H, K, V]`` initial state in the accumulation dtype.
       save_states: also return the chunk-start states ``[B, H, N, K, V]`` in q's dtype.

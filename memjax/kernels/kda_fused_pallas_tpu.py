@@ -141,26 +141,48 @@ def _rows(parts):
     return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
-def _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths):
+# How the erase vectors and write values reach the kernels (``mode``):
+#   "vectors"   a = erase vectors [B, T, H, K], u = write values [B, T, H, V], read as they are;
+#   "strengths" a = beta as [B, H, N, 1, C] rows, u = v: erase beta k, write beta v (KDA);
+#   "gates"     a = b [B, T, H, K], u = v, w [B, T, H, V]: erase b * k, write w * v (GDN-2).
+# The last two form the products in VMEM, so neither they nor their gradients go through HBM.
+MODES = ("vectors", "strengths", "gates")
+
+
+def _inputs(refs, mode, n_rest):
+    """``(q, k, a, u, w or None, *rest_of_the_inputs)`` refs of a kernel whose inputs start with
+    ``q, k, a, u`` (then ``w`` in mode "gates") and continue with ``n_rest`` more."""
+    n = 5 if mode == "gates" else 4
+    head = list(refs[:n]) + ([] if mode == "gates" else [None])
+    return head + list(refs[n:n + n_rest]), refs[n + n_rest:]
+
+
+def _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode):
     """Chunk ``j``'s ``[(q, ok), (k, ok), (erase, ok), (u, ok)]`` as ``[hb, C, D]`` (non-finite
-    entries 0) and, when ``strengths`` (``a_ref`` holds ``beta`` rows, ``u_ref`` the values ``v``),
-    ``(beta [hb, C, 1], v)``: then the erase vectors are ``beta k`` and the write values ``beta v``,
-    formed here rather than read (KDA: two fewer ``[B, T, H, D]`` arrays written and read)."""
+    entries 0, ``ok`` where the read operand was finite) and what the backward needs to chain the
+    erase's and the write's gradients (None in mode "vectors"): ``(scale_a, scale_u, v, ok_a,
+    ok_u)`` with ``erase = scale_a * k``, ``u = scale_u * v`` (``scale_a = scale_u = beta [hb, C,
+    1]`` for "strengths", ``b`` and ``w`` for "gates")."""
     rows = pl.ds(j * c, c)
     q, k, u = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, u_ref))
-    if not strengths:
+    if mode == "vectors":
         return [q, k, load_chunk(a_ref, rows, acc), u], None
-    beta = row_as_column(a_ref[:, j].astype(acc))
-    return [q, k, (k[0] * beta, k[1]), (u[0] * beta, u[1])], (beta, u[0])
+    if mode == "strengths":
+        beta = row_as_column(a_ref[:, j].astype(acc))
+        sa, su, ok_a, ok_u = beta, beta, None, None
+    else:
+        (sa, ok_a), (su, ok_u) = load_chunk(a_ref, rows, acc), load_chunk(w_ref, rows, acc)
+    return [q, k, (k[0] * sa, k[1]), (u[0] * su, u[1])], (sa, su, u[0], ok_a, ok_u)
 
 
-def _fwd_kernel(q_ref, k_ref, a_ref, u_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states, strengths):
+def _fwd_kernel(*refs, nb, c, s, scale, save_states, mode):
+    (q_ref, k_ref, a_ref, u_ref, w_ref, g_ref, z_ref, s0_ref), rest = _inputs(refs, mode, 3)
     o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     state = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        ((q, _), (k, _), (ea, _), (u, _)), _ = _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths)
+        ((q, _), (k, _), (ea, _), (u, _)), _ = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode)
         ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
         sm = state.astype(md)
         if save_states:
@@ -172,9 +194,13 @@ def _fwd_kernel(q_ref, k_ref, a_ref, u_ref, g_ref, z_ref, s0_ref, *rest, nb, c, 
     write_final(sf_ref, state)
 
 
-def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale,
-                strengths):
-    dq_ref, dk_ref, da_ref, du_ref, dg_ref, ds0_ref, h_ref, carry_ref = rest[-8:]  # (after NaN buffers if poisoned)
+def _bwd_kernel(*refs, nb, c, s, scale, mode):
+    (q_ref, k_ref, a_ref, u_ref, w_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref), rest = _inputs(refs, mode, 6)
+    # (outputs dq, dk, da, du, [dw], dg, dS_0, then the two scratch buffers; NaN buffers come before when poisoned)
+    outs = rest[-9:] if mode == "gates" else rest[-8:]
+    dq_ref, dk_ref, da_ref, du_ref = outs[:4]
+    dw_ref = outs[4] if mode == "gates" else None
+    dg_ref, ds0_ref, h_ref, carry_ref = outs[-4:]
     acc, md = h_ref.dtype, q_ref.dtype
     # (the index maps walk the chunk blocks last to first; the carry starts as <dS_T, S_T> per key
     # channel: the final state's share of the decay's gradient)
@@ -183,7 +209,7 @@ def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_re
     zero = jnp.zeros((), acc)
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        loaded, by_beta = _load(q_ref, k_ref, a_ref, u_ref, j, c, acc, strengths)
+        loaded, scaled = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode)
         (q, _), (k, _), (ea, _), (u, _) = loaded
         do = heads_first(do_ref[rows]).astype(md)
         ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
@@ -247,15 +273,19 @@ def _bwd_kernel(q_ref, k_ref, a_ref, u_ref, do_ref, g_ref, z_ref, st_ref, dsf_re
         # the decay's gradient: dL/dG = q dq + a da - k dk per channel, summed to the end of each segment
         dg, carry = ch.gate_grad(q * dq + ea * da - k * dk, carry)
         dg_ref[rows] = heads_first(dg).astype(dg_ref.dtype)
-        if by_beta is None:
+        if scaled is None:
             for ref, (_, ok), d in zip((dq_ref, dk_ref, da_ref, du_ref), loaded, (dq, dk, da, y)):
                 ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
-        else:  # erase beta k, write beta v: chain the erase's and the write's gradients to k, v and beta
-            beta, v = by_beta
-            db = jnp.sum(da * k, axis=2, keepdims=True) + jnp.sum(y * v, axis=2, keepdims=True)  # [hb, C, 1]
-            da_ref[:, j] = column_as_row(db).astype(da_ref.dtype)
+        else:  # erase sa * k, write su * v: chain the erase's and the write's gradients to k, v and the scales
+            sa, su, v, ok_a, ok_u = scaled
+            if mode == "strengths":  # dbeta = <da, k> + <du, v> per token, written as a row
+                db = jnp.sum(da * k, axis=2, keepdims=True) + jnp.sum(y * v, axis=2, keepdims=True)  # [hb, C, 1]
+                da_ref[:, j] = column_as_row(db).astype(da_ref.dtype)
+            else:
+                for ref, ok, d in ((da_ref, ok_a, da * k), (dw_ref, ok_u, y * v)):
+                    ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
             for ref, (_, ok), d in zip((dq_ref, dk_ref, du_ref), (loaded[0], loaded[1], loaded[3]),
-                                       (dq, dk + beta * da, beta * y)):
+                                       (dq, dk + sa * da, su * y)):
                 ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
         h = (ch.decay_col() * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
              - dot((ea * ch.alpha).astype(md), ym, TN, acc))
@@ -279,16 +309,20 @@ def _exps(b, h, t, c, dk):
 
 
 def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, save_states: bool, interpret: bool,
-            chunks: int = CHUNKS_PER_STEP, poison: bool = False):
+            w=None, chunks: int = CHUNKS_PER_STEP, poison: bool = False):
     """The fused forward pass.
 
     Args:
-      q, k: ``[B, T, H, K]``, u: ``[B, T, H, V]`` (write values), in one dtype, ``T`` a multiple
-        of ``chunk_size``, read in place.
-      a: ``[B, T, H, K]`` erase vectors in that dtype (GDN-2: ``b * k``), or ``[B, T, H]`` finite
-        per-token strengths ``beta`` in the accumulation dtype: then the erase vectors are
-        ``beta k`` and the write values ``beta u`` (KDA, ``u = v``), formed in the kernel.
-      g: ``[B, T, H, K]`` float32 log decays, ``<= 0`` or ``-inf`` (a reset of that channel).
+      q, k: ``[B, T, H, K]``, u: ``[B, T, H, V]``, in one dtype, ``T`` a multiple of
+        ``chunk_size``, read in place. ``u`` is the write values, or with per-token strengths or
+        ``w``, the values ``v`` they scale.
+      a: ``[B, T, H, K]`` erase vectors in that dtype; or ``[B, T, H]`` finite per-token strengths
+        ``beta`` in the accumulation dtype: the erase vectors are then ``beta k`` and the write
+        values ``beta u`` (KDA); or, with ``w``, the erase gate ``b [B, T, H, K]`` (any float
+        dtype): erase ``b * k``. The products are formed in the kernel (``MODES``).
+      w: None, or the write gate ``[B, T, H, V]`` (any float dtype): write ``w * u`` (GDN-2).
+      g: ``[B, T, H, K]`` float32 log decays, ``<= 0`` or ``-inf`` (a reset of that channel); NaN and
+        ``+inf`` read as 0, with a zero gradient.
       seg_starts: ``[B, T, H]`` bool, every channel's state zeroed before token ``t``'s update, or None.
       s0: ``[B, H, K, V]`` initial state in the accumulation dtype.
       save_states: also return the chunk-start states ``[B, H, N, K, V]`` in q's dtype.
@@ -301,62 +335,70 @@ def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, sav
     acc = s0.dtype
     steps = n // nb
     sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    strengths = a.ndim == 3
-    erase, erase_spec = _erase_operand(a, (b, n, c, h), acc, sp, dk)
-    inputs = [q, k, erase, u, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
-    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), sp.seq(dk), sp.rows(), sp.state(dk, dv)]
+    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, sp, dk, dv)
+    inputs = [q, k, erase, u, *extra, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
+    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), *extra_specs, sp.seq(dk), sp.rows(), sp.state(dk, dv)]
     outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv), transcendentals=_exps(b, h, t, c, dk),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
     kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states,
-                               strengths=strengths)
+                               mode=mode)
     res = launch(kernel, "kda_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps), [((hb, dk, dv), acc)],
                  interpret, poison, cost, vmem_limit=VMEM_LIMIT)
     return res[0], res[1], (res[2] if save_states else None)
 
 
 def backward(q, k, a, u, do, g, seg_starts, states, dsf, last, scale: float, chunk_size: int, *, interpret: bool,
-             chunks: int = CHUNKS_PER_STEP, poison: bool = False):
+             w=None, chunks: int = CHUNKS_PER_STEP, poison: bool = False):
     """The fused backward pass: ``(dq, dk, da, du`` in q's dtype, ``dg [B, T, H, K]`` and
     ``dS_0 [B, H, K, V]`` in dsf's dtype)``; ``states`` as :func:`forward` saved them, ``do`` the
     output's cotangent, ``dsf`` the final state's and ``last [B, H, K] = sum_v dS_T * S_T`` (the
     final state's share of the decay's gradient). ``dg`` is 0 at resets. With strengths ``a =
-    beta [B, T, H]`` (:func:`forward`), ``da`` is ``dbeta [B, T, H]`` in dsf's dtype and ``dk``,
-    ``du`` include the paths through ``beta k`` and ``beta u``."""
+    beta [B, T, H]`` (:func:`forward`), ``da`` is ``dbeta [B, T, H]`` in dsf's dtype; with gates
+    ``(a, w) = (b, w)``, ``da = db`` and a ``dw`` follows ``du``, both in their gate's dtype; in
+    both, ``dk`` and ``du`` include the paths through the erase vectors and write values."""
     c = chunk_size
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
     sp = BlockSpecs(hb, nb, c, steps, reverse=True)
     per_head = pl.BlockSpec((pl.Squeezed(), hb, 1, dk), lambda bb, gg, i: (bb, gg, 0, 0))
-    strengths = a.ndim == 3
-    erase, erase_spec = _erase_operand(a, (b, n, c, h), acc, sp, dk)
-    inputs = [q, k, erase, u, do.astype(q.dtype), g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1],
-              states, dsf, last.astype(acc)[:, :, None, :]]
-    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), sp.seq(dv), sp.seq(dk), sp.rows(), sp.states(dk, dv),
-             sp.state(dk, dv), per_head]
-    d_erase = ((b, h, n, 1, c), acc, sp.rows()) if strengths else (a.shape, q.dtype, sp.seq(dk))
+    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, sp, dk, dv)
+    inputs = [q, k, erase, u, *extra, do.astype(q.dtype), g.astype(acc),
+              gate_rows(None, seg_starts, (b, n, c, h), acc)[1], states, dsf, last.astype(acc)[:, :, None, :]]
+    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), *extra_specs, sp.seq(dv), sp.seq(dk), sp.rows(),
+             sp.states(dk, dv), sp.state(dk, dv), per_head]
+    d_erase = {"strengths": ((b, h, n, 1, c), acc, sp.rows()), "gates": (a.shape, a.dtype, sp.seq(dk)),
+               "vectors": (a.shape, q.dtype, sp.seq(dk))}[mode]
+    d_write = [(w.shape, w.dtype, sp.seq(dv))] if mode == "gates" else []
     outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), d_erase,
-            (u.shape, q.dtype, sp.seq(dv)), (g.shape, acc, sp.seq(dk)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+            (u.shape, q.dtype, sp.seq(dv)), *d_write, (g.shape, acc, sp.seq(dk)),
+            ((b, h, dk, dv), acc, sp.state(dk, dv))]
     cost = pl.CostEstimate(flops=2 * _flops(b, h, t, c, dk, dv),
                            transcendentals=_exps(b, h, t, c, dk), bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), strengths=strengths)
-    dq, dk_, da, du, dg, ds0 = launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
-                                      [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost,
-                                      vmem_limit=VMEM_LIMIT)
-    if strengths:  # [B, H, N, 1, C] rows -> [B, T, H]
-        da = jnp.moveaxis(da[:, :, :, 0], 1, 3).reshape(b, t, h)
-    return dq, dk_, da, du, dg, ds0
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), mode=mode)
+    res = launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
+                 [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
+    res = list(res)
+    if mode == "strengths":  # [B, H, N, 1, C] rows -> [B, T, H]
+        res[2] = jnp.moveaxis(res[2][:, :, :, 0], 1, 3).reshape(b, t, h)
+    return tuple(res)
 
 
-def _erase_operand(a, shape, acc, sp, dk):
-    """The kernels' erase operand and its BlockSpec: erase vectors ``[B, T, H, K]`` in place, or
-    strengths ``[B, T, H]`` as ``[B, H, N, 1, C]`` rows (``shape = (B, N, C, H)``)."""
+def _erase_operands(a, w, shape, acc, sp, dk, dv):
+    """``(mode, erase operand, its BlockSpec, [w], [its BlockSpec])``: erase vectors or the gate
+    ``b`` ``[B, T, H, K]`` in place, or strengths ``[B, T, H]`` as ``[B, H, N, 1, C]`` rows
+    (``shape = (B, N, C, H)``)."""
+    if w is not None:
+        if a.ndim != 4:
+            raise ValueError(f"the fused KDA kernel takes the write gate w with an erase gate b [B, T, H, K], "
+                             f"got shape {a.shape}")
+        return "gates", a, sp.seq(dk), [w], [sp.seq(dv)]
     if a.ndim == 3:
-        return gate_rows(a, None, shape, acc)[0], sp.rows()
-    return a, sp.seq(dk)
+        return "strengths", gate_rows(a, None, shape, acc)[0], sp.rows(), [], []
+    return "vectors", a, sp.seq(dk), [], []
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:

@@ -156,7 +156,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, g: 
     beta = nonfinite.finite_or_zero(beta)
     if kernel is None and vector_kernel is None:  # (the fused kernels read a non-finite q, k, v as 0 themselves)
         q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))  # mask: [B, T, HV]
-    g = nonfinite.finite_gate(g)
+    if vector_kernel is None:  # (the per-channel fused kernel reads NaN / +inf gates as 0 itself)
+        g = nonfinite.finite_gate(g)
     if kernel is not None:  # the whole chunked pass in one Mosaic kernel each way (the state in VMEM)
         o, s = chunked_delta_kernel(q, k, v, beta, g, segment_resets(segment_ids), s0, scale, chunk_size, kernel)
     elif vector_kernel is not None:  # KDA in one Mosaic kernel each way; it forms beta k and beta v itself

@@ -140,6 +140,7 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
     q, k, v = (x.astype(md) for x in (q, k, v))
     if hv != h:  # grouped value heads: every value head gets its group's q and k
         q, k = (jnp.repeat(x, hv // h, axis=2) for x in (q, k))
+    b_in, w_in = b, w  # (the fused kernel reads the gates in their own dtype)
     g, b, w = (x.astype(acc) for x in (g, b, w))
     s0 = jnp.zeros((bsz, hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
     # A non-finite token poisons only itself and the rest of its document (memjax.memory.nonfinite),
@@ -147,15 +148,16 @@ def gdn2(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array, w
     writes = nonfinite.either(nonfinite.bad(k, 3), nonfinite.bad(v, 3), nonfinite.bad(b, 3),
                               nonfinite.bad(w, 3), nonfinite.bad(g, 3, gate=True))
     mask = nonfinite.either(nonfinite.bad(q, 3), nonfinite.running(writes, segment_ids, axis_name=seq_axis))
-    # (the fused kernel reads a non-finite q, k as 0 itself: no sanitised copy; the sanitised k, v
-    # below fuse into the erase vectors and write values)
-    fused = mode == "chunked" and seq_axis is None and g.ndim == 4 and \
-        kda_kernel(impl, (bsz, t, hv, dk), dv, md, chunk_size, interpret) is not None
-    b, w, vs, ks = (nonfinite.finite_or_zero(x) for x in (b, w, v, k))  # mask: [B, T, HV]
-    if not fused:
-        q, k = nonfinite.finite_or_zero(q), ks
+    kernel = kda_kernel(impl, (bsz, t, hv, dk), dv, md, chunk_size, interpret) \
+        if mode == "chunked" and seq_axis is None and g.ndim == 4 else None
+    if kernel is not None:  # one Mosaic kernel each way: it reads non-finite q, k, v, b, w (and NaN / +inf
+        # gates) as 0 and forms b * k, w * v itself
+        o, s = chunked_kda_kernel(q, k, v, b_in, g, segment_resets(segment_ids), s0, resolve_scale(scale, dk),
+                                  chunk_size, kernel, w=w_in)
+        return nonfinite.poison_outputs(o.astype(out_dtype), s, mask, seq_axis)
     g = nonfinite.finite_gate(g)
-    u, erase = w * vs.astype(acc), b * ks.astype(acc)
+    q, k, v, b, w = (nonfinite.finite_or_zero(x) for x in (q, k, v, b, w))  # mask: [B, T, HV]
+    u, erase = w * v.astype(acc), b * k.astype(acc)
     run = lambda u, s0: channel_delta(q, k, u, erase, g, s0, segment_ids, resolve_scale(scale, dk), mode=mode,
                                       chunk_size=chunk_size, impl=impl, interpret=interpret)
     if seq_axis is None:

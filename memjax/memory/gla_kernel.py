@@ -35,7 +35,8 @@ def chunked_gla_kernel(q, k, v, g, seg_starts, s0, scale: float, chunk_size: int
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (non-finite entries read as 0, zero gradient).
-      g: ``[B, T, H, K]`` log decays, ``<= 0`` or ``-inf`` (a reset of that channel), no NaN.
+      g: ``[B, T, H, K]`` log decays, ``<= 0`` or ``-inf`` (a reset of that channel); NaN and
+        ``+inf`` read as 0 with a zero gradient (``memjax.memory.nonfinite.finite_gate``, in the kernel).
       seg_starts: ``[B, T]`` bool or None; s0: ``[B, H, K, V]`` (accumulation dtype).
       scale: read scale; chunk_size: ``C`` (``T`` is padded with zeros to a multiple).
       kernel: ``(name, interpret)`` from :func:`gla_kernel`.

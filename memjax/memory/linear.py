@@ -168,9 +168,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, g: jax.Array |
     # them; a sanitised [B, T, H, K] copy here is written and read again (~800 MB forward at B=8
     # T=4096 H=16 K=V=128 bf16 on a TPU, by XLA's cost model: benchmarks/tpu_cost.py). (The
     # per-channel form measured no better that way, its backward with impl="pallas_tpu" 3% worse.)
-    g = nonfinite.finite_gate(g)
     kernel = gla_kernel(impl, (b, t, hv, dk), dv, md, chunk_size, interpret) \
         if mode == "chunked" and vector and bonus is None and seq_axis is None else None
+    if kernel is None:  # (the per-channel fused kernel reads NaN / +inf gates as 0 itself: no [B, T, H, K] copy)
+        g = nonfinite.finite_gate(g)
     if kernel is None and (mode == "recurrent" or vector or bonus is not None):
         q, k, v = (nonfinite.finite_or_zero(x) for x in (q, k, v))
     if kernel is not None:  # (the fused kernels read a non-finite q, k, v as 0 themselves: no sanitised copy)
