@@ -177,11 +177,13 @@ def test_supports_head_blocks(shape, ok):  # (the common cases: tests/test_fused
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=SLOW)])
-def test_kda_compiles_through_mosaic(topology):
-    """delta_rule(g [B, T, H, K], impl='pallas_tpu'), forward + backward, compiles for
-    a TPU from this CPU host at K = V = 128, chunk 64, 16 heads: one kernel each way."""
-    b, t, h, dk, dv = 1, 256, 16, 128, 128
+@pytest.mark.parametrize("topology,h,dk", [("v5p:1x1x1", 16, 128), ("v5p:1x1x1", 32, 64),
+                                           pytest.param("v5e:1x1", 16, 128, marks=SLOW)])
+def test_kda_compiles_through_mosaic(topology, h, dk):
+    """delta_rule(g [B, T, H, K], impl='pallas_tpu'), forward + backward, compiles for a TPU from
+    this CPU host at K = V = 128 (16 heads) and K = V = 64 (32 heads, read as the flat view and
+    cut into heads along the lanes), chunk 64: one kernel each way."""
+    b, t, dv = 1, 256, dk
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     args = [sd((b, t, h, dk), bf), sd((b, t, h, dk), bf), sd((b, t, h, dv), bf), sd((b, t, h), bf),
@@ -199,3 +201,46 @@ def test_kda_compiles_through_mosaic(topology):
     # (one program holds both kernels: the forward compiled alone is the same kernel)
     text = compile_for_tpu(topology, fwd_bwd, args).as_text()
     assert "kda_fused_fwd_tpu" in text and "kda_fused_bwd_tpu" in text and text.count("custom-call(") == 2
+
+
+def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
+    """K = V = 64: the kernels read q, k, v, the gates (and GDN-2's b, w) as the flat ``[B, T, H K]``
+    view (a TPU pads a ``[.., H, 64]`` tile to 128 lanes) and cut heads along the lanes; KDA and
+    GDN-2 with packed segments, an initial state and strong decays == the token-by-token form."""
+    rng = np.random.default_rng(7)
+    q, k, v, beta, g, s0 = _problem(rng, 1, 40, 2, 64, 64)
+    b = jnp.asarray(rng.uniform(0.1, 1.9, g.shape))
+    w = jnp.asarray(rng.uniform(0.1, 1.0, v.shape))
+    seg = _seg(1, [10, 20, 10])
+
+    def loss(impl, kind, *xs):
+        kw = dict(initial_state=xs[-1], segment_ids=seg)
+        kw.update(mode="recurrent") if impl == "recurrent" else kw.update(chunk_size=16, impl=impl, interpret=True)
+        o, s = delta_rule(*xs[:4], g=xs[4], **kw) if kind == "kda" else gdn2(*xs[:-1], **kw)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(s * s), (o, s)
+
+    for kind, args in (("kda", (q, k, v, beta, g, s0)), ("gdn2", (q, k, v, g, b, w, s0))):
+        fused = lambda *a: loss("pallas_tpu", kind, *a)  # noqa: E731
+        calls = _pallas_calls(jax.make_jaxpr(fused)(*args).jaxpr)
+        assert calls and all(x.aval.shape == (1, 48, 128) for x in calls[0].invars[:2]), kind  # T padded to 48
+        (grads, (o, s)), (grads_ref, (o_ref, s_ref)) = (
+            jax.grad(lambda *a, i=impl: loss(i, kind, *a), argnums=tuple(range(len(args))), has_aux=True)(*args)
+            for impl in ("pallas_tpu", "recurrent"))
+        assert rel_rmse(o, o_ref) < 1e-12 and rel_rmse(s, s_ref) < 1e-12, kind
+        for x, r in zip(grads, grads_ref):
+            assert rel_rmse(x, r) < 1e-10, kind
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of ``jaxpr`` and of every jaxpr nested in its equations."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            found.append(e)
+            continue
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _pallas_calls(inner)
+    return found

@@ -38,6 +38,30 @@ def heads_first(x):
     return jnp.swapaxes(x, 0, 1)
 
 
+def to_heads(x, d: int | None = None):
+    """A block slice as ``[hb, C, D]``: ``[C, hb, D]`` (time-major, as ``[B, T, H, D]`` lies in
+    HBM), or with ``d``, ``[C, hb d]`` of the flat ``[B, T, H d]`` view, cut into heads along the
+    lanes (a TPU pads a ``[.., H, 64]`` tile to 128 lanes in HBM; the flat view is not padded)."""
+    if d is None:
+        return jnp.swapaxes(x, 0, 1)
+    return jnp.stack([x[:, j * d:(j + 1) * d] for j in range(x.shape[1] // d)], axis=0)
+
+
+def from_heads(x, flat: bool = False):
+    """The inverse of :func:`to_heads`: ``[hb, C, D]`` as the block slice ``[C, hb, D]`` (``flat``:
+    ``[C, hb D]``)."""
+    if not flat:
+        return jnp.swapaxes(x, 0, 1)
+    return jnp.concatenate([x[j] for j in range(x.shape[0])], axis=-1)
+
+
+def flat_heads(hb: int, dk: int, dv: int) -> bool:
+    """Whether a fused call reads its sequence operands as the flat ``[B, T, H D]`` view
+    (:func:`to_heads`): a head dim below 128 lanes that divides them (``K = V``), and ``hb D`` a
+    whole number of lanes tiles."""
+    return dk == dv < LANES and LANES % dk == 0 and (hb * dk) % LANES == 0
+
+
 class ChunkDecays:
     """The masked decay factors of one chunk for ``hb`` heads from its raw log decays and reset
     flags ``g, z [hb, 1, C]`` (module docstring). The within-chunk sums (reset counts ``r``, the
@@ -152,9 +176,10 @@ def write_final(ref, value):
         ref[...] = value.astype(ref.dtype)
 
 
-def load_chunk(ref, rows, acc):
-    """A chunk of a ``[rows, hb, D]`` block as ``[hb, C, D]`` in ``acc``, and where it is finite."""
-    x = heads_first(ref[rows].astype(acc))
+def load_chunk(ref, rows, acc, d: int | None = None):
+    """A chunk of a ``[rows, hb, D]`` block as ``[hb, C, D]`` in ``acc`` (``d``: of a flat ``[rows,
+    hb d]`` block, :func:`to_heads`), and where it is finite."""
+    x = to_heads(ref[rows].astype(acc), d)
     ok = jnp.abs(x) < jnp.inf
     return jnp.where(ok, x, jnp.zeros((), acc)), ok
 
@@ -176,6 +201,9 @@ class BlockSpecs:
 
     def seq(self, d):
         return pl.BlockSpec((pl.Squeezed(), self.nb * self.c, self.hb, d), lambda b, g, i: (b, self.at(i), g, 0))
+
+    def flat(self, d):  # [B, T, H d]: the flat view of a [B, T, H, d] operand (flat_heads)
+        return pl.BlockSpec((pl.Squeezed(), self.nb * self.c, self.hb * d), lambda b, g, i: (b, self.at(i), g))
 
     def shared(self, d):  # [B, T, 1, D]: one head every block reads
         return pl.BlockSpec((pl.Squeezed(), self.nb * self.c, 1, d), lambda b, g, i: (b, self.at(i), 0, 0))

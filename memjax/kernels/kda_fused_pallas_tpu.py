@@ -60,8 +60,9 @@ from jax.experimental import pallas as pl
 
 from memjax.kernels.delta_fused_pallas_tpu import neumann_inverse
 from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, column_as_row, dot, fits, forward_outputs,
-                                            gate_rows, geometry, heads_first, launch, load_chunk, masked_exp, nbytes,
-                                            out_bytes, row_as_column, start_from, write_final)
+                                            flat_heads, from_heads, gate_rows, geometry, launch, load_chunk,
+                                            masked_exp, nbytes, out_bytes, row_as_column, start_from, to_heads,
+                                            write_final)
 from memjax.kernels.gla_fused_pallas_tpu import ChannelChunk, channel_vmem_bytes, diag_scores, sub_chunk
 
 __all__ = ["forward", "backward", "supports", "CHUNKS_PER_STEP"]
@@ -157,44 +158,44 @@ def _inputs(refs, mode, n_rest):
     return head + list(refs[n:n + n_rest]), refs[n + n_rest:]
 
 
-def _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode):
+def _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode, flat_d):
     """Chunk ``j``'s ``[(q, ok), (k, ok), (erase, ok), (u, ok)]`` as ``[hb, C, D]`` (non-finite
     entries 0, ``ok`` where the read operand was finite) and what the backward needs to chain the
     erase's and the write's gradients (None in mode "vectors"): ``(scale_a, scale_u, v, ok_a,
     ok_u)`` with ``erase = scale_a * k``, ``u = scale_u * v`` (``scale_a = scale_u = beta [hb, C,
     1]`` for "strengths", ``b`` and ``w`` for "gates")."""
     rows = pl.ds(j * c, c)
-    q, k, u = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, u_ref))
+    q, k, u = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, u_ref))
     if mode == "vectors":
-        return [q, k, load_chunk(a_ref, rows, acc), u], None
+        return [q, k, load_chunk(a_ref, rows, acc, flat_d), u], None
     if mode == "strengths":
         beta = row_as_column(a_ref[:, j].astype(acc))
         sa, su, ok_a, ok_u = beta, beta, None, None
     else:
-        (sa, ok_a), (su, ok_u) = load_chunk(a_ref, rows, acc), load_chunk(w_ref, rows, acc)
+        (sa, ok_a), (su, ok_u) = load_chunk(a_ref, rows, acc, flat_d), load_chunk(w_ref, rows, acc, flat_d)
     return [q, k, (k[0] * sa, k[1]), (u[0] * su, u[1])], (sa, su, u[0], ok_a, ok_u)
 
 
-def _fwd_kernel(*refs, nb, c, s, scale, save_states, mode):
+def _fwd_kernel(*refs, nb, c, s, scale, save_states, mode, flat_d):
     (q_ref, k_ref, a_ref, u_ref, w_ref, g_ref, z_ref, s0_ref), rest = _inputs(refs, mode, 3)
     o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     state = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        ((q, _), (k, _), (ea, _), (u, _)), _ = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode)
-        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        ((q, _), (k, _), (ea, _), (u, _)), _ = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode, flat_d)
+        ch = ChannelChunk(to_heads(g_ref[rows], flat_d), z_ref[:, j], c, acc)
         sm = state.astype(md)
         if save_states:
             st_ref[:, j] = sm.astype(st_ref.dtype)
         fw = _Chunk(q, k, ea, u, ch, sm, s, scale, md, acc)
-        o_ref[rows] = heads_first(fw.output(q, k, scale, md, acc)).astype(o_ref.dtype)
+        o_ref[rows] = from_heads(fw.output(q, k, scale, md, acc), flat_d is not None).astype(o_ref.dtype)
         state = ch.decay_col() * state + dot((k * ch.to_end).astype(md), fw.dm, TN, acc)
     s_ref[...] = state
     write_final(sf_ref, state)
 
 
-def _bwd_kernel(*refs, nb, c, s, scale, mode):
+def _bwd_kernel(*refs, nb, c, s, scale, mode, flat_d):
     (q_ref, k_ref, a_ref, u_ref, w_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref), rest = _inputs(refs, mode, 6)
     # (outputs dq, dk, da, du, [dw], dg, dS_0, then the two scratch buffers; NaN buffers come before when poisoned)
     outs = rest[-9:] if mode == "gates" else rest[-8:]
@@ -209,10 +210,10 @@ def _bwd_kernel(*refs, nb, c, s, scale, mode):
     zero = jnp.zeros((), acc)
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        loaded, scaled = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode)
+        loaded, scaled = _load(q_ref, k_ref, a_ref, u_ref, w_ref, j, c, acc, mode, flat_d)
         (q, _), (k, _), (ea, _), (u, _) = loaded
-        do = heads_first(do_ref[rows]).astype(md)
-        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        do = to_heads(do_ref[rows], flat_d).astype(md)
+        ch = ChannelChunk(to_heads(g_ref[rows], flat_d), z_ref[:, j], c, acc)
         sm, hm = st_ref[:, j].astype(md), h.astype(md)
         fw = _Chunk(q, k, ea, u, ch, sm, s, scale, md, acc)
         ke = (k * ch.to_end).astype(md)
@@ -272,10 +273,10 @@ def _bwd_kernel(*refs, nb, c, s, scale, mode):
 
         # the decay's gradient: dL/dG = q dq + a da - k dk per channel, summed to the end of each segment
         dg, carry = ch.gate_grad(q * dq + ea * da - k * dk, carry)
-        dg_ref[rows] = heads_first(dg).astype(dg_ref.dtype)
+        dg_ref[rows] = from_heads(dg, flat_d is not None).astype(dg_ref.dtype)
         if scaled is None:
             for ref, (_, ok), d in zip((dq_ref, dk_ref, da_ref, du_ref), loaded, (dq, dk, da, y)):
-                ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+                ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
         else:  # erase sa * k, write su * v: chain the erase's and the write's gradients to k, v and the scales
             sa, su, v, ok_a, ok_u = scaled
             if mode == "strengths":  # dbeta = <da, k> + <du, v> per token, written as a row
@@ -283,10 +284,10 @@ def _bwd_kernel(*refs, nb, c, s, scale, mode):
                 da_ref[:, j] = column_as_row(db).astype(da_ref.dtype)
             else:
                 for ref, ok, d in ((da_ref, ok_a, da * k), (dw_ref, ok_u, y * v)):
-                    ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+                    ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
             for ref, (_, ok), d in zip((dq_ref, dk_ref, du_ref), (loaded[0], loaded[1], loaded[3]),
                                        (dq, dk + sa * da, su * y)):
-                ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+                ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
         h = (ch.decay_col() * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
              - dot((ea * ch.alpha).astype(md), ym, TN, acc))
     h_ref[...] = h
@@ -334,20 +335,23 @@ def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, sav
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = s0.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, sp, dk, dv)
-    inputs = [q, k, erase, u, *extra, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
-    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), *extra_specs, sp.seq(dk), sp.rows(), sp.state(dk, dv)]
-    outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+    lay = _Heads(h, hb, dk, dv, nb, c, steps, reverse=False)
+    sp = lay.sp
+    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, lay, dk, dv)
+    inputs = [lay.view(q), lay.view(k), erase, lay.view(u), *extra, lay.view(g.astype(acc)),
+              gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
+    specs = [lay.seq(dk), lay.seq(dk), erase_spec, lay.seq(dv), *extra_specs, lay.seq(dk), sp.rows(),
+             sp.state(dk, dv)]
+    outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv), transcendentals=_exps(b, h, t, c, dk),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
     kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states,
-                               mode=mode)
+                               mode=mode, flat_d=lay.d)
     res = launch(kernel, "kda_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps), [((hb, dk, dv), acc)],
                  interpret, poison, cost, vmem_limit=VMEM_LIMIT)
-    return res[0], res[1], (res[2] if save_states else None)
+    return lay.unview(res[0]), res[1], (res[2] if save_states else None)
 
 
 def backward(q, k, a, u, do, g, seg_starts, states, dsf, last, scale: float, chunk_size: int, *, interpret: bool,
@@ -363,42 +367,72 @@ def backward(q, k, a, u, do, g, seg_starts, states, dsf, last, scale: float, chu
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=True)
+    lay = _Heads(h, hb, dk, dv, nb, c, steps, reverse=True)
+    sp = lay.sp
     per_head = pl.BlockSpec((pl.Squeezed(), hb, 1, dk), lambda bb, gg, i: (bb, gg, 0, 0))
-    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, sp, dk, dv)
-    inputs = [q, k, erase, u, *extra, do.astype(q.dtype), g.astype(acc),
-              gate_rows(None, seg_starts, (b, n, c, h), acc)[1], states, dsf, last.astype(acc)[:, :, None, :]]
-    specs = [sp.seq(dk), sp.seq(dk), erase_spec, sp.seq(dv), *extra_specs, sp.seq(dv), sp.seq(dk), sp.rows(),
+    mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, lay, dk, dv)
+    inputs = [lay.view(q), lay.view(k), erase, lay.view(u), *extra, lay.view(do.astype(q.dtype)),
+              lay.view(g.astype(acc)), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], states,
+              dsf, last.astype(acc)[:, :, None, :]]
+    specs = [lay.seq(dk), lay.seq(dk), erase_spec, lay.seq(dv), *extra_specs, lay.seq(dv), lay.seq(dk), sp.rows(),
              sp.states(dk, dv), sp.state(dk, dv), per_head]
-    d_erase = {"strengths": ((b, h, n, 1, c), acc, sp.rows()), "gates": (a.shape, a.dtype, sp.seq(dk)),
-               "vectors": (a.shape, q.dtype, sp.seq(dk))}[mode]
-    d_write = [(w.shape, w.dtype, sp.seq(dv))] if mode == "gates" else []
-    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), d_erase,
-            (u.shape, q.dtype, sp.seq(dv)), *d_write, (g.shape, acc, sp.seq(dk)),
+    seq_k, seq_v = lay.seq_shape((b, t, h, dk)), lay.seq_shape((b, t, h, dv))
+    d_erase = {"strengths": ((b, h, n, 1, c), acc, sp.rows()), "gates": (seq_k, a.dtype, lay.seq(dk)),
+               "vectors": (seq_k, q.dtype, lay.seq(dk))}[mode]
+    d_write = [(seq_v, w.dtype, lay.seq(dv))] if mode == "gates" else []
+    outs = [(seq_k, q.dtype, lay.seq(dk)), (seq_k, q.dtype, lay.seq(dk)), d_erase,
+            (seq_v, q.dtype, lay.seq(dv)), *d_write, (seq_k, acc, lay.seq(dk)),
             ((b, h, dk, dv), acc, sp.state(dk, dv))]
     cost = pl.CostEstimate(flops=2 * _flops(b, h, t, c, dk, dv),
                            transcendentals=_exps(b, h, t, c, dk), bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), mode=mode)
-    res = launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
-                 [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
-    res = list(res)
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), mode=mode,
+                               flat_d=lay.d)
+    launched = launch(kernel, "kda_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
+                      [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
+    res = [x if i == 2 and mode == "strengths" else lay.unview(x) for i, x in enumerate(launched[:-1])]
+    res.append(launched[-1])  # dS_0
     if mode == "strengths":  # [B, H, N, 1, C] rows -> [B, T, H]
         res[2] = jnp.moveaxis(res[2][:, :, :, 0], 1, 3).reshape(b, t, h)
     return tuple(res)
 
 
-def _erase_operands(a, w, shape, acc, sp, dk, dv):
+def _erase_operands(a, w, shape, acc, lay, dk, dv):
     """``(mode, erase operand, its BlockSpec, [w], [its BlockSpec])``: erase vectors or the gate
     ``b`` ``[B, T, H, K]`` in place, or strengths ``[B, T, H]`` as ``[B, H, N, 1, C]`` rows
-    (``shape = (B, N, C, H)``)."""
+    (``shape = (B, N, C, H)``), laid out as ``lay`` says."""
     if w is not None:
         if a.ndim != 4:
             raise ValueError(f"the fused KDA kernel takes the write gate w with an erase gate b [B, T, H, K], "
                              f"got shape {a.shape}")
-        return "gates", a, sp.seq(dk), [w], [sp.seq(dv)]
+        return "gates", lay.view(a), lay.seq(dk), [lay.view(w)], [lay.seq(dv)]
     if a.ndim == 3:
-        return "strengths", gate_rows(a, None, shape, acc)[0], sp.rows(), [], []
-    return "vectors", a, sp.seq(dk), [], []
+        return "strengths", gate_rows(a, None, shape, acc)[0], lay.sp.rows(), [], []
+    return "vectors", lay.view(a), lay.seq(dk), [], []
+
+
+class _Heads:
+    """How a fused call lays out its sequence operands ``[B, T, H, D]``: in place, or, for a head
+    dim below 128 lanes (:func:`memjax.kernels.fused_chunk_tpu.flat_heads`: ``K = V = 64``), as
+    the flat ``[B, T, H D]`` view, which the kernels cut into heads along the lanes: a TPU pads a
+    ``[.., H, 64]`` tile to 128 lanes in HBM, twice the bytes."""
+
+    def __init__(self, h, hb, dk, dv, nb, c, steps, reverse):
+        self.sp = BlockSpecs(hb, nb, c, steps, reverse)
+        self.d = dk if flat_heads(hb, dk, dv) else None
+
+    def seq(self, d):
+        """The BlockSpec of a ``[B, T, H, d]`` sequence operand as passed."""
+        return self.sp.seq(d) if self.d is None else self.sp.flat(d)
+
+    def seq_shape(self, shape):
+        b, t, h, d = shape
+        return shape if self.d is None else (b, t, h * d)
+
+    def view(self, x):
+        return x if self.d is None else x.reshape(self.seq_shape(x.shape))
+
+    def unview(self, x):
+        return x if self.d is None else x.reshape(*x.shape[:2], x.shape[2] // self.d, self.d)
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:
