@@ -141,3 +141,19 @@ def assert_non_finite_like(loss, args, clean_args, first_bad: int, n_poisoned: i
     for x, r in zip(grads, grads_ref):
         assert np.isfinite(np.asarray(x)).all()
         assert rel_rmse(x, r) < 1e-10
+
+
+def pallas_calls(jaxpr):
+    """The pallas_call equations of ``jaxpr`` and of every jaxpr nested in its equations (custom
+    VJPs, shard_maps, ...)."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            found.append(e)
+            continue
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += pallas_calls(inner)
+    return found

@@ -14,7 +14,7 @@ import pytest
 
 from memjax.kernels import delta_fused_pallas_tpu as fk
 from memjax.memory.delta import delta_rule
-from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, rel_rmse
+from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, pallas_calls, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -135,13 +135,32 @@ def test_supports_large_heads(shape, ok):  # (the common cases: tests/test_fused
     assert fk.supports(shape, jnp.bfloat16, "tpu") is ok
 
 
+def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
+    """K = V = 64: the kernels read q, k, v as the flat ``[B, T, H K]`` view (a TPU pads a ``[.., H,
+    64]`` tile to 128 lanes) and cut heads along the lanes; == the token-by-token form with packed
+    segments, an initial state and a gate (outputs, final state, every gradient)."""
+    rng = np.random.default_rng(8)
+    q, k, v, beta, g, s0 = _problem(rng, 1, 40, 2, 64, 64)
+    seg = jnp.asarray(np.repeat(np.array([[0, 1, 2]]), [10, 20, 10], axis=1))
+    calls = pallas_calls(jax.make_jaxpr(lambda *a: _run("pallas_tpu", *a, seg))(q, k, v, beta, g, s0).jaxpr)
+    assert calls and all(x.aval.shape == (1, 48, 128) for x in calls[0].invars[:3])  # T padded to 48
+    argnums = (0, 1, 2, 3, 4, 5)
+    (grads, (o, s)), (grads_ref, (o_ref, s_ref)) = (_grads(impl, (q, k, v, beta, g, s0), seg, argnums)
+                                                    for impl in ("pallas_tpu", "recurrent"))
+    assert rel_rmse(o, o_ref) < 1e-12 and rel_rmse(s, s_ref) < 1e-12
+    for i, x, r in zip(argnums, grads, grads_ref):
+        assert rel_rmse(x, r) < 1e-10, "q k v beta g s0".split()[i]
+
+
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=SLOW)])
-def test_delta_rule_compiles_through_mosaic(topology):
+@pytest.mark.parametrize("topology,h,dk", [("v5p:1x1x1", 16, 128), ("v5p:1x1x1", 32, 64),
+                                           pytest.param("v5e:1x1", 16, 128, marks=SLOW)])
+def test_delta_rule_compiles_through_mosaic(topology, h, dk):
     """delta_rule(impl='pallas_tpu') with a gate, forward and forward + backward, compiles for a
-    TPU from this CPU host at K = V = 128, chunk 64, 16 heads (Mosaic checks the in-VMEM
-    transposes, the batched [C, C] products and the 32 MiB VMEM limit as on hardware)."""
-    b, t, h, dk, dv = 1, 256, 16, 128, 128
+    TPU from this CPU host at K = V = 128 (16 heads) and 64 (32 heads: the flat view), chunk 64
+    (Mosaic checks the in-VMEM transposes, the lane cuts, the batched [C, C] products and the
+    VMEM limit as on hardware)."""
+    b, t, dv = 1, 256, dk
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     args = [sd((b, t, h, dk), bf), sd((b, t, h, dk), bf), sd((b, t, h, dv), bf), sd((b, t, h), bf),

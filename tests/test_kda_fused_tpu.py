@@ -16,7 +16,7 @@ import pytest
 from memjax.kernels import kda_fused_pallas_tpu as fk
 from memjax.memory.delta import delta_rule
 from memjax.memory.gdn2 import gdn2
-from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, rel_rmse
+from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, pallas_calls, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -221,7 +221,7 @@ def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
 
     for kind, args in (("kda", (q, k, v, beta, g, s0)), ("gdn2", (q, k, v, g, b, w, s0))):
         fused = lambda *a: loss("pallas_tpu", kind, *a)  # noqa: E731
-        calls = _pallas_calls(jax.make_jaxpr(fused)(*args).jaxpr)
+        calls = pallas_calls(jax.make_jaxpr(fused)(*args).jaxpr)
         assert calls and all(x.aval.shape == (1, 48, 128) for x in calls[0].invars[:2]), kind  # T padded to 48
         (grads, (o, s)), (grads_ref, (o_ref, s_ref)) = (
             jax.grad(lambda *a, i=impl: loss(i, kind, *a), argnums=tuple(range(len(args))), has_aux=True)(*args)
@@ -230,17 +230,3 @@ def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
         for x, r in zip(grads, grads_ref):
             assert rel_rmse(x, r) < 1e-10, kind
 
-
-def _pallas_calls(jaxpr):
-    """The pallas_call equations of ``jaxpr`` and of every jaxpr nested in its equations."""
-    found = []
-    for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":
-            found.append(e)
-            continue
-        for p in e.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _pallas_calls(inner)
-    return found

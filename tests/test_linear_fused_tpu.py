@@ -33,6 +33,7 @@ def _inputs(rng, b, t, h, dk, dv, dtype=jnp.float64):
 
 @pytest.mark.parametrize("b,t,h,dk,dv,c,chunks", [
     (2, 48, 3, 16, 24, 8, 2),  # 6 chunks, 3 steps of 2; 3 heads: one whole head block
+    (1, 32, 2, 64, 64, 8, 2),  # K = V = 64: q, k, v, o read / written as the flat [B, T, H K] view
     pytest.param(1, 40, 16, 8, 16, 8, 4, marks=SLOW),  # 5 chunks (a prime: 1 per step), two blocks of 8 heads
     pytest.param(1, 64, 2, 128, 128, 16, 4, marks=SLOW),  # lane-dense K = V = 128
 ])
@@ -201,13 +202,15 @@ def test_chunks_per_step_fit_vmem():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=SLOW)])
+@pytest.mark.parametrize("topology,h,dk", [("v5p:1x1x1", 16, 128), ("v5p:1x1x1", 32, 64),
+                                           pytest.param("v5e:1x1", 16, 128, marks=SLOW)])
 @pytest.mark.parametrize("gated", [True, pytest.param(False, marks=SLOW)])
-def test_linear_attention_compiles_through_mosaic(topology, gated):
+def test_linear_attention_compiles_through_mosaic(topology, h, dk, gated):
     """linear_attention(impl='pallas_tpu') forward and forward + backward compile for a TPU from
-    this CPU host (Mosaic checks block shapes, the in-VMEM transposes and VMEM as on hardware):
-    one fused kernel each way, carrying its CostEstimate (FLOPs of the chunked form)."""
-    b, t, h, dk, dv = 1, 512, 16, 128, 128
+    this CPU host (Mosaic checks block shapes, the in-VMEM transposes, the lane cuts of the flat
+    view at K = V = 64 and VMEM as on hardware): one fused kernel each way, carrying its
+    CostEstimate (FLOPs of the chunked form)."""
+    b, t, dv = 1, 512, dk
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     args = [sd((b, t, h, dk), bf), sd((b, t, h, dk), bf), sd((b, t, h, dv), bf), sd((b, t, h), jnp.float32)]

@@ -48,9 +48,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, forward_outputs, gate_rows,
-                                            geometry, heads_first, launch, load_chunk, nbytes, out_bytes, tile_bytes,
-                                            write_final)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, ChunkDecays, HeadLayout, dot, fits, forward_outputs,
+                                            from_heads, gate_rows, geometry, launch, load_chunk, nbytes, out_bytes,
+                                            tile_bytes, to_heads, write_final)
 
 __all__ = ["forward", "backward", "supports", "neumann_inverse", "CHUNKS_PER_STEP"]
 
@@ -104,25 +104,25 @@ class _Chunk:
         self.ke = self.ke_acc.astype(md)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, b_ref, s0_ref, *rest, nb, c, scale, save_states):
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, b_ref, s0_ref, *rest, nb, c, scale, save_states, flat_d):
     o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     s = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
+        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
         ch = _Chunk(q, k, v, b_ref[:, j], dec, s, scale, c, md, acc)
         if save_states:
             st_ref[:, j] = ch.sm.astype(st_ref.dtype)
         o = dot(ch.qg, ch.sm, NN, acc) + dot(ch.p, ch.dm, NN, acc)
-        o_ref[rows] = heads_first(o).astype(o_ref.dtype)
+        o_ref[rows] = from_heads(o, flat_d is not None).astype(o_ref.dtype)
         s = dec.a * s + dot(ch.ke, ch.dm, TN, acc)
     s_ref[...] = s
     write_final(sf_ref, s)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_ref, *rest, nb, c, scale):
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_ref, *rest, nb, c, scale, flat_d):
     dq_ref, dk_ref, dv_ref, db_ref, dg_ref, ds0_ref, h_ref = rest[-7:]  # (after NaN buffers when poisoned)
     acc, md = h_ref.dtype, q_ref.dtype
     step = pl.program_id(2)  # the index maps walk the chunk blocks last to first
@@ -136,8 +136,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_re
     rowsum = lambda x: jnp.sum(x, axis=2, keepdims=True)  # noqa: E731  [hb, C, .] -> [hb, C, 1]
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        (q, q_ok), (k, k_ok), (v, v_ok) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
-        do = heads_first(do_ref[rows]).astype(md)
+        (q, q_ok), (k, k_ok), (v, v_ok) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
+        do = to_heads(do_ref[rows], flat_d).astype(md)
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
         s = st_ref[:, j].astype(acc)
         ch = _Chunk(q, k, v, b_ref[:, j], dec, s, scale, c, md, acc)
@@ -183,7 +183,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, b_ref, st_ref, dsf_re
         db_ref[:, j] = dec.as_row(db).astype(db_ref.dtype)
         dg_ref[:, j] = dec.as_row(dg).astype(dg_ref.dtype)
         for ref, ok, d in zip((dq_ref, dk_ref, dv_ref), (q_ok, k_ok, v_ok), (dq, dk, dv)):
-            ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+            ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
         h = h_prev
     h_ref[...] = h
     write_final(ds0_ref, h)
@@ -217,18 +217,20 @@ def forward(q, k, v, beta, g, resets, s0, scale: float, chunk_size: int, *, save
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = s0.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    inputs = [q, k, v, *gate_rows(g, resets, (b, n, c, h), acc), gate_rows(beta, None, (b, n, c, h), acc)[0], s0]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.state(dk, dv)]
-    outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False)
+    sp = lay.sp
+    inputs = [lay.view(q), lay.view(k), lay.view(v), *gate_rows(g, resets, (b, n, c, h), acc),
+              gate_rows(beta, None, (b, n, c, h), acc)[0], s0]
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.state(dk, dv)]
+    outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv, False), transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states)
+    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states, flat_d=lay.d)
     res = launch(kernel, "delta_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps), [((hb, dk, dv), acc)],
                  interpret, poison, cost, vmem_limit=VMEM_LIMIT)
-    return res[0], res[1], (res[2] if save_states else None)
+    return lay.unview(res[0]), res[1], (res[2] if save_states else None)
 
 
 def backward(q, k, v, do, beta, g, resets, states, dsf, scale: float, chunk_size: int, *, interpret: bool,
@@ -241,21 +243,23 @@ def backward(q, k, v, do, beta, g, resets, states, dsf, scale: float, chunk_size
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=True)
-    inputs = [q, k, v, do.astype(q.dtype), *gate_rows(g, resets, (b, n, c, h), acc),
-              gate_rows(beta, None, (b, n, c, h), acc)[0], states, dsf]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.states(dk, dv),
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True)
+    sp = lay.sp
+    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(do.astype(q.dtype)),
+              *gate_rows(g, resets, (b, n, c, h), acc), gate_rows(beta, None, (b, n, c, h), acc)[0], states, dsf]
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), lay.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.states(dk, dv),
              sp.state(dk, dv)]
     row = ((b, h, n, 1, c), acc, sp.rows())
-    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), (v.shape, q.dtype, sp.seq(dv)), row, row,
+    seq_k, seq_v = lay.seq_shape(q.shape), lay.seq_shape(v.shape)
+    outs = [(seq_k, q.dtype, lay.seq(dk)), (seq_k, q.dtype, lay.seq(dk)), (seq_v, q.dtype, lay.seq(dv)), row, row,
             ((b, h, dk, dv), acc, sp.state(dk, dv))]
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv, True), transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale))
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale), flat_d=lay.d)
     dq, dk_, dv_, db, dg, ds0 = launch(kernel, "delta_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                                        [((hb, dk, dv), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
     rows = lambda x: jnp.moveaxis(x[:, :, :, 0], 1, 3).reshape(b, t, h)  # noqa: E731  [B, H, N, 1, C] -> [B, T, H]
-    return dq, dk_, dv_, rows(db), rows(dg), ds0
+    return lay.unview(dq), lay.unview(dk_), lay.unview(dv_), rows(db), rows(dg), ds0
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:

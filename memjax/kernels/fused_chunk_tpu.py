@@ -224,6 +224,32 @@ class BlockSpecs:
         return pl.BlockSpec((pl.Squeezed(), self.hb, self.nb, k, v), lambda b, g, i: (b, g, self.at(i), 0, 0))
 
 
+class HeadLayout:
+    """The BlockSpecs of a fused call (:class:`BlockSpecs`) and how it lays out its sequence
+    operands ``[B, T, H, D]``: in place, or, for a head dim below 128 lanes (:func:`flat_heads`:
+    ``K = V = 64``), as the flat ``[B, T, H D]`` view, which the kernels cut into heads along the
+    lanes (:func:`to_heads`, ``d``): a TPU pads a ``[.., H, 64]`` tile to 128 lanes in HBM, twice
+    the bytes."""
+
+    def __init__(self, hb, dk, dv, nb, c, steps, reverse, flat: bool = True):
+        self.sp = BlockSpecs(hb, nb, c, steps, reverse)
+        self.d = dk if flat and flat_heads(hb, dk, dv) else None
+
+    def seq(self, d):
+        """The BlockSpec of a ``[B, T, H, d]`` sequence operand as passed."""
+        return self.sp.seq(d) if self.d is None else self.sp.flat(d)
+
+    def seq_shape(self, shape):
+        b, t, h, d = shape
+        return shape if self.d is None else (b, t, h * d)
+
+    def view(self, x):
+        return x if self.d is None else x.reshape(self.seq_shape(x.shape))
+
+    def unview(self, x):
+        return x if self.d is None else x.reshape(*x.shape[:2], x.shape[2] // self.d, self.d)
+
+
 def gate_rows(g, resets, shape, acc):
     """``g [B, T, H]`` log decays and ``resets [B, T, H]`` bool (None: zeros) -> ``[B, H, N, 1, C]``
     rows, ``shape = (B, N, C, H)``; resets as float32 0 / 1."""

@@ -59,8 +59,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from memjax.kernels.delta_fused_pallas_tpu import neumann_inverse
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, column_as_row, dot, fits, forward_outputs,
-                                            flat_heads, from_heads, gate_rows, geometry, launch, load_chunk,
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, HeadLayout, column_as_row, dot, fits, forward_outputs,
+                                            from_heads, gate_rows, geometry, launch, load_chunk,
                                             masked_exp, nbytes, out_bytes, row_as_column, start_from, to_heads,
                                             write_final)
 from memjax.kernels.gla_fused_pallas_tpu import ChannelChunk, channel_vmem_bytes, diag_scores, sub_chunk
@@ -335,7 +335,7 @@ def forward(q, k, a, u, g, seg_starts, s0, scale: float, chunk_size: int, *, sav
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = s0.dtype
     steps = n // nb
-    lay = _Heads(h, hb, dk, dv, nb, c, steps, reverse=False)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False)
     sp = lay.sp
     mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, lay, dk, dv)
     inputs = [lay.view(q), lay.view(k), erase, lay.view(u), *extra, lay.view(g.astype(acc)),
@@ -367,7 +367,7 @@ def backward(q, k, a, u, do, g, seg_starts, states, dsf, last, scale: float, chu
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, u, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
-    lay = _Heads(h, hb, dk, dv, nb, c, steps, reverse=True)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True)
     sp = lay.sp
     per_head = pl.BlockSpec((pl.Squeezed(), hb, 1, dk), lambda bb, gg, i: (bb, gg, 0, 0))
     mode, erase, erase_spec, extra, extra_specs = _erase_operands(a, w, (b, n, c, h), acc, lay, dk, dv)
@@ -408,31 +408,6 @@ def _erase_operands(a, w, shape, acc, lay, dk, dv):
     if a.ndim == 3:
         return "strengths", gate_rows(a, None, shape, acc)[0], lay.sp.rows(), [], []
     return "vectors", lay.view(a), lay.seq(dk), [], []
-
-
-class _Heads:
-    """How a fused call lays out its sequence operands ``[B, T, H, D]``: in place, or, for a head
-    dim below 128 lanes (:func:`memjax.kernels.fused_chunk_tpu.flat_heads`: ``K = V = 64``), as
-    the flat ``[B, T, H D]`` view, which the kernels cut into heads along the lanes: a TPU pads a
-    ``[.., H, 64]`` tile to 128 lanes in HBM, twice the bytes."""
-
-    def __init__(self, h, hb, dk, dv, nb, c, steps, reverse):
-        self.sp = BlockSpecs(hb, nb, c, steps, reverse)
-        self.d = dk if flat_heads(hb, dk, dv) else None
-
-    def seq(self, d):
-        """The BlockSpec of a ``[B, T, H, d]`` sequence operand as passed."""
-        return self.sp.seq(d) if self.d is None else self.sp.flat(d)
-
-    def seq_shape(self, shape):
-        b, t, h, d = shape
-        return shape if self.d is None else (b, t, h * d)
-
-    def view(self, x):
-        return x if self.d is None else x.reshape(self.seq_shape(x.shape))
-
-    def unview(self, x):
-        return x if self.d is None else x.reshape(*x.shape[:2], x.shape[2] // self.d, self.d)
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:

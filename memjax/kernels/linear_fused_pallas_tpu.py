@@ -49,9 +49,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from memjax.kernels.chunk_pass_pallas_tpu import VMEM_BUDGET
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, forward_outputs, gate_rows,
-                                            geometry, head_block, heads_first, launch, load_chunk, nbytes, out_bytes,
-                                            tile_bytes, write_final)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, ChunkDecays, HeadLayout, dot, fits, forward_outputs,
+                                            from_heads, gate_rows, geometry, head_block, launch, load_chunk, nbytes,
+                                            out_bytes, tile_bytes, to_heads, write_final)
 
 __all__ = ["forward", "backward", "supports", "head_block", "CHUNKS_PER_STEP"]
 
@@ -60,18 +60,18 @@ __all__ = ["forward", "backward", "supports", "head_block", "CHUNKS_PER_STEP"]
 CHUNKS_PER_STEP = 4
 
 
-def _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc):
+def _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d):
     """One chunk's q, k (``[hb, C, K]``, broadcast from one shared head), v (``[hb, C, V]``, times its
     per-token factor ``w`` when given), and what the backward needs of them: the finiteness
     masks of q, k (``[1 or hb, C, K]``) and of the raw v, the raw v and the factor column."""
-    (q, q_ok), (k, k_ok), (x, x_ok) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
+    (q, q_ok), (k, k_ok), (x, x_ok) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
     q, k = (jnp.broadcast_to(y, (hb,) + y.shape[1:]) for y in (q, k))
     w = None if w_ref is None else dec.as_col(w_ref[:, j].astype(acc))  # [hb, C, 1]
     v = x if w is None else x * w
     return q, k, v, (q_ok, k_ok, x_ok, x, w)
 
 
-def _fwd_kernel(*refs, nb, c, scale, save_states, scaled):
+def _fwd_kernel(*refs, nb, c, scale, save_states, scaled, flat_d):
     # inputs (q, k, v, g, z, [w], s0), NaN buffers aliased to the outputs when poisoned, outputs
     # (o, s_final, [states]), the state scratch
     q_ref, k_ref, v_ref, g_ref, z_ref = refs[:5]
@@ -84,7 +84,7 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled):
     for j in range(nb):  # unrolled: static, aligned row offsets
         rows = pl.ds(j * c, c)
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
-        q, k, v, _ = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc)
+        q, k, v, _ = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d)
         qm, km, vm = q.astype(md), k.astype(md), v.astype(md)
         p = dec.intra(dot(qm, km, NT, acc), scale).astype(md)
         qg = (q * (dec.alpha * scale)).astype(md)
@@ -93,13 +93,13 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled):
         if save_states:
             st_ref[:, j] = sm.astype(st_ref.dtype)
         o = dot(qg, sm, NN, acc) + dot(p, vm, NN, acc)
-        o_ref[rows] = heads_first(o).astype(o_ref.dtype)
+        o_ref[rows] = from_heads(o, flat_d is not None).astype(o_ref.dtype)
         s = dec.a * s + dot(ke, vm, TN, acc)
     s_ref[...] = s
     write_final(sf_ref, s)
 
 
-def _bwd_kernel(*refs, nb, c, scale, shared, scaled):
+def _bwd_kernel(*refs, nb, c, scale, shared, scaled, flat_d):
     # inputs (q, k, v, do, g, z, [w], states, dsf, last), NaN buffers when poisoned, outputs
     # (dq, dk, dv, dg, [dw], ds0), scratch (the state's cotangent, the decay gradient's carry)
     q_ref, k_ref, v_ref, do_ref, g_ref, z_ref = refs[:6]
@@ -123,8 +123,8 @@ def _bwd_kernel(*refs, nb, c, scale, shared, scaled):
     for j in reversed(range(nb)):  # and each block's chunks last to first
         rows = pl.ds(j * c, c)
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
-        q, k, v, (q_ok, k_ok, x_ok, x, w) = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc)
-        do = heads_first(do_ref[rows]).astype(md)
+        q, k, v, (q_ok, k_ok, x_ok, x, w) = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d)
+        do = to_heads(do_ref[rows], flat_d).astype(md)
         qm, km, vm = q.astype(md), k.astype(md), v.astype(md)
         s, hm = st_ref[:, j].astype(md), h.astype(md)
         p = dec.intra(dot(qm, km, NT, acc), scale).astype(md)
@@ -147,7 +147,7 @@ def _bwd_kernel(*refs, nb, c, scale, shared, scaled):
             if shared and ref is not dv_ref:
                 ref[rows, :] = d[0].astype(ref.dtype)
             else:
-                ref[rows] = heads_first(d).astype(ref.dtype)
+                ref[rows] = from_heads(d, flat_d is not None).astype(ref.dtype)
         qg = (q * (dec.alpha * scale)).astype(md)
         h = dec.a * h + dot(qg, do, TN, acc)
     h_ref[...] = h
@@ -181,22 +181,25 @@ def forward(q, k, v, g, resets, s0, scale: float, chunk_size: int, *, w=None, sa
     b, t, h, dk, dv, n, hb, nb, shared = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET, shared_qk=True)
     acc = s0.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    qk = sp.shared(dk) if shared else sp.seq(dk)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False, flat=not shared)
+    sp = lay.sp
+    qk = sp.shared(dk) if shared else lay.seq(dk)
     rows = gate_rows(g, resets, (b, n, c, h), acc)
     scaled = w is not None
-    inputs = [q, k, v, *rows] + ([gate_rows(w, None, (b, n, c, h), acc)[0]] if scaled else []) + [s0]
-    specs = [qk, qk, sp.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [sp.state(dk, dv)]
-    outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+    inputs = [lay.view(q), lay.view(k), lay.view(v), *rows] + (
+        [gate_rows(w, None, (b, n, c, h), acc)[0]] if scaled else []) + [s0]
+    specs = [qk, qk, lay.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [sp.state(dk, dv)]
+    outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     flops = 2 * b * h * t * (c * dk + c * dv + 2 * dk * dv)
     cost = pl.CostEstimate(flops=flops, transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states, scaled=scaled)
+    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states, scaled=scaled,
+                               flat_d=lay.d)
     res = launch(kernel, "linear_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                   [((hb, dk, dv), acc)], interpret, poison, cost)
-    return res[0], res[1], (res[2] if save_states else None)
+    return lay.unview(res[0]), res[1], (res[2] if save_states else None)
 
 
 def backward(q, k, v, do, g, resets, states, dsf, last, scale: float, chunk_size: int, *, w=None, interpret: bool,
@@ -215,25 +218,31 @@ def backward(q, k, v, do, g, resets, states, dsf, last, scale: float, chunk_size
     b, t, h, dk, dv, n, hb, nb, shared = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET, shared_qk=True)
     acc = dsf.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=True)
-    qk = sp.shared(dk) if shared else sp.seq(dk)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True, flat=not shared)
+    sp = lay.sp
+    qk = sp.shared(dk) if shared else lay.seq(dk)
     scaled = w is not None
-    inputs = [q, k, v, do.astype(q.dtype), *gate_rows(g, resets, (b, n, c, h), acc)] + (
+    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(do.astype(q.dtype)),
+              *gate_rows(g, resets, (b, n, c, h), acc)] + (
         [gate_rows(w, None, (b, n, c, h), acc)[0]] if scaled else []) + [states, dsf, last.astype(acc)[..., None, None]]
-    specs = [qk, qk, sp.seq(dv), sp.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [
+    specs = [qk, qk, lay.seq(dv), lay.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [
         sp.states(dk, dv), sp.state(dk, dv), sp.per_head()]
     qk_out = (((b, h // hb, t, dk), acc, sp.partial(dk)),) * 2 if shared else (
-        (q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)))
-    outs = [*qk_out, (v.shape, q.dtype, sp.seq(dv)), ((b, h, n, 1, c), acc, sp.rows())] + (
+        (lay.seq_shape(q.shape), q.dtype, lay.seq(dk)), (lay.seq_shape(k.shape), q.dtype, lay.seq(dk)))
+    outs = [*qk_out, (lay.seq_shape(v.shape), q.dtype, lay.seq(dv)), ((b, h, n, 1, c), acc, sp.rows())] + (
         [((b, h, n, 1, c), acc, sp.rows())] if scaled else []) + [((b, h, dk, dv), acc, sp.state(dk, dv))]
     flops = 2 * b * h * t * (2 * c * dk + 2 * c * dv + 4 * dk * dv)
     cost = pl.CostEstimate(flops=flops, transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale), shared=shared, scaled=scaled)
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale), shared=shared, scaled=scaled,
+                               flat_d=lay.d)
     res = launch(kernel, "linear_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                   [((hb, dk, dv), acc), ((hb, 1, 1), acc)], interpret, poison, cost)
     dq, dk_, dv_, dg = res[:4]
     ds0 = res[-1]
+    if not shared:
+        dq, dk_ = lay.unview(dq), lay.unview(dk_)
+    dv_ = lay.unview(dv_)
     if shared:  # sum the head blocks' partial sums: [B, H / hb, T, K] -> [B, T, 1, K]
         dq, dk_ = (jnp.sum(x, axis=1)[:, :, None].astype(q.dtype) for x in (dq, dk_))
     rows = lambda x: jnp.moveaxis(x[:, :, :, 0], 1, 3).reshape(b, t, h)  # noqa: E731  [B, H, N, 1, C] -> [B, T, H]
