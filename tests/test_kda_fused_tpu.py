@@ -203,7 +203,8 @@ def test_kda_compiles_through_mosaic(topology, h, dk):
     assert "kda_fused_fwd_tpu" in text and "kda_fused_bwd_tpu" in text and text.count("custom-call(") == 2
 
 
-def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
+@pytest.mark.parametrize("kind", ["kda", pytest.param("gdn2", marks=SLOW)])
+def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64, kind):
     """K = V = 64: the kernels read q, k, v, the gates (and GDN-2's b, w) as the flat ``[B, T, H K]``
     view (a TPU pads a ``[.., H, 64]`` tile to 128 lanes) and cut heads along the lanes; KDA and
     GDN-2 with packed segments, an initial state and strong decays == the token-by-token form."""
@@ -219,14 +220,13 @@ def test_head_dim_64_reads_the_flat_view_and_matches_float64(x64):
         o, s = delta_rule(*xs[:4], g=xs[4], **kw) if kind == "kda" else gdn2(*xs[:-1], **kw)
         return jnp.sum(jnp.sin(o)) + jnp.sum(s * s), (o, s)
 
-    for kind, args in (("kda", (q, k, v, beta, g, s0)), ("gdn2", (q, k, v, g, b, w, s0))):
-        fused = lambda *a: loss("pallas_tpu", kind, *a)  # noqa: E731
-        calls = pallas_calls(jax.make_jaxpr(fused)(*args).jaxpr)
-        assert calls and all(x.aval.shape == (1, 48, 128) for x in calls[0].invars[:2]), kind  # T padded to 48
-        (grads, (o, s)), (grads_ref, (o_ref, s_ref)) = (
-            jax.grad(lambda *a, i=impl: loss(i, kind, *a), argnums=tuple(range(len(args))), has_aux=True)(*args)
-            for impl in ("pallas_tpu", "recurrent"))
-        assert rel_rmse(o, o_ref) < 1e-12 and rel_rmse(s, s_ref) < 1e-12, kind
-        for x, r in zip(grads, grads_ref):
-            assert rel_rmse(x, r) < 1e-10, kind
+    args = {"kda": (q, k, v, beta, g, s0), "gdn2": (q, k, v, g, b, w, s0)}[kind]
+    calls = pallas_calls(jax.make_jaxpr(lambda *a: loss("pallas_tpu", kind, *a))(*args).jaxpr)
+    assert calls and all(x.aval.shape == (1, 48, 128) for x in calls[0].invars[:2])  # T padded to 48
+    (grads, (o, s)), (grads_ref, (o_ref, s_ref)) = (
+        jax.grad(lambda *a, i=impl: loss(i, kind, *a), argnums=tuple(range(len(args))), has_aux=True)(*args)
+        for impl in ("pallas_tpu", "recurrent"))
+    assert rel_rmse(o, o_ref) < 1e-12 and rel_rmse(s, s_ref) < 1e-12
+    for x, r in zip(grads, grads_ref):
+        assert rel_rmse(x, r) < 1e-10
 
