@@ -39,18 +39,19 @@ def _run(impl, q, k, v, g, s0, seg, chunk=32):
                             **kw)
 
 
-@pytest.mark.parametrize("h,chunk,reference", [
-    (3, 32, "recurrent"),  # two sub-chunks per chunk
-    pytest.param(16, 32, "xla", marks=SLOW),  # two blocks of 8 heads
-    pytest.param(2, 8, "recurrent", marks=SLOW),  # a chunk shorter than a sub-chunk
+@pytest.mark.parametrize("h,chunk,reference,d", [
+    (3, 32, "recurrent", None),  # two sub-chunks per chunk
+    pytest.param(16, 32, "xla", None, marks=SLOW),  # two blocks of 8 heads
+    pytest.param(2, 8, "recurrent", None, marks=SLOW),  # a chunk shorter than a sub-chunk
+    pytest.param(2, 32, "recurrent", 64, marks=SLOW),  # K = V = 64: the flat [B, T, H K] view
 ])
-def test_gla_with_the_fused_kernel_matches_float64(x64, h, chunk, reference):
+def test_gla_with_the_fused_kernel_matches_float64(x64, h, chunk, reference, d):
     """linear_attention(g [B, T, H, K], impl='pallas_tpu', interpreted) at T = 37 with decays up to
     3 per token (a 32-token chunk decays by up to e^-96: exp(-G) of the textbook factorisation
     overflows), a -inf in one channel, an initial state and three packed segments == the
     token-by-token form (or the XLA chunked form): outputs, final state and every gradient."""
     rng = np.random.default_rng(0)
-    q, k, v, g, s0 = _problem(rng, 2, 37, h, 8, 16)
+    q, k, v, g, s0 = _problem(rng, 2, 37, h, d or 8, d or 16)
     g = g.at[0, 12, 1, 3].set(-jnp.inf)
     seg = jnp.asarray(np.repeat(np.array([[0, 1, 2]]), [10, 20, 7], axis=1).repeat(2, 0))
 
@@ -136,11 +137,13 @@ def test_sub_chunk():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=SLOW)])
-def test_gla_compiles_through_mosaic(topology):
+@pytest.mark.parametrize("topology,h,dk", [("v5p:1x1x1", 16, 128), pytest.param("v5p:1x1x1", 32, 64, marks=SLOW),
+                                           pytest.param("v5e:1x1", 16, 128, marks=SLOW)])
+def test_gla_compiles_through_mosaic(topology, h, dk):
     """linear_attention(g [B, T, H, K], impl='pallas_tpu'), forward and forward + backward,
-    compiles for a TPU from this CPU host at K = V = 128, chunk 64, 16 heads."""
-    b, t, h, dk, dv = 1, 256, 16, 128, 128
+    compiles for a TPU from this CPU host at K = V = 128 (16 heads) and 64 (32 heads: the flat
+    view), chunk 64."""
+    b, t, dv = 1, 256, dk
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     args = [sd((b, t, h, dk), bf), sd((b, t, h, dk), bf), sd((b, t, h, dv), bf), sd((b, t, h, dk), jnp.float32)]

@@ -48,9 +48,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, dot, fits, forward_outputs, gate_rows, geometry,
-                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes,
-                                            row_as_column, start_from, tile_bytes, write_final)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, HeadLayout, dot, fits, forward_outputs, from_heads, gate_rows,
+                                            geometry, launch, load_chunk, masked_exp, nbytes, out_bytes,
+                                            row_as_column, start_from, tile_bytes, to_heads, write_final)
 
 __all__ = ["forward", "backward", "supports", "sub_chunk", "ChannelChunk", "channel_vmem_bytes", "segmented_scan",
            "diag_scores", "CHUNKS_PER_STEP"]
@@ -171,14 +171,14 @@ def diag_scores(q, k, e):
     return jnp.sum(q[:, :, None, :] * k[:, None, :, :] * e, axis=3)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states):
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scale, save_states, flat_d):
     o_ref, sf_ref, st_ref, s_ref = forward_outputs(rest, s0_ref, save_states)
     acc, md = s_ref.dtype, q_ref.dtype
     state = s_ref[...]  # [hb, K, V]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
-        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
+        ch = ChannelChunk(to_heads(g_ref[rows], flat_d), z_ref[:, j], c, acc)
         sm = state.astype(md)
         if save_states:
             st_ref[:, j] = sm.astype(st_ref.dtype)
@@ -196,13 +196,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, s0_ref, *rest, nb, c, s, scal
                     o_a = o_a + dot(sc.astype(md), vm[:, lb:hb_], NN, acc)
             parts.append(o_a)
         o = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        o_ref[rows] = heads_first(o).astype(o_ref.dtype)
+        o_ref[rows] = from_heads(o, flat_d is not None).astype(o_ref.dtype)
         state = ch.decay_col() * state + dot((k * ch.to_end).astype(md), vm, TN, acc)
     s_ref[...] = state
     write_final(sf_ref, state)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale):
+def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last_ref, *rest, nb, c, s, scale, flat_d):
     dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, h_ref, carry_ref = rest[-7:]  # (after NaN buffers when poisoned)
     acc, md = h_ref.dtype, q_ref.dtype
     # (the index maps walk the chunk blocks last to first; the carry starts as <dS_T, S_T> per key
@@ -212,9 +212,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
     zero = jnp.zeros((), acc)
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        (q, q_ok), (k, k_ok), (v, v_ok) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
-        do = heads_first(do_ref[rows]).astype(md)
-        ch = ChannelChunk(heads_first(g_ref[rows]), z_ref[:, j], c, acc)
+        (q, q_ok), (k, k_ok), (v, v_ok) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
+        do = to_heads(do_ref[rows], flat_d).astype(md)
+        ch = ChannelChunk(to_heads(g_ref[rows], flat_d), z_ref[:, j], c, acc)
         sm, hm, vm = st_ref[:, j].astype(md), h.astype(md), v.astype(md)
         ke = (k * ch.to_end).astype(md)
         dq = dot(do, sm, NT, acc) * ch.alpha * scale  # the read of the incoming state
@@ -255,9 +255,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, z_ref, st_ref, dsf_ref, last
         dv = dv + cat(dv_acc)
         # the decay's gradient: dL/dP = q dq - k dk per channel, summed to the end of each segment
         dg, carry = ch.gate_grad(q * dq - k * dk, carry)
-        dg_ref[rows] = heads_first(dg).astype(dg_ref.dtype)
+        dg_ref[rows] = from_heads(dg, flat_d is not None).astype(dg_ref.dtype)
         for ref, ok, d in zip((dq_ref, dk_ref, dv_ref), (q_ok, k_ok, v_ok), (dq, dk, dv)):
-            ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+            ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
         h = ch.decay_col() * h + dot((q * ch.alpha * scale).astype(md), do, TN, acc)
     h_ref[...] = h
     carry_ref[...] = carry
@@ -289,18 +289,21 @@ def forward(q, k, v, g, seg_starts, s0, scale: float, chunk_size: int, *, save_s
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = s0.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=False)
-    inputs = [q, k, v, g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dk), sp.rows(), sp.state(dk, dv)]
-    outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False)
+    sp = lay.sp
+    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(g.astype(acc)),
+              gate_rows(None, seg_starts, (b, n, c, h), acc)[1], s0]
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), lay.seq(dk), sp.rows(), sp.state(dk, dv)]
+    outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     if save_states:
         outs.append(((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)))
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv), transcendentals=b * h * t * dk * (sub_chunk(c) + 4),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states)
+    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), save_states=save_states,
+                               flat_d=lay.d)
     res = launch(kernel, "gla_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps), [((hb, dk, dv), acc)],
                  interpret, poison, cost, vmem_limit=VMEM_LIMIT)
-    return res[0], res[1], (res[2] if save_states else None)
+    return lay.unview(res[0]), res[1], (res[2] if save_states else None)
 
 
 def backward(q, k, v, do, g, seg_starts, states, dsf, last, scale: float, chunk_size: int, *, interpret: bool,
@@ -313,19 +316,22 @@ def backward(q, k, v, do, g, seg_starts, states, dsf, last, scale: float, chunk_
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dsf.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=True)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True)
+    sp = lay.sp
     per_head = pl.BlockSpec((pl.Squeezed(), hb, 1, dk), lambda bb, gg, i: (bb, gg, 0, 0))
-    inputs = [q, k, v, do.astype(q.dtype), g.astype(acc), gate_rows(None, seg_starts, (b, n, c, h), acc)[1], states,
-              dsf, last.astype(acc)[:, :, None, :]]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dv), sp.seq(dk), sp.rows(), sp.states(dk, dv),
+    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(do.astype(q.dtype)), lay.view(g.astype(acc)),
+              gate_rows(None, seg_starts, (b, n, c, h), acc)[1], states, dsf, last.astype(acc)[:, :, None, :]]
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), lay.seq(dv), lay.seq(dk), sp.rows(), sp.states(dk, dv),
              sp.state(dk, dv), per_head]
-    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), (v.shape, q.dtype, sp.seq(dv)),
-            (g.shape, acc, sp.seq(dk)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
+    seq_k, seq_v = lay.seq_shape(q.shape), lay.seq_shape(v.shape)
+    outs = [(seq_k, q.dtype, lay.seq(dk)), (seq_k, q.dtype, lay.seq(dk)), (seq_v, q.dtype, lay.seq(dv)),
+            (seq_k, acc, lay.seq(dk)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
     cost = pl.CostEstimate(flops=2 * _flops(b, h, t, c, dk, dv), transcendentals=b * h * t * dk * (sub_chunk(c) + 4),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale))
-    return launch(kernel, "gla_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
-                  [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, s=sub_chunk(c), scale=float(scale), flat_d=lay.d)
+    res = launch(kernel, "gla_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
+                 [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
+    return (*(lay.unview(x) for x in res[:4]), res[4])
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:
