@@ -49,10 +49,10 @@ def test_notebook_is_stripped_with_badge_install_and_runtime_cells(name):
             assert c.get("outputs", []) == [] and c.get("execution_count") is None, f"{name}: outputs not stripped"
 
 
-# The default suite runs the two entry notebooks; the others (training comparisons, memory layers,
+# The default suite runs the entry notebook; the others (training comparisons, memory layers,
 # TPU slice planning: their code paths have their own tests) run under -m slow, to keep CI's suite
 # within its time.
-DEFAULT_RUN = {"quickstart.ipynb", "memory_modules.ipynb"}
+DEFAULT_RUN = {"quickstart.ipynb"}
 
 
 @pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow) for n in BY_COST])

@@ -151,6 +151,7 @@ def test_non_finite_inputs_match_the_xla_form(x64, memory):
     assert_non_finite_like(loss, (q, k, v, beta, g), (q0, k0, v, beta, g0), 5, 8 * (1 + 10 + 5 + 13))
 
 
+@SLOW  # (the GLA and delta kernels' bf16 tests run by default; CI's time)
 def test_bfloat16_error_is_that_of_the_xla_form():
     """bf16 q, k, v: the fused kernel's error against a float64 run is within 1.5x of the XLA
     chunked form's, outputs, state and every gradient."""

@@ -330,6 +330,7 @@ def test_selective_scan_non_finite_inputs_match_the_xla_form(x64):
 
 
 @needs_libtpu
+@pytest.mark.slow  # (the linear-attention and KDA kernels' Mosaic compiles run by default; CI's time)
 def test_selective_scan_compiles_through_mosaic():
     """Mamba-2 SSD with one group on the fused kernels compiles for v5p, forward + backward."""
     from memjax.memory.ssm import selective_scan

@@ -53,6 +53,7 @@ def test_public_block_names_are_exported():
     assert {get_block(n) for n in BLOCKS} <= {getattr(memjax.nn, n) for n in memjax.nn.__all__}
 
 
+@pytest.mark.slow  # (test_scan_compiles_one_group_body runs by default; CI's time)
 def test_scanned_layers_equal_unrolled_layers():
     # a gated memory beside attention; G (GLA) rather than D: the delta rule's chunk form compiled
     # 1.6x longer and scanning is block-agnostic (test_scan_compiles_one_group_body scans D too)
