@@ -33,11 +33,6 @@ def dot(x, y, dims, acc):
     return jax.lax.dot_general(x, y, dims, preferred_element_type=acc)
 
 
-def heads_first(x):
-    """A ``[C, hb, D]`` block slice (time-major, as the inputs lie in HBM) as ``[hb, C, D]``."""
-    return jnp.swapaxes(x, 0, 1)
-
-
 def to_heads(x, d: int | None = None):
     """A block slice as ``[hb, C, D]``: ``[C, hb, D]`` (time-major, as ``[B, T, H, D]`` lies in
     HBM), or with ``d``, ``[C, hb d]`` of the flat ``[B, T, H d]`` view, cut into heads along the

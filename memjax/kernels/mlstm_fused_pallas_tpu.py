@@ -50,9 +50,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, gate_rows, geometry,
-                                            heads_first, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
-                                            tile_bytes, write_final)
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, from_heads, gate_rows,
+                                            geometry, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
+                                            tile_bytes, to_heads, write_final)
 
 __all__ = ["forward", "backward", "supports", "CHUNKS_PER_STEP"]
 
@@ -123,7 +123,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest
             cst_ref[:, j] = cs.astype(cst_ref.dtype)
             nmst_ref[:, j] = nm.astype(nmst_ref.dtype)
         ch = _Chunk(q, k, v, i_ref[:, j], dec, cs, n, m_p, scale, md, acc)
-        y_ref[rows] = heads_first(ch.y).astype(y_ref.dtype)
+        y_ref[rows] = from_heads(ch.y).astype(y_ref.dtype)
         c_state, n = ch.state_after(k, v, c_state, n, md, acc)
         nm = _nm(n, ch.m_end)
     c_ref[...], nm_ref[...] = c_state, nm
@@ -143,7 +143,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, dy_ref, i_ref, f_ref, z_ref, cst_ref, nmst_
         rows = pl.ds(j * c, c)
         loaded = [load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref)]
         (q, _), (k, _), (v, _) = loaded
-        dy = heads_first(dy_ref[rows]).astype(acc)
+        dy = to_heads(dy_ref[rows]).astype(acc)
         dec = ChunkDecays(f_ref[:, j], z_ref[:, j], c, acc)
         cs = cst_ref[:, j].astype(md)
         nm = nmst_ref[:, j].astype(acc)
@@ -179,7 +179,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, dy_ref, i_ref, f_ref, z_ref, cst_ref, nmst_
         di_ref[:, j] = di.astype(di_ref.dtype)
         df_ref[:, j] = dec.as_row(dlf).astype(df_ref.dtype)
         for ref, (_, ok), d in zip((dq_ref, dk_ref, dv_ref), loaded, (dq, dk, dv)):
-            ref[rows] = heads_first(jnp.where(ok, d, zero)).astype(ref.dtype)
+            ref[rows] = from_heads(jnp.where(ok, d, zero)).astype(ref.dtype)
         inter_q = (q * ch.inter).astype(md)
         hc = ch.eps * hc + dot(inter_q, dnum_m, TN, acc)
         hn = ch.eps * hn + dot(dec.as_row(ch.inter * dden), q, NN, acc)
