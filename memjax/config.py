@@ -110,7 +110,8 @@ class OptimConfig(_Section):
     b1: float = 0.9
     b2: float = 0.95
     grad_clip_norm: float = 1.0
-    # Memory-layer value tables get their own learning rate (Memory Layers at Scale); 0: same as others.
+    # Sparse-read tables (product-key values, n-gram tables) get their own constant learning rate and no
+    # weight decay (Memory Layers at Scale); 0: same as others.
     memory_values_lr: float = 0.0
 
 

@@ -18,7 +18,7 @@ from memjax.kernels.fused_chunk_tpu import chunks_per_step
 from memjax.memory import linear_vjp as lv
 from memjax.memory.chunking import to_chunks
 from memjax.memory.linear import linear_attention
-from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, rel_rmse
+from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, pallas_calls, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -273,15 +273,17 @@ def test_kernels_with_a_value_factor_and_shared_heads_match_xla_float64(x64):
         assert rel_rmse(x, ref) < 1e-12, name
 
 
-@pytest.mark.parametrize("groups", [1, pytest.param(3, marks=SLOW)])
-def test_selective_scan_with_the_fused_kernel_matches_float64(x64, groups):
+@pytest.mark.parametrize("groups,h,p", [(1, 2, 64),  # head dim 64: x, y, dx, dy as the flat [B, T, H P] view
+                                         # x in place, [B, T, H, P] (by default: the shared-heads test above)
+                                         pytest.param(1, 3, 8, marks=SLOW), pytest.param(3, 3, 8, marks=SLOW)])
+def test_selective_scan_with_the_fused_kernel_matches_float64(x64, groups, h, p):
     """selective_scan(impl='pallas_tpu', interpreted) with one group (B, C read once for all heads)
     or one per head, D, an initial state and packed segments at T = 37, chunk 16 == the
     token-by-token form: outputs, final state, gradients w.r.t. x, dt, A, B, C, D, s0."""
     from memjax.memory.ssm import selective_scan
 
     rng = np.random.default_rng(0)
-    b, t, h, p, n = 2, 37, 3, 8, 16
+    b, t, n = 2, 37, 16
     x = jnp.asarray(rng.standard_normal((b, t, h, p)))
     dt = jnp.asarray(rng.uniform(0.1, 1, (b, t, h)))
     A = -jnp.asarray(rng.uniform(0.5, 2, (h,)))
@@ -299,6 +301,9 @@ def test_selective_scan_with_the_fused_kernel_matches_float64(x64, groups):
         return jnp.sum(jnp.sin(y)) + jnp.sum(s * s), (y, s)
 
     args = (x, dt, A, B, C, D, s0)
+    calls = pallas_calls(jax.make_jaxpr(functools.partial(loss, "pallas_tpu"))(*args).jaxpr)
+    x_shape = (b, 48, h * p) if p == 64 else (b, 48, h, p)  # (T padded to 48)
+    assert calls and calls[0].invars[2].aval.shape == x_shape
     got, want = (jax.jit(jax.grad(functools.partial(loss, impl), argnums=tuple(range(7)), has_aux=True))(*args)
                  for impl in ("pallas_tpu", "recurrent"))
     assert rel_rmse(got[1][0], want[1][0]) < 1e-12 and rel_rmse(got[1][1], want[1][1]) < 1e-12

@@ -14,7 +14,7 @@ import pytest
 
 from memjax.kernels import mlstm_fused_pallas_tpu as fk
 from memjax.memory.mlstm import mlstm
-from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, rel_rmse
+from tests.helpers import assert_bf16_error_like, assert_non_finite_like, compile_for_tpu, pallas_calls, rel_rmse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]') to compile for TPU")
@@ -43,18 +43,22 @@ def _seg(b, lengths):
     return jnp.asarray(np.repeat(np.arange(len(lengths))[None], lengths, axis=1).repeat(b, 0))
 
 
-@pytest.mark.parametrize("h,empty,reference", [
-    (3, False, "recurrent"),
-    pytest.param(3, True, "recurrent", marks=SLOW),  # the empty state (m = -inf)
-    pytest.param(16, False, "xla", marks=SLOW),  # two blocks of 8 heads
+@pytest.mark.parametrize("h,dk,dv,empty,reference", [
+    (2, 64, 64, False, "recurrent"),  # K = V = 64: q, k, v, y read / written as the flat [B, T, H K] view
+    pytest.param(3, 8, 16, False, "recurrent", marks=SLOW),  # [B, T, H, D] in place (default: the bf16 test)
+    pytest.param(3, 8, 16, True, "recurrent", marks=SLOW),  # the empty state (m = -inf)
+    pytest.param(16, 8, 16, False, "xla", marks=SLOW),  # two blocks of 8 heads
 ])
-def test_mlstm_with_the_fused_kernel_matches_float64(x64, h, empty, reference):
+def test_mlstm_with_the_fused_kernel_matches_float64(x64, h, dk, dv, empty, reference):
     """mlstm(impl='pallas_tpu', interpreted) at T = 37, chunk 16 (the last chunk partial), input
     gates of scale 3, an initial state and three packed segments == the token-by-token form (or
     the XLA chunked form): outputs, the final (C, n, m) and every gradient, the initial m's too."""
     rng = np.random.default_rng(0)
-    q, k, v, i, f, state = _problem(rng, 2, 37, h, 8, 16)
+    q, k, v, i, f, state = _problem(rng, 2, 37, h, dk, dv)
     seg = _seg(2, [10, 20, 7])
+    calls = pallas_calls(jax.make_jaxpr(lambda *a: _run("pallas_tpu", *a, state, seg))(q, k, v, i, f).jaxpr)
+    flat = dk == 64
+    assert calls and all(x.aval.shape == ((2, 48, h * dk) if flat else (2, 48, h, dk)) for x in calls[0].invars[:2])
 
     def loss(impl, q, k, v, i, f, c0, n0, m0):
         o, s = _run(impl, q, k, v, i, f, None if empty else (c0, n0, m0), seg)
@@ -152,11 +156,13 @@ def test_impl_is_checked():  # (the kernel choice: tests/test_fused_tpu_dispatch
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topology", ["v5p:1x1x1", pytest.param("v5e:1x1", marks=SLOW)])
-def test_mlstm_compiles_through_mosaic(topology):
+@pytest.mark.parametrize("topology,h,dk", [("v5p:1x1x1", 16, 128), pytest.param("v5e:1x1", 16, 128, marks=SLOW),
+                                           pytest.param("v5p:1x1x1", 32, 64, marks=SLOW)])  # the flat view
+def test_mlstm_compiles_through_mosaic(topology, h, dk):
     """mlstm(impl='pallas_tpu'), forward + backward, compiles for a TPU from this CPU
-    host at K = V = 128, chunk 64, 16 heads: one kernel each way."""
-    b, t, h, dk, dv = 1, 256, 16, 128, 128
+    host at K = V = 128 (16 heads) and K = V = 64 (32 heads, the flat view), chunk 64: one
+    kernel each way."""
+    b, t, dv = 1, 256, dk
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     args = [sd((b, t, h, dk), bf), sd((b, t, h, dk), bf), sd((b, t, h, dv), bf), sd((b, t, h), jnp.float32),

@@ -231,6 +231,35 @@ def test_fact_table_depends_on_table_seed_only():
     assert len(skel) == 6  # train phrasings
 
 
+def test_fact_recall_multi_token_names_state_the_table():
+    # 60 subjects named by 2 of 8 name tokens: the vocabulary holds the alphabet, not the subjects.
+    opts = dict(num_subjects=60, subject_length=2, subject_alphabet=8, num_relations=3, num_objects=10,
+                num_words=6, num_templates=6, num_eval_templates=2)
+    task = make(FactRecall, n=100, **opts)
+    assert task.opts.vocab_needed() == 2 + 8 + 3 + 10 + 6 and task.first_relation == 10
+    names = task.names
+    assert names.shape == (60, 2) and len({tuple(r) for r in names}) == 60  # distinct names
+    assert ((names >= 2) & (names < 10)).all()
+    assert (make(FactRecall, "eval", seed=5, **opts).names == names).all()  # the world, not the example
+    by_name = {tuple(r): s for s, r in enumerate(names.tolist())}
+    seen = 0
+    for i in range(100):
+        ex = task[i]
+        seq = np.concatenate([ex["inputs"][:1], ex["targets"]])
+        for pos in np.where(ex["mask"] > 0)[0]:
+            # the sentence of this object: back to the previous SEP (or the start)
+            start = max([j + 1 for j in range(pos + 1) if seq[j] == 1], default=0)
+            sent = seq[start:pos + 1]
+            name = tuple(t for t in sent if 2 <= t < 10)
+            rel = [t - 10 for t in sent if 10 <= t < 13]
+            assert len(name) == 2 and len(rel) == 1 and name in by_name
+            assert int(seq[pos + 1]) == task.table[by_name[name], rel[0], 0]
+            seen += 1
+    assert seen > 300
+    # one-token worlds are unchanged by the option's existence
+    assert (make(FactRecall).names[:, 0] == 2 + np.arange(64)).all()
+
+
 def test_fact_recall_metrics():
     task = make(FactRecall, n=4, object_length=2)
     batch = {k: np.stack([task[i][k] for i in range(4)]) for k in task[0]}
@@ -290,6 +319,10 @@ BAD = [
     ("fact_recall", {"num_subjects": 250}, "model.vocab_size"),
     ("fact_recall", {"num_eval_templates": 8}, "data.options.num_eval_templates"),
     ("fact_recall", {"num_words": 1, "max_words": 0}, "data.options.num_templates"),
+    ("fact_recall", {"subject_length": 2, "subject_alphabet": 7}, "data.options.subject_alphabet"),
+    ("fact_recall", {"subject_alphabet": 12}, "data.options.subject_alphabet"),
+    ("fact_recall", {"subject_length": 0}, "data.options.subject_length"),
+    ("fact_recall", {"subject_length": 3, "subject_alphabet": 4, "max_words": 20}, "data.seq_len"),
     ("induction", {"min_gap": 62}, "data.seq_len"),
     ("induction", {"num_symbols": 300}, "model.vocab_size"),
     ("induction", {"trigger": "first"}, "data.options.trigger"),

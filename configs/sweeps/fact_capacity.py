@@ -1,16 +1,21 @@
 """Fact capacity: memory layers vs dense FFNs at matched per-token FLOPs, as the number of facts grows.
 
 The study of issue 20 item 3, run by ``python -m benchmarks.fact_capacity`` (which writes
-``benchmarks/results/fact_capacity.{json,md,png}``).
+``benchmarks/results/fact_capacity_names.{json,md,png}``; ``--subject-length 1``: the first
+study's one-token subjects, ``benchmarks/results/fact_capacity.{json,md,png}``).
 
 Task: ``fact_recall`` (:mod:`memjax.data.facts`) with ``num_facts = num_subjects x NUM_RELATIONS``
 random ``(subject, relation) -> object`` facts (``NUM_OBJECTS`` objects: ``log2(64) = 6`` bits a
 fact), stated in 6 training phrasings and asked in 2 held-out phrasings; the metric is eval
-``fact_accuracy`` (chance ``1 / 64``). The vocabulary grows with the subjects
-(``vocab = 2 + S + R + O + W``; ``W = 4`` filler words; the task draws held-out phrasings only
-from words some training phrasing has): the token embedding (tied with the output) is part of every
-model's parameters and its logits part of every model's FLOPs, the same for all variants at one
-number of facts.
+``fact_accuracy`` (chance ``1 / 64``), and, from the final checkpoint, the same facts asked in the
+training phrasings (``train_phrasing_recall``: what the model stored, apart from carrying it over
+to new phrasings). Subjects are named by ``SUBJECT_LENGTH = 2`` tokens of a ``SUBJECT_ALPHABET =
+128``-token alphabet (``vocab = 2 + 128 + R + O + W`` = 206, padded to 256, at every number of
+facts; ``W = 4`` filler words; held-out phrasings use only words some training phrasing has). With
+one token per subject (the first study) the vocabulary grew with the facts and a model could keep a
+subject's facts in its own embedding row, so the dense models' capacity grew with the number of
+facts and no crossover could show; with names, the facts have to live in the weights that read
+the name.
 
 Model: ``pattern = "A,X"``: one attention block then one channel-mixing sub-layer ``X``, the only
 thing that differs between variants (``d_model = 32``, 2 heads). Variants (``VARIANTS``):
@@ -45,11 +50,13 @@ and weighted values ``4 d ctx`` with the mean context ``ctx = (T + 1) / 2``, and
 
 Steps: ``EPOCHS`` exposures of each fact (in a random training phrasing) on average:
 ``steps = ceil(EPOCHS x num_facts / (batch x facts per sequence))`` (facts per sequence measured
-from the task: 8-9.5 at ``seq_len = 64``), at least ``MIN_STEPS``. Both grids use 400 exposures
-(``EPOCHS``, ``CPU_EPOCHS``): at 100 exposures every variant was still near chance (dense FFNs
-0.03-0.035 at 1k facts). The full grid (GPU) has 1k-64k facts (1.3k-100k steps); the CPU grid
-(``CPU_FACTS``: 256 and 1k facts, 400-1.3k steps) is what a loaded 2-core machine finishes in
-about an hour. The numbers compare variants at equal exposures, not at convergence.
+from the task: 7.2-7.9 at ``seq_len = 64`` with two-token names), at least ``MIN_STEPS``. Both
+grids use 400 exposures (``EPOCHS``, ``CPU_EPOCHS``): at 100 exposures every variant was still near
+chance in the one-token study (dense FFNs 0.03-0.035 at 1k facts). The full grid (GPU) has 1k-64k
+facts (1.6k-116k steps); the CPU grid (``CPU_FACTS``: 512, 2k and 8k facts, 885-13k steps,
+``CPU_VARIANTS``) takes a 2-core machine about two hours. The numbers compare variants at equal
+exposures, not at convergence. Optimiser: AdamW at ``LEARNING_RATE`` (cosine, weight decay 0.1),
+the sparse-read tables (product-key values, n-gram tables) at ``VALUES_LR`` without weight decay.
 """
 from __future__ import annotations
 
@@ -66,11 +73,18 @@ SEQ_LEN = 64
 BATCH = 32
 NUM_RELATIONS = 8
 NUM_OBJECTS = 64
+SUBJECT_LENGTH = 2  # tokens per subject name (1: one id per subject, the first study's world)
+SUBJECT_ALPHABET = 128  # name tokens: 128 ** 2 = 16,384 subjects = 131,072 facts at R = 8
 NUM_WORDS = 4  # filler words (fact_recall draws held-out phrasings from the training phrasings' words)
 LEARNING_RATE = 1e-2  # picked by one probe run (dense_f64, 256 facts, 400 exposures)
+# Sparse-read tables (product-key values, Engram's n-gram tables): their own constant learning rate and no weight decay
+# (``optim.memory_values_lr``), as Memory Layers at Scale trains them: a row is read by a few
+# tokens of a batch, and a decoupled weight decay applied at every step would shrink the rows
+# between their rare updates (exp(-lr wd steps) = exp(-13) over 13k steps at wd 0.1).
+VALUES_LR = 1e-2
 FACTS = [1024, 4096, 16384, 65536]  # the full grid (GPU)
 EPOCHS = 400
-CPU_FACTS = [256, 1024]
+CPU_FACTS = [512, 2048, 8192]  # (the one-token study of 2026-12-07 ran 256 and 1,024)
 CPU_EPOCHS = 400
 MIN_STEPS = 200
 MAX_VOCAB = 1 << 17  # the subject alphabet grows the vocabulary: 131,072 ids = ~1M facts at R = 8
@@ -88,17 +102,22 @@ VARIANTS = {  # name -> (pattern, mlp_hidden (dense only), {block: options})
     "ngram_one_bucket": ("A,N", 0, {"ngram_mem": {"table_size": 2053, "embed_dim": 16, "one_bucket": True}}),
     "ngram_random_ids": ("A,N", 0, {"ngram_mem": {"table_size": 2053, "embed_dim": 16, "random_ids": True}}),
 }
-CPU_VARIANTS = [v for v in VARIANTS if v != "memory_plus_shared"]  # the 2-memory-block model: GPU grid
+# The two dense models of the memory layers' FLOPs, product keys, Engram (its controls and Memory+: the
+# full grid, and `--variants`; the one-token study ran all but memory_plus_shared)
+CPU_VARIANTS = ["dense_f64", "dense_f128", "pkm", "ngram"]
 
 
-def task_options(num_facts: int) -> dict:
-    """``data.options`` for ``num_facts`` facts; ``ConfigError`` if it cannot be laid out."""
+def task_options(num_facts: int, subject_length: int = SUBJECT_LENGTH) -> dict:
+    """``data.options`` for ``num_facts`` facts with ``subject_length``-token subject names;
+    ``ConfigError`` if it cannot be laid out."""
     if not isinstance(num_facts, int) or num_facts <= 0 or num_facts % NUM_RELATIONS:
         raise ConfigError(f"num_facts must be a positive multiple of num_relations={NUM_RELATIONS} "
                           f"(num_facts = num_subjects x num_relations), got {num_facts!r}")
     opts = {"num_subjects": num_facts // NUM_RELATIONS, "num_relations": NUM_RELATIONS,
             "num_objects": NUM_OBJECTS, "num_words": NUM_WORDS, "max_words": 2, "num_templates": 8,
             "num_eval_templates": 2}
+    if subject_length > 1:
+        opts.update(subject_length=subject_length, subject_alphabet=SUBJECT_ALPHABET)
     need = FactRecall.Options(**opts).vocab_needed()
     if need > MAX_VOCAB:
         raise ConfigError(f"num_facts={num_facts} needs a vocabulary of {need} ids (2 + subjects + relations + "
@@ -106,47 +125,51 @@ def task_options(num_facts: int) -> dict:
     return opts
 
 
-def vocab_size(num_facts: int) -> int:
+def vocab_size(num_facts: int, subject_length: int = SUBJECT_LENGTH) -> int:
     """The task's vocabulary rounded up to a multiple of 64 (unused ids are never targets)."""
-    need = FactRecall.Options(**task_options(num_facts)).vocab_needed()
+    need = FactRecall.Options(**task_options(num_facts, subject_length)).vocab_needed()
     return -(-need // 64) * 64
 
 
-def facts_per_sequence(num_facts: int, seq_len: int = SEQ_LEN, samples: int = 256) -> float:
+def facts_per_sequence(num_facts: int, seq_len: int = SEQ_LEN, samples: int = 256,
+                       subject_length: int = SUBJECT_LENGTH) -> float:
     """Mean number of facts stated in one training sequence (measured on ``samples`` examples)."""
-    opts = FactRecall.Options(**task_options(num_facts))
-    ds = FactRecall(opts, seq_len=seq_len, vocab_size=vocab_size(num_facts), split="train",
+    opts = FactRecall.Options(**task_options(num_facts, subject_length))
+    ds = FactRecall(opts, seq_len=seq_len, vocab_size=vocab_size(num_facts, subject_length), split="train",
                     num_examples=samples, seed=0)
     return float(np.mean([ds[i]["fact_index"].max() for i in range(samples)]))
 
 
-def steps_for(num_facts: int, epochs: int, batch: int = BATCH) -> int:
+def steps_for(num_facts: int, epochs: int, batch: int = BATCH, subject_length: int = SUBJECT_LENGTH) -> int:
     """Steps giving each fact ``epochs`` exposures on average (at least ``MIN_STEPS``)."""
-    return max(MIN_STEPS, math.ceil(epochs * num_facts / (batch * facts_per_sequence(num_facts))))
+    per_seq = facts_per_sequence(num_facts, subject_length=subject_length)
+    return max(MIN_STEPS, math.ceil(epochs * num_facts / (batch * per_seq)))
 
 
 def make_config(variant: str, num_facts: int, *, steps: int, batch: int = BATCH, lr: float = LEARNING_RATE,
-                seed: int = 0) -> Config:
+                seed: int = 0, subject_length: int = SUBJECT_LENGTH) -> Config:
     """The validated config of one run."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown fact-capacity variant {variant!r}; choose from {sorted(VARIANTS)}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     pattern, hidden, blocks = VARIANTS[variant]
-    cfg = Config(name=f"fact_capacity_{variant}_{num_facts}")
+    cfg = Config(name=f"fact_capacity_{variant}_{num_facts}_names{subject_length}")
     cfg.data.task = "fact_recall"
     cfg.data.seq_len = SEQ_LEN
-    cfg.data.options = task_options(num_facts)
+    cfg.data.options = task_options(num_facts, subject_length)
     cfg.data.num_train_examples = steps * batch
     cfg.data.num_eval_examples = EVAL_EXAMPLES
     cfg.data.seed = seed
-    cfg.model.vocab_size = vocab_size(num_facts)
+    cfg.model.vocab_size = vocab_size(num_facts, subject_length)
     cfg.model.d_model = D_MODEL
     cfg.model.num_heads = NUM_HEADS
     cfg.model.pattern = pattern
     cfg.model.mlp_hidden = hidden
     cfg.model.blocks = {k: dict(v) for k, v in blocks.items()}
     cfg.optim.learning_rate = lr
+    if any(name in ("P", "M", "N") for name in pattern.split(",")):
+        cfg.optim.memory_values_lr = VALUES_LR
     cfg.optim.warmup_steps = max(steps // 20, 1)
     cfg.train.steps = steps
     cfg.train.batch_size = batch
@@ -188,22 +211,26 @@ def block_flops(variant: str, d: int = D_MODEL) -> int:
     return total
 
 
-def model_flops(variant: str, num_facts: int, d: int = D_MODEL, seq_len: int = SEQ_LEN) -> int:
+def model_flops(variant: str, num_facts: int, d: int = D_MODEL, seq_len: int = SEQ_LEN,
+                subject_length: int = SUBJECT_LENGTH) -> int:
     """Forward FLOPs per token of the whole model: attention, logits and :func:`block_flops`."""
     ctx = (seq_len + 1) / 2  # mean causal context
-    return int(8 * d * d + 4 * d * ctx + 2 * d * vocab_size(num_facts) + block_flops(variant, d))
+    return int(8 * d * d + 4 * d * ctx + 2 * d * vocab_size(num_facts, subject_length) + block_flops(variant, d))
 
 
-def get_sweep(variants=None, facts=None, epochs: int = EPOCHS, steps: int | None = None, lr: float = LEARNING_RATE):
-    """Entries ``(name, variant, num_facts, steps, lr)``, smallest number of facts first."""
+def get_sweep(variants=None, facts=None, epochs: int = EPOCHS, steps: int | None = None, lr: float = LEARNING_RATE,
+              subject_length: int = SUBJECT_LENGTH):
+    """Entries ``(name, variant, num_facts, steps, lr, subject_length)``, smallest number of facts first
+    (one-token runs keep the first study's names; named-subject runs end in ``_names<L>``)."""
     variants = list(variants or VARIANTS)
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError(f"unknown fact-capacity variant {v!r}; choose from {sorted(VARIANTS)}")
     entries = []
     for n in sorted(facts or FACTS):
-        task_options(n)
-        n_steps = steps or steps_for(n, epochs)
+        task_options(n, subject_length)
+        n_steps = steps or steps_for(n, epochs, subject_length=subject_length)
+        tail = f"_names{subject_length}" if subject_length > 1 else ""
         for v in variants:
-            entries.append((f"{v}_facts{n}_steps{n_steps}_lr{lr:g}", v, n, n_steps, lr))
+            entries.append((f"{v}_facts{n}_steps{n_steps}_lr{lr:g}{tail}", v, n, n_steps, lr, subject_length))
     return entries

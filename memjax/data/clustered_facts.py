@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from memjax.config import ConfigError
-from memjax.data.facts import FIRST_SUBJECT, REL_SLOT, SEP, SUBJ_SLOT, FactRecall
+from memjax.data.facts import SEP, FactRecall
 from memjax.data.mqar import example_rng
 from memjax.data.registry import register_task
 
@@ -66,8 +66,7 @@ class ClusteredFactRecall(FactRecall):
 
     def render_in(self, c: int, template: tuple[int, ...], s: int, r: int) -> np.ndarray:
         """One sentence of cluster ``c``: the template with its slots filled, ``tables[c, s, r]``, SEP."""
-        fill = {SUBJ_SLOT: FIRST_SUBJECT + s, REL_SLOT: self.first_relation + r}
-        return np.array([*(fill.get(x, x) for x in template), *self.tables[c, s, r], SEP], np.int64)
+        return np.array([*self.fill(template, s, r), *self.tables[c, s, r], SEP], np.int64)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:

@@ -12,6 +12,13 @@ Token ids (``S, R, O, W`` = ``num_subjects, num_relations, num_objects, num_word
 
     0 PAD | 1 SEP | subjects 2 .. | relations 2+S .. | objects 2+S+R .. | words 2+S+R+O .. 2+S+R+O+W-1
 
+With ``subject_length = L > 1`` a subject is named by ``L`` tokens instead of one: the block
+``subjects`` then holds a name alphabet of ``subject_alphabet = A`` tokens (``A ** L >= S``), and
+subject ``s`` is a fixed random tuple of ``L`` of them (distinct tuples, drawn from ``table_seed``).
+The vocabulary then no longer grows with the number of facts, so a model cannot keep a subject's
+facts in that subject's own embedding row: they have to live in the weights that read the name
+(attention, FFN, memory layer), which is what a capacity study needs.
+
 A phrasing (template) is ``w* X w* Y w* OBJ SEP`` where ``X Y`` is ``SUBJ REL`` or
 ``REL SUBJ``, each ``w*`` is 0..``max_words`` word tokens, and ``OBJ`` is the
 ``object_length`` tokens of ``table[s, r]``; e.g. ``w3 SUBJ w7 REL OBJ SEP``
@@ -41,6 +48,8 @@ class FactRecall:
     @dataclasses.dataclass
     class Options:
         num_subjects: int = 64
+        subject_length: int = 1  # tokens per subject name
+        subject_alphabet: int = 0  # name tokens when subject_length > 1 (0: one token per subject)
         num_relations: int = 4
         num_objects: int = 32  # object alphabet
         object_length: int = 1  # tokens per object
@@ -54,19 +63,34 @@ class FactRecall:
         def validate(self, data_cfg, model_cfg):
             self.check(data_cfg.seq_len, model_cfg.vocab_size)
 
+        def name_tokens(self) -> int:
+            """Ids in the subject block: one per subject, or the name alphabet."""
+            return self.subject_alphabet if self.subject_length > 1 else self.num_subjects
+
         def vocab_needed(self) -> int:
-            return FIRST_SUBJECT + self.num_subjects + self.num_relations + self.num_objects + self.num_words
+            return FIRST_SUBJECT + self.name_tokens() + self.num_relations + self.num_objects + self.num_words
 
         def longest_sentence(self) -> int:
-            return 3 * self.max_words + 2 + self.object_length + 1
+            return 3 * self.max_words + self.subject_length + 1 + self.object_length + 1
 
         def check(self, seq_len: int, vocab_size: int) -> None:
-            for key in ("num_subjects", "num_relations", "num_objects", "object_length", "num_words",
+            for key in ("num_subjects", "subject_length", "num_relations", "num_objects", "object_length", "num_words",
                         "num_templates", "num_eval_templates"):
                 if getattr(self, key) <= 0:
                     raise ConfigError(f"config key 'data.options.{key}' must be positive, got {getattr(self, key)}")
             if self.max_words < 0:
                 raise ConfigError(f"config key 'data.options.max_words' must be >= 0, got {self.max_words}")
+            if self.subject_length > 1 and self.subject_alphabet ** self.subject_length < self.num_subjects:
+                raise ConfigError(
+                    f"config key 'data.options.subject_alphabet' ({self.subject_alphabet}) too small: "
+                    f"{self.subject_alphabet} ** subject_length ({self.subject_length}) names cannot tell "
+                    f"num_subjects={self.num_subjects} subjects apart"
+                )
+            if self.subject_length == 1 and self.subject_alphabet not in (0, self.num_subjects):
+                raise ConfigError(
+                    f"config key 'data.options.subject_alphabet' ({self.subject_alphabet}) only applies with "
+                    f"subject_length > 1 (one-token names use one id per subject); leave it 0"
+                )
             if self.num_eval_templates >= self.num_templates:
                 raise ConfigError(
                     f"config key 'data.options.num_eval_templates' ({self.num_eval_templates}) must be smaller "
@@ -99,7 +123,7 @@ class FactRecall:
         self.opts, self.seq_len, self.vocab_size = opts, seq_len, vocab_size
         self.split, self.num_examples, self.seed = split, num_examples, seed
         o = opts
-        self.first_relation = FIRST_SUBJECT + o.num_subjects
+        self.first_relation = FIRST_SUBJECT + o.name_tokens()
         self.first_object = self.first_relation + o.num_relations
         self.first_word = self.first_object + o.num_objects
         world = np.random.default_rng([o.table_seed, 0xFAC75])
@@ -111,12 +135,26 @@ class FactRecall:
             t = self._draw_template(world)
             if t not in templates:
                 templates.append(t)
+        self.names = self._draw_names()
         n_train = o.num_templates - o.num_eval_templates
         self.train_templates, self.eval_templates = templates[:n_train], self._heldout(templates, n_train, world)
         if split == "train" or o.eval_phrasings == "train":
             self.templates = self.train_templates
         else:
             self.templates = self.eval_templates
+
+    def _draw_names(self) -> np.ndarray:
+        """``[S, L]`` token ids: subject ``s`` is named ``names[s]`` (distinct rows). One-token names are
+        the identity; longer ones a random injection into the alphabet's tuples (its own stream of
+        ``table_seed``, so one-token worlds are unchanged)."""
+        o = self.opts
+        if o.subject_length == 1:
+            return (FIRST_SUBJECT + np.arange(o.num_subjects, dtype=np.int64))[:, None]
+        rng = np.random.default_rng([o.table_seed, 0x4A3E5])
+        codes = rng.choice(o.subject_alphabet ** o.subject_length, o.num_subjects, replace=False)
+        digits = np.stack([(codes // o.subject_alphabet ** i) % o.subject_alphabet
+                           for i in range(o.subject_length)], axis=1)
+        return FIRST_SUBJECT + digits.astype(np.int64)
 
     def _heldout(self, templates: list, n_train: int, rng: np.random.Generator) -> list:
         """The held-out phrasings, each redrawn until every filler word in it also occurs in a
@@ -143,17 +181,23 @@ class FactRecall:
         slots = (SUBJ_SLOT, REL_SLOT) if rng.integers(2) == 0 else (REL_SLOT, SUBJ_SLOT)
         return tuple(int(x) for x in (*words[0], slots[0], *words[1], slots[1], *words[2]))
 
-    def subject_token(self, s: int) -> int:
-        return FIRST_SUBJECT + s
+    def subject_tokens(self, s: int) -> tuple[int, ...]:
+        """The name of subject ``s`` (``subject_length`` token ids)."""
+        return tuple(int(x) for x in self.names[s])
 
     def relation_token(self, r: int) -> int:
         return self.first_relation + r
 
+    def fill(self, template: tuple[int, ...], s: int, r: int) -> list[int]:
+        """The template with the subject's name and the relation in its slots."""
+        out: list[int] = []
+        for x in template:
+            out.extend(self.subject_tokens(s) if x == SUBJ_SLOT else (self.relation_token(r),) if x == REL_SLOT else (x,))
+        return out
+
     def render(self, template: tuple[int, ...], s: int, r: int) -> np.ndarray:
         """One sentence: the template with its slots filled, then the object and SEP."""
-        fill = {SUBJ_SLOT: self.subject_token(s), REL_SLOT: self.relation_token(r)}
-        body = [fill.get(x, x) for x in template]
-        return np.array([*body, *self.table[s, r], SEP], np.int64)
+        return np.array([*self.fill(template, s, r), *self.table[s, r], SEP], np.int64)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -170,7 +214,7 @@ class FactRecall:
         are scored (``fact_index`` numbers the facts from 1) and the rest is padded."""
         o, total = self.opts, self.seq_len + 1
         prefix = np.asarray(prefix, np.int64)
-        shortest = 2 + o.object_length + 1
+        shortest = o.subject_length + 1 + o.object_length + 1
         n_pairs = o.num_subjects * o.num_relations
         facts = rng.choice(n_pairs, min(n_pairs, (total - len(prefix)) // shortest), replace=False)
         which = rng.integers(0, len(self.templates), len(facts))

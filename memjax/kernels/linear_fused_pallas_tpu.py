@@ -60,18 +60,20 @@ __all__ = ["forward", "backward", "supports", "head_block", "CHUNKS_PER_STEP"]
 CHUNKS_PER_STEP = 4
 
 
-def _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d):
+def _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat):
     """One chunk's q, k (``[hb, C, K]``, broadcast from one shared head), v (``[hb, C, V]``, times its
     per-token factor ``w`` when given), and what the backward needs of them: the finiteness
-    masks of q, k (``[1 or hb, C, K]``) and of the raw v, the raw v and the factor column."""
-    (q, q_ok), (k, k_ok), (x, x_ok) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
+    masks of q, k (``[1 or hb, C, K]``) and of the raw v, the raw v and the factor column.
+    ``flat = (d of q and k, d of v)``: the head dim of each flat ``[rows, hb d]`` block, or None."""
+    (q, q_ok), (k, k_ok), (x, x_ok) = (load_chunk(ref, rows, acc, d)
+                                       for ref, d in ((q_ref, flat[0]), (k_ref, flat[0]), (v_ref, flat[1])))
     q, k = (jnp.broadcast_to(y, (hb,) + y.shape[1:]) for y in (q, k))
     w = None if w_ref is None else dec.as_col(w_ref[:, j].astype(acc))  # [hb, C, 1]
     v = x if w is None else x * w
     return q, k, v, (q_ok, k_ok, x_ok, x, w)
 
 
-def _fwd_kernel(*refs, nb, c, scale, save_states, scaled, flat_d):
+def _fwd_kernel(*refs, nb, c, scale, save_states, scaled, flat):
     # inputs (q, k, v, g, z, [w], s0), NaN buffers aliased to the outputs when poisoned, outputs
     # (o, s_final, [states]), the state scratch
     q_ref, k_ref, v_ref, g_ref, z_ref = refs[:5]
@@ -84,7 +86,7 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled, flat_d):
     for j in range(nb):  # unrolled: static, aligned row offsets
         rows = pl.ds(j * c, c)
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
-        q, k, v, _ = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d)
+        q, k, v, _ = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat)
         qm, km, vm = q.astype(md), k.astype(md), v.astype(md)
         p = dec.intra(dot(qm, km, NT, acc), scale).astype(md)
         qg = (q * (dec.alpha * scale)).astype(md)
@@ -93,13 +95,13 @@ def _fwd_kernel(*refs, nb, c, scale, save_states, scaled, flat_d):
         if save_states:
             st_ref[:, j] = sm.astype(st_ref.dtype)
         o = dot(qg, sm, NN, acc) + dot(p, vm, NN, acc)
-        o_ref[rows] = from_heads(o, flat_d is not None).astype(o_ref.dtype)
+        o_ref[rows] = from_heads(o, flat[1] is not None).astype(o_ref.dtype)
         s = dec.a * s + dot(ke, vm, TN, acc)
     s_ref[...] = s
     write_final(sf_ref, s)
 
 
-def _bwd_kernel(*refs, nb, c, scale, shared, scaled, flat_d):
+def _bwd_kernel(*refs, nb, c, scale, shared, scaled, flat):
     # inputs (q, k, v, do, g, z, [w], states, dsf, last), NaN buffers when poisoned, outputs
     # (dq, dk, dv, dg, [dw], ds0), scratch (the state's cotangent, the decay gradient's carry)
     q_ref, k_ref, v_ref, do_ref, g_ref, z_ref = refs[:6]
@@ -123,8 +125,8 @@ def _bwd_kernel(*refs, nb, c, scale, shared, scaled, flat_d):
     for j in reversed(range(nb)):  # and each block's chunks last to first
         rows = pl.ds(j * c, c)
         dec = ChunkDecays(g_ref[:, j], z_ref[:, j], c, acc)
-        q, k, v, (q_ok, k_ok, x_ok, x, w) = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat_d)
-        do = to_heads(do_ref[rows], flat_d).astype(md)
+        q, k, v, (q_ok, k_ok, x_ok, x, w) = _chunk_qkv(q_ref, k_ref, v_ref, w_ref, j, rows, dec, hb, acc, flat)
+        do = to_heads(do_ref[rows], flat[1]).astype(md)
         qm, km, vm = q.astype(md), k.astype(md), v.astype(md)
         s, hm = st_ref[:, j].astype(md), h.astype(md)
         p = dec.intra(dot(qm, km, NT, acc), scale).astype(md)
@@ -142,12 +144,12 @@ def _bwd_kernel(*refs, nb, c, scale, shared, scaled, flat_d):
             dv = dv * w
         if shared:  # one q / k head for the block: its gradient sums the heads' (partial: the caller sums blocks)
             dq, dk = jnp.sum(dq, axis=0, keepdims=True), jnp.sum(dk, axis=0, keepdims=True)
-        for ref, ok, d in zip((dq_ref, dk_ref, dv_ref), (q_ok, k_ok, x_ok), (dq, dk, dv)):
+        for ref, ok, d, fd in zip((dq_ref, dk_ref, dv_ref), (q_ok, k_ok, x_ok), (dq, dk, dv), (flat[0], flat[0], flat[1])):
             d = jnp.where(ok, d, zero)
             if shared and ref is not dv_ref:
                 ref[rows, :] = d[0].astype(ref.dtype)
             else:
-                ref[rows] = from_heads(d, flat_d is not None).astype(ref.dtype)
+                ref[rows] = from_heads(d, fd is not None).astype(ref.dtype)
         qg = (q * (dec.alpha * scale)).astype(md)
         h = dec.a * h + dot(qg, do, TN, acc)
     h_ref[...] = h
@@ -181,12 +183,14 @@ def forward(q, k, v, g, resets, s0, scale: float, chunk_size: int, *, w=None, sa
     b, t, h, dk, dv, n, hb, nb, shared = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET, shared_qk=True)
     acc = s0.dtype
     steps = n // nb
-    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False, flat=not shared)
+    # (one shared q / k head, Mamba-2's B / C: only v and o take the flat view)
+    lay = HeadLayout(hb, dv if shared else dk, dv, nb, c, steps, reverse=False)
     sp = lay.sp
     qk = sp.shared(dk) if shared else lay.seq(dk)
+    qk_view = (lambda x: x) if shared else lay.view  # noqa: E731
     rows = gate_rows(g, resets, (b, n, c, h), acc)
     scaled = w is not None
-    inputs = [lay.view(q), lay.view(k), lay.view(v), *rows] + (
+    inputs = [qk_view(q), qk_view(k), lay.view(v), *rows] + (
         [gate_rows(w, None, (b, n, c, h), acc)[0]] if scaled else []) + [s0]
     specs = [qk, qk, lay.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [sp.state(dk, dv)]
     outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv))]
@@ -196,7 +200,7 @@ def forward(q, k, v, g, resets, s0, scale: float, chunk_size: int, *, w=None, sa
     cost = pl.CostEstimate(flops=flops, transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
     kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states, scaled=scaled,
-                               flat_d=lay.d)
+                               flat=(None if shared else lay.d, lay.d))
     res = launch(kernel, "linear_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                   [((hb, dk, dv), acc)], interpret, poison, cost)
     return lay.unview(res[0]), res[1], (res[2] if save_states else None)
@@ -218,11 +222,12 @@ def backward(q, k, v, do, g, resets, states, dsf, last, scale: float, chunk_size
     b, t, h, dk, dv, n, hb, nb, shared = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET, shared_qk=True)
     acc = dsf.dtype
     steps = n // nb
-    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True, flat=not shared)
+    lay = HeadLayout(hb, dv if shared else dk, dv, nb, c, steps, reverse=True)
     sp = lay.sp
     qk = sp.shared(dk) if shared else lay.seq(dk)
+    qk_view = (lambda x: x) if shared else lay.view  # noqa: E731
     scaled = w is not None
-    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(do.astype(q.dtype)),
+    inputs = [qk_view(q), qk_view(k), lay.view(v), lay.view(do.astype(q.dtype)),
               *gate_rows(g, resets, (b, n, c, h), acc)] + (
         [gate_rows(w, None, (b, n, c, h), acc)[0]] if scaled else []) + [states, dsf, last.astype(acc)[..., None, None]]
     specs = [qk, qk, lay.seq(dv), lay.seq(dv), sp.rows(), sp.rows()] + ([sp.rows()] if scaled else []) + [
@@ -235,7 +240,7 @@ def backward(q, k, v, do, g, resets, states, dsf, last, scale: float, chunk_size
     cost = pl.CostEstimate(flops=flops, transcendentals=b * h * n * (c * c + 2 * c),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
     kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale), shared=shared, scaled=scaled,
-                               flat_d=lay.d)
+                               flat=(None if shared else lay.d, lay.d))
     res = launch(kernel, "linear_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                   [((hb, dk, dv), acc), ((hb, 1, 1), acc)], interpret, poison, cost)
     dq, dk_, dv_, dg = res[:4]

@@ -33,7 +33,8 @@ chunk: nothing carries across), 0 at document starts. The state's cotangent ``(d
 from the last chunk to the first; the initial ``m``'s gradient is ``<dC~_0, C~_0> + <dn~_0, n~_0>``
 (the caller forms it: ``C~_0, n~_0`` enter only as ``exp(m_0) C~_0``, ``exp(m_0) n~_0``).
 
-Layout as :mod:`memjax.kernels.fused_chunk_tpu`: q, k, v read in place, gates and document
+Layout as :mod:`memjax.kernels.fused_chunk_tpu`: q, k, v read in place (at ``K = V = 64`` as the
+flat ``[B, T, H K]`` view, cut into heads in VMEM: ``HeadLayout``), gates and document
 starts as ``[B, H, N, 1, C]`` rows; ``n~`` and ``m`` travel together as ``[B, H, 2, K]`` (row 0
 ``n~``, row 1 ``m`` on every lane). q, k, v are matmul operands in their dtype with float32
 accumulation, the weights and the state float32 (the saved chunk-start ``C~`` in q's dtype).
@@ -50,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, BlockSpecs, ChunkDecays, dot, fits, from_heads, gate_rows,
+from memjax.kernels.fused_chunk_tpu import (NN, NT, TN, ChunkDecays, HeadLayout, dot, fits, from_heads, gate_rows,
                                             geometry, launch, load_chunk, masked_exp, nbytes, out_bytes, start_from,
                                             tile_bytes, to_heads, write_final)
 
@@ -105,7 +106,7 @@ def _nm(n, m):
     return jnp.concatenate([n, jnp.broadcast_to(m, n.shape)], axis=1)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest, nb, c, scale, save_states):
+def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest, nb, c, scale, save_states, flat_d):
     nout = 5 if save_states else 3  # (outputs after NaN buffers aliased to them when poisoned)
     y_ref, cf_ref, nmf_ref = rest[-2 - nout], rest[-1 - nout], rest[-nout]
     cst_ref, nmst_ref = (rest[-4], rest[-3]) if save_states else (None, None)
@@ -115,7 +116,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest
     c_state, nm = c_ref[...], nm_ref[...]  # [hb, K, V], [hb, 2, K]
     for j in range(nb):
         rows = pl.ds(j * c, c)
-        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref))
+        (q, _), (k, _), (v, _) = (load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref))
         dec = ChunkDecays(f_ref[:, j], z_ref[:, j], c, acc)
         cs = c_state.astype(md)
         n, m_p = nm[:, 0:1], jnp.max(nm[:, 1:2], axis=2, keepdims=True)
@@ -123,7 +124,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest
             cst_ref[:, j] = cs.astype(cst_ref.dtype)
             nmst_ref[:, j] = nm.astype(nmst_ref.dtype)
         ch = _Chunk(q, k, v, i_ref[:, j], dec, cs, n, m_p, scale, md, acc)
-        y_ref[rows] = from_heads(ch.y).astype(y_ref.dtype)
+        y_ref[rows] = from_heads(ch.y, flat_d is not None).astype(y_ref.dtype)
         c_state, n = ch.state_after(k, v, c_state, n, md, acc)
         nm = _nm(n, ch.m_end)
     c_ref[...], nm_ref[...] = c_state, nm
@@ -132,7 +133,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, i_ref, f_ref, z_ref, c0_ref, nm0_ref, *rest
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, dy_ref, i_ref, f_ref, z_ref, cst_ref, nmst_ref, dcf_ref, dnf_ref, *rest, nb, c,
-                scale):
+                scale, flat_d):
     dq_ref, dk_ref, dv_ref, di_ref, df_ref, dc0_ref, dn0_ref, hc_ref, hn_ref = rest[-9:]
     acc, md = hc_ref.dtype, q_ref.dtype
     start_from((hc_ref, dcf_ref), (hn_ref, dnf_ref))  # (the index maps walk the chunk blocks last to first)
@@ -141,9 +142,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, dy_ref, i_ref, f_ref, z_ref, cst_ref, nmst_
     rowsum = lambda x: jnp.sum(x, axis=2, keepdims=True)  # noqa: E731
     for j in reversed(range(nb)):
         rows = pl.ds(j * c, c)
-        loaded = [load_chunk(ref, rows, acc) for ref in (q_ref, k_ref, v_ref)]
+        loaded = [load_chunk(ref, rows, acc, flat_d) for ref in (q_ref, k_ref, v_ref)]
         (q, _), (k, _), (v, _) = loaded
-        dy = to_heads(dy_ref[rows]).astype(acc)
+        dy = to_heads(dy_ref[rows], flat_d).astype(acc)
         dec = ChunkDecays(f_ref[:, j], z_ref[:, j], c, acc)
         cs = cst_ref[:, j].astype(md)
         nm = nmst_ref[:, j].astype(acc)
@@ -179,7 +180,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, dy_ref, i_ref, f_ref, z_ref, cst_ref, nmst_
         di_ref[:, j] = di.astype(di_ref.dtype)
         df_ref[:, j] = dec.as_row(dlf).astype(df_ref.dtype)
         for ref, (_, ok), d in zip((dq_ref, dk_ref, dv_ref), loaded, (dq, dk, dv)):
-            ref[rows] = from_heads(jnp.where(ok, d, zero)).astype(ref.dtype)
+            ref[rows] = from_heads(jnp.where(ok, d, zero), flat_d is not None).astype(ref.dtype)
         inter_q = (q * ch.inter).astype(md)
         hc = ch.eps * hc + dot(inter_q, dnum_m, TN, acc)
         hn = ch.eps * hn + dot(dec.as_row(ch.inter * dden), q, NN, acc)
@@ -214,21 +215,23 @@ def forward(q, k, v, i, log_f, resets, c0, nm0, scale: float, chunk_size: int, *
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = c0.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=False)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=False)
+    sp = lay.sp
     f_rows, z_rows = gate_rows(log_f, resets, (b, n, c, h), acc)
-    inputs = [q, k, v, gate_rows(i, None, (b, n, c, h), acc)[0], f_rows, z_rows, c0, nm0]
+    inputs = [lay.view(q), lay.view(k), lay.view(v), gate_rows(i, None, (b, n, c, h), acc)[0], f_rows, z_rows, c0,
+              nm0]
     nm_spec = sp.state(2, dk)
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.state(dk, dv), nm_spec]
-    outs = [((b, t, h, dv), q.dtype, sp.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv)),
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.state(dk, dv), nm_spec]
+    outs = [(lay.seq_shape((b, t, h, dv)), q.dtype, lay.seq(dv)), ((b, h, dk, dv), acc, sp.state(dk, dv)),
             ((b, h, 2, dk), acc, nm_spec)]
     if save_states:
         outs += [((b, h, n, dk, dv), q.dtype, sp.states(dk, dv)), ((b, h, n, 2, dk), acc, sp.states(2, dk))]
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv, False), transcendentals=b * h * t * (c + 3),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states)
+    kernel = functools.partial(_fwd_kernel, nb=nb, c=c, scale=float(scale), save_states=save_states, flat_d=lay.d)
     res = launch(kernel, "mlstm_fused_fwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                  [((hb, dk, dv), acc), ((hb, 2, dk), acc)], interpret, poison, cost, vmem_limit=VMEM_LIMIT)
-    return tuple(res[:3]) + (((res[3], res[4]),) if save_states else (None,))
+    return (lay.unview(res[0]),) + tuple(res[1:3]) + (((res[3], res[4]),) if save_states else (None,))
 
 
 def backward(q, k, v, dy, i, log_f, resets, c_states, nm_states, dcf, dnf, scale: float, chunk_size: int, *,
@@ -241,23 +244,25 @@ def backward(q, k, v, dy, i, log_f, resets, c_states, nm_states, dcf, dnf, scale
     b, t, h, dk, dv, n, hb, nb, _ = geometry(q, v, c, chunks, vmem_bytes, VMEM_BUDGET)
     acc = dcf.dtype
     steps = n // nb
-    sp = BlockSpecs(hb, nb, c, steps, reverse=True)
+    lay = HeadLayout(hb, dk, dv, nb, c, steps, reverse=True)
+    sp = lay.sp
     f_rows, z_rows = gate_rows(log_f, resets, (b, n, c, h), acc)
-    inputs = [q, k, v, dy.astype(q.dtype), gate_rows(i, None, (b, n, c, h), acc)[0], f_rows, z_rows, c_states,
-              nm_states, dcf, dnf.astype(acc)]
-    specs = [sp.seq(dk), sp.seq(dk), sp.seq(dv), sp.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.states(dk, dv),
+    inputs = [lay.view(q), lay.view(k), lay.view(v), lay.view(dy.astype(q.dtype)),
+              gate_rows(i, None, (b, n, c, h), acc)[0], f_rows, z_rows, c_states, nm_states, dcf, dnf.astype(acc)]
+    specs = [lay.seq(dk), lay.seq(dk), lay.seq(dv), lay.seq(dv), sp.rows(), sp.rows(), sp.rows(), sp.states(dk, dv),
              sp.states(2, dk), sp.state(dk, dv), sp.state(1, dk)]
     row = ((b, h, n, 1, c), acc, sp.rows())
-    outs = [(q.shape, q.dtype, sp.seq(dk)), (k.shape, q.dtype, sp.seq(dk)), (v.shape, q.dtype, sp.seq(dv)), row, row,
+    outs = [(lay.seq_shape(q.shape), q.dtype, lay.seq(dk)), (lay.seq_shape(k.shape), q.dtype, lay.seq(dk)),
+            (lay.seq_shape(v.shape), q.dtype, lay.seq(dv)), row, row,
             ((b, h, dk, dv), acc, sp.state(dk, dv)), ((b, h, 1, dk), acc, sp.state(1, dk))]
     cost = pl.CostEstimate(flops=_flops(b, h, t, c, dk, dv, True), transcendentals=b * h * t * (c + 3),
                            bytes_accessed=nbytes(*inputs) + out_bytes(outs))
-    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale))
+    kernel = functools.partial(_bwd_kernel, nb=nb, c=c, scale=float(scale), flat_d=lay.d)
     dq, dk_, dv_, di, dlf, dc0, dn0 = launch(kernel, "mlstm_fused_bwd_tpu", inputs, specs, outs, (b, h // hb, steps),
                                              [((hb, dk, dv), acc), ((hb, 1, dk), acc)], interpret, poison, cost,
                                              vmem_limit=VMEM_LIMIT)
     rows = lambda x: jnp.moveaxis(x[:, :, :, 0], 1, 3).reshape(b, t, h)  # noqa: E731  [B, H, N, 1, C] -> [B, T, H]
-    return dq, dk_, dv_, rows(di), rows(dlf), dc0, dn0
+    return lay.unview(dq), lay.unview(dk_), lay.unview(dv_), rows(di), rows(dlf), dc0, dn0
 
 
 def vmem_bytes(c: int, hb: int, k: int, v: int, itemsize: int, nb: int) -> int:

@@ -104,8 +104,11 @@ class NgramMemory(Block):
         d = d_model
         self.dtype = jnp.dtype(dtype)
         # Row counts are sums of primes (not divisible by mesh sizes), so the table is
-        # sharded (if at all) along its width only.
-        self.table = param(rngs, nnx.initializers.normal(1.0), (self.hp.total_rows, e), (None, "memory_dim"))
+        # sharded (if at all) along its width only. A token reads one row per table, so the table
+        # trains as the product-key value tables do (``optim.memory_values_lr``: its own constant
+        # learning rate, no weight decay, when set).
+        self.table = param(rngs, nnx.initializers.normal(1.0), (self.hp.total_rows, e), (None, "memory_dim"),
+                           optim_group="memory_values")
         self.w_k = Linear(h * e, d, ("mlp", "embed"), rngs=rngs, dtype=self.dtype)
         self.w_v = Linear(h * e, d, ("mlp", "embed"), rngs=rngs, dtype=self.dtype)
         self.k_norm = RMSNorm(d, rngs=rngs)
