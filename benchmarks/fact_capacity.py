@@ -92,17 +92,17 @@ def last_train_accuracy(workdir: str) -> float:
 
 
 def run_entry(sweep, entry, out: str, *, quiet: bool = True) -> dict:
-    """Train and evaluate one ``(name, variant, num_facts, steps, lr, subject_length)`` entry; write and
-    return its row."""
-    name, variant, num_facts, steps, lr, names = entry
-    cfg = sweep.make_config(variant, num_facts, steps=steps, lr=lr, subject_length=names)
+    """Train and evaluate one ``(name, variant, num_facts, steps, lr, subject_length, seed)`` entry;
+    write and return its row."""
+    name, variant, num_facts, steps, lr, names, seed = entry
+    cfg = sweep.make_config(variant, num_facts, steps=steps, lr=lr, subject_length=names, seed=seed)
     workdir = os.path.join(out, name)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         final = train_and_evaluate(cfg, workdir)
     wall = time.perf_counter() - t0
     per_seq = sweep.facts_per_sequence(num_facts, subject_length=names)
-    row = {"name": name, "variant": variant, "num_facts": num_facts, "subject_length": names,
+    row = {"name": name, "variant": variant, "num_facts": num_facts, "subject_length": names, "seed": seed,
            "steps": final["step"], "lr": lr,
            "epochs": round(final["step"] * cfg.train.batch_size * per_seq / num_facts, 1),
            "params": count_params(cfg), **accounting(cfg), "block_flops": sweep.block_flops(variant),
@@ -235,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=0, help="exposures per fact (default: the grid's)")
     ap.add_argument("--steps", type=int, default=0, help="fixed steps per run (overrides --epochs)")
     ap.add_argument("--lr", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0, help="data and initialisation seed (runs of seed s > 0 "
+                    "are reported in a table of their own: --seed s --report-only)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     sweep = load_sweep(args.sweep)
@@ -244,15 +246,16 @@ def main(argv=None):
     names = args.subject_length or sweep.SUBJECT_LENGTH
     if names < 1:
         raise SystemExit(f"--subject-length must be >= 1, got {names}")
-    results = args.results or (RESULTS if names == 1 else RESULTS + "_names")
+    results = args.results or ((RESULTS if names == 1 else RESULTS + "_names") + (f"_seed{args.seed}" if args.seed else ""))
     entries = sweep.get_sweep(variants=variants, facts=facts, epochs=epochs, steps=args.steps or None,
-                              lr=args.lr or sweep.LEARNING_RATE, subject_length=names)
+                              lr=args.lr or sweep.LEARNING_RATE, subject_length=names, seed=args.seed)
     t0 = time.perf_counter()
     rows = ([r for r in load_results(args.out) if "variant" in r] if args.report_only
             else run_sweep(sweep, entries, args.out))
-    rows = [r for r in rows if r.get("subject_length", 1) == names]  # one world per table
+    rows = [r for r in rows if r.get("subject_length", 1) == names and r.get("seed", 0) == args.seed]  # one table each
     for r in rows:  # rows written before a field was added
-        cfg = sweep.make_config(r["variant"], r["num_facts"], steps=r["steps"], lr=r["lr"], subject_length=names)
+        cfg = sweep.make_config(r["variant"], r["num_facts"], steps=r["steps"], lr=r["lr"], subject_length=names,
+                                seed=args.seed)
         if "train_flops_repo" not in r:
             r.update(accounting(cfg))
         workdir = os.path.join(args.out, r["name"])

@@ -24,8 +24,9 @@ def test_every_grid_entry_builds_a_valid_config():
     assert len(entries) == len(SWEEP.FACTS) * len(SWEEP.VARIANTS)
     assert len({e[0] for e in entries}) == len(entries)  # distinct run directories
     steps = {}
-    for name, variant, n, n_steps, lr, names in entries:
-        cfg = SWEEP.make_config(variant, n, steps=n_steps, lr=lr, subject_length=names)
+    for name, variant, n, n_steps, lr, names, seed in entries:
+        cfg = SWEEP.make_config(variant, n, steps=n_steps, lr=lr, subject_length=names, seed=seed)
+        assert seed == 0 and cfg.data.seed == cfg.train.seed == 0
         o = cfg.data.options
         assert o["num_subjects"] * o["num_relations"] == n and names == SWEEP.SUBJECT_LENGTH == 2
         # named subjects: the vocabulary is the name alphabet, the same at every number of facts
@@ -37,6 +38,9 @@ def test_every_grid_entry_builds_a_valid_config():
         steps[n] = n_steps
     one_token = SWEEP.get_sweep(facts=[1024], variants=["pkm"], epochs=SWEEP.EPOCHS, subject_length=1)
     assert one_token[0][0] == "pkm_facts1024_steps1339_lr0.01"  # the first study's run directory
+    seeded = SWEEP.get_sweep(facts=[1024], variants=["pkm"], epochs=SWEEP.EPOCHS, seed=1)[0]
+    assert seeded[0].endswith("_names2_seed1") and seeded[-1] == 1
+    assert SWEEP.make_config("pkm", 1024, steps=10, seed=1).data.seed == 1
     assert "subject_length" not in SWEEP.make_config("pkm", 1024, steps=10, subject_length=1).data.options
     # Steps grow with the number of facts (a fixed number of exposures per fact).
     ordered = [steps[n] for n in sorted(steps)]
@@ -79,7 +83,7 @@ def test_flops_and_params_match_hand_counts():
 @pytest.mark.slow  # ~12 s of compiling; the default run checks every entry's config (as tests/test_sweep.py does)
 def test_tiny_entry_runs_end_to_end(tmp_path):
     # The cheapest variant (compile time dominates); the controls' blocks: tests/test_ngram_random_ids.py.
-    entry = ("tiny_dense", "dense_f32", 256, 2, 3e-3, 1)
+    entry = ("tiny_dense", "dense_f32", 256, 2, 3e-3, 1, 0)
     row = run_entry(SWEEP, entry, str(tmp_path))
     assert row["steps"] == 2 and row["num_facts"] == 256 and 0.0 <= row["fact_accuracy"] <= 1.0
     assert 0.0 <= row["train_phrasing_recall"] <= 1.0 and row["subject_length"] == 1

@@ -219,9 +219,10 @@ def model_flops(variant: str, num_facts: int, d: int = D_MODEL, seq_len: int = S
 
 
 def get_sweep(variants=None, facts=None, epochs: int = EPOCHS, steps: int | None = None, lr: float = LEARNING_RATE,
-              subject_length: int = SUBJECT_LENGTH):
-    """Entries ``(name, variant, num_facts, steps, lr, subject_length)``, smallest number of facts first
-    (one-token runs keep the first study's names; named-subject runs end in ``_names<L>``)."""
+              subject_length: int = SUBJECT_LENGTH, seed: int = 0):
+    """Entries ``(name, variant, num_facts, steps, lr, subject_length, seed)``, smallest number of facts
+    first (one-token runs keep the first study's names; named-subject runs end in ``_names<L>``, and
+    runs of a seed other than 0 in ``_seed<s>``)."""
     variants = list(variants or VARIANTS)
     for v in variants:
         if v not in VARIANTS:
@@ -230,7 +231,7 @@ def get_sweep(variants=None, facts=None, epochs: int = EPOCHS, steps: int | None
     for n in sorted(facts or FACTS):
         task_options(n, subject_length)
         n_steps = steps or steps_for(n, epochs, subject_length=subject_length)
-        tail = f"_names{subject_length}" if subject_length > 1 else ""
+        tail = (f"_names{subject_length}" if subject_length > 1 else "") + (f"_seed{seed}" if seed else "")
         for v in variants:
-            entries.append((f"{v}_facts{n}_steps{n_steps}_lr{lr:g}{tail}", v, n, n_steps, lr, subject_length))
+            entries.append((f"{v}_facts{n}_steps{n_steps}_lr{lr:g}{tail}", v, n, n_steps, lr, subject_length, seed))
     return entries
